@@ -1,0 +1,38 @@
+"""Errors with a one-line message and a distinct exit code, so the CLI can print them without a traceback.
+
+| exit | class                  | meaning                                                                  |
+|------|------------------------|--------------------------------------------------------------------------|
+| 1    | CollapseProbeError     | anything else we detected                                                |
+| 2    | BadArgumentError       | bad arguments or inputs: missing file, empty image folder (click uses 2) |
+| 3    | RefusedContentError    | the file would execute code or is a decompression bomb: refused          |
+| 4    | MalformedFileError     | corrupt, truncated or not a checkpoint at all                            |
+| 5    | UnsupportedLayoutError | readable, but not a layout/architecture we can map onto a model          |
+"""
+from __future__ import annotations
+
+
+class CollapseProbeError(Exception):
+    exit_code = 1
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(super().__str__().split())
+
+
+class BadArgumentError(CollapseProbeError):
+    exit_code = 2
+
+
+class RefusedContentError(CollapseProbeError):
+    exit_code = 3
+
+
+class MalformedFileError(CollapseProbeError):
+    exit_code = 4
+
+
+class UnsupportedLayoutError(CollapseProbeError):
+    exit_code = 5
+
+
+class UnsupportedModelError(UnsupportedLayoutError):
+    """The model has no attention module we know how to probe."""
