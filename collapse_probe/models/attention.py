@@ -1,0 +1,131 @@
+"""Multi-head self-attention with optional Re-attention and named probe points.
+
+Re-attention (DeepViT, Zhou et al. 2021) mixes the post-softmax maps of all heads with a learnable H x H matrix Theta,
+normalises the result over the head channel and multiplies it by V:
+
+    ReAttention(Q, K, V) = Norm(Theta^T softmax(Q K^T / sqrt(d))) V
+
+Following the official code, Theta is a 1x1 convolution over the head channel (with bias) and Norm is BatchNorm2d(H).
+The vit-pytorch variant (LayerNorm over the head axis, no bias) is available with ``mix_norm="ln"``.
+
+Two probe points per attention module, named like TransformerLens hooks once inside a model:
+    ``blocks.{i}.attn.probs``  post-softmax maps [B, H, N, N], rows sum to 1
+    ``blocks.{i}.attn.mixed``  after Theta, Norm and scale (re-attention blocks only), not row-stochastic
+
+    >>> attn = Attention(dim=64, num_heads=4, reattention=True)
+    >>> attn(torch.randn(2, 17, 64)).shape
+    torch.Size([2, 17, 64])
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import use_fused_attn
+from torch import nn
+
+MixNorm = Literal["bn", "ln", "none"]
+ThetaInit = Literal["random", "identity"]
+
+
+class HookPoint(nn.Identity):
+    """An identity module that exists to be hooked; ``active`` says whether anybody is listening.
+
+    Our attention only materialises the [B, H, N, N] map when a hook is attached to its ``probs`` point, so the fused
+    scaled-dot-product path stays in use whenever nothing is probing.
+    """
+
+    @property
+    def active(self) -> bool:
+        return bool(self._forward_hooks) or bool(self._forward_pre_hooks)
+
+
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over the head axis of [B, H, N, N] maps (the vit-pytorch Re-attention normalisation)."""
+
+    def __init__(self, num_heads: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(num_heads, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Attention(nn.Module):
+    """Self-attention whose heads can be re-mixed after the softmax (Re-attention).
+
+    Args:
+        dim: token width C.
+        num_heads: heads H; head_dim = C // H.
+        qkv_bias: bias on the fused qkv projection.
+        attn_drop: dropout on the post-softmax map (applied before head mixing, as in the official code).
+        proj_drop: dropout after the output projection.
+        reattention: mix heads after the softmax with a learnable H x H Theta.
+        mix_norm: normalisation of the mixed maps: BatchNorm2d over heads ("bn"), LayerNorm over heads ("ln") or none.
+        theta_init: "random" (PyTorch's conv init, used for the paper's numbers) or "identity" (Theta = I, bias 0).
+        reattn_scale: multiplies the normalised maps; DeepViT-S uses head_dim ** -0.5, the other presets 1.0.
+
+    Shapes: x [B, N, C] -> [B, N, C].
+    """
+
+    fused_attn: bool
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        reattention: bool = False,
+        mix_norm: MixNorm = "bn",
+        theta_init: ThetaInit = "random",
+        reattn_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.probs = HookPoint()
+        self.reattention = reattention
+        if reattention:
+            self.theta = nn.Conv2d(num_heads, num_heads, kernel_size=1, bias=mix_norm != "ln")
+            if theta_init == "identity":
+                with torch.no_grad():
+                    self.theta.weight.copy_(torch.eye(num_heads).view(num_heads, num_heads, 1, 1))
+                    if self.theta.bias is not None:
+                        self.theta.bias.zero_()
+            elif theta_init != "random":
+                raise ValueError(f"theta_init must be 'random' or 'identity', got {theta_init!r}")
+            norms = {
+                "bn": lambda: nn.BatchNorm2d(num_heads), "ln": lambda: HeadLayerNorm(num_heads), "none": nn.Identity,
+            }
+            if mix_norm not in norms:
+                raise ValueError(f"mix_norm must be one of {sorted(norms)}, got {mix_norm!r}")
+            self.mix_norm = norms[mix_norm]()
+            self.reattn_scale = reattn_scale
+            self.mixed = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn and not self.reattention and not self.probs.active:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = self.probs(attn.softmax(dim=-1))
+            attn = self.attn_drop(attn)
+            if self.reattention:
+                # Theta^T A: output head g is sum_h Theta[g, h] A_h (+ bias), then Norm over the head channel.
+                attn = self.mixed(self.mix_norm(self.theta(attn)) * self.reattn_scale)
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,156 @@
+"""ViT and DeepViT built on timm's VisionTransformer, registered in timm's model registry.
+
+    >>> import timm, collapse_probe
+    >>> model = timm.create_model("deepvit_32b")            # 32 blocks, all with Re-attention
+    >>> model = timm.create_model("deepvit_micro", depth=16)  # 32 px CPU preset (scikit-learn digits)
+
+Only the blocks, the optional convolutional stem and the Re-attention options are ours; patch/position embeddings,
+pooling, heads, weight init, ``no_weight_decay`` and ``forward_intermediates`` are timm's. Parameter names match timm's
+ViT (``blocks.0.attn.qkv.weight`` ...), plus ``attn.theta`` and ``attn.mix_norm`` in Re-attention blocks.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
+from timm.models import VisionTransformer
+from torch import nn
+
+from .attention import Attention, MixNorm, ThetaInit
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + s * attn(norm1(x / s)), then the same for the MLP.
+
+    ``res_scale`` s = 2 reproduces DeepViT-S/L, whose official code multiplies the block input by 0.5 before the norm
+    and divides the branch output by 0.5. Accepts (and ignores) the extra keyword arguments timm's VisionTransformer
+    passes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        mlp_layer: type[nn.Module] = Mlp,
+        res_scale: float = 1.0,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        self.res_scale = res_scale
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, **_: Any) -> torch.Tensor:
+        s = self.res_scale
+        if s == 1.0:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x / s)))) * s
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x / s)))) * s
+
+
+class ConvStemEmbed(PatchEmbed):
+    """DeepViT-S/L patch stem: 7x7/2 conv (64) + BN + ReLU, 3x3 conv (64) + BN + ReLU, (p/2)x(p/2)/(p/2) conv to dim.
+
+    Same overall stride as a p x p patch embedding, so token grid and position embeddings are unchanged.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, stem_chs: int = 64, **kwargs: Any):
+        kwargs.pop("bias", None)
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+        if self.patch_size[0] != self.patch_size[1] or self.patch_size[0] % 2:
+            raise ValueError(f"the conv stem needs an even square patch size, got {self.patch_size}")
+        k = self.patch_size[0] // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(stem_chs),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(stem_chs, stem_chs, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(stem_chs),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(stem_chs, embed_dim, k, stride=k),
+        )
+
+
+def resolve_reattn_blocks(spec: str | int | Sequence[int] | None, depth: int) -> list[int]:
+    """Which blocks use Re-attention: "all", None/"none", an int k (the last k blocks) or explicit 0-based indices."""
+    if spec is None or spec == "none":
+        return []
+    if spec == "all":
+        return list(range(depth))
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if not 0 <= spec <= depth:
+            raise ValueError(f"reattn_blocks={spec} must be between 0 and depth={depth}")
+        return list(range(depth - spec, depth))
+    if isinstance(spec, str):
+        raise ValueError(f"reattn_blocks must be 'all', 'none', an int or a list of indices, got {spec!r}")
+    idx = sorted({int(i) for i in spec})
+    if idx and not (0 <= idx[0] and idx[-1] < depth):
+        raise ValueError(f"reattn_blocks {idx} out of range for depth {depth}")
+    return idx
+
+
+class DeepVisionTransformer(VisionTransformer):
+    """timm's VisionTransformer with our probe-able blocks and optional Re-attention.
+
+    Args (on top of timm's):
+        reattn_blocks: "all", "none", k (the last k blocks) or a list of 0-based block indices.
+        mix_norm, theta_init, reattn_scale: see ``Attention``; ``reattn_scale="head_dim"`` means head_dim ** -0.5.
+        res_scale: residual branch scale (2.0 in DeepViT-S/L).
+        stem: "patch" (one p x p conv) or "conv" (the DeepViT-S/L three-conv stem).
+    """
+
+    def __init__(
+        self,
+        reattn_blocks: str | int | Sequence[int] | None = "none",
+        mix_norm: MixNorm = "bn",
+        theta_init: ThetaInit = "random",
+        reattn_scale: float | str = 1.0,
+        res_scale: float = 1.0,
+        stem: str = "patch",
+        **kwargs: Any,
+    ) -> None:
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(
+            block_fn=partial(Block, res_scale=res_scale),
+            embed_layer=ConvStemEmbed if stem == "conv" else PatchEmbed,
+            **kwargs,
+        )
+        depth = len(self.blocks)
+        self.reattn_block_indices = resolve_reattn_blocks(reattn_blocks, depth)
+        for i in self.reattn_block_indices:
+            old = self.blocks[i].attn
+            head_dim = old.head_dim
+            scale = head_dim**-0.5 if reattn_scale == "head_dim" else float(reattn_scale)
+            new = Attention(
+                old.qkv.in_features,
+                num_heads=old.num_heads,
+                qkv_bias=old.qkv.bias is not None,
+                attn_drop=old.attn_drop.p,
+                proj_drop=old.proj_drop.p,
+                reattention=True,
+                mix_norm=mix_norm,
+                theta_init=theta_init,
+                reattn_scale=scale,
+            )
+            new.load_state_dict(old.state_dict(), strict=False)  # keep timm's initialisation of qkv/proj
+            self.blocks[i].attn = new
