@@ -1,0 +1,116 @@
+"""Images to probe with: the user's folder, or real photographs that ship with scikit-image (no download).
+
+    loader = image_loader(model, folder=None, num_images=32, batch_size=16)   # preprocessing = the model's own
+
+The default set is the 17 photographs bundled in scikit-image (astronaut, coffee, chelsea, rocket, Hubble deep field,
+retina, ...; grey ones converted to RGB). Asking for more than 17 adds deterministic random crops of them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_model_data_config
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import BadArgumentError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SAMPLE_PHOTOS = (
+    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
+    "moon", "coins", "clock", "brick", "grass", "gravel", "cell", "motorcycle_left", "motorcycle_right",
+)
+
+
+def sample_photographs() -> list[tuple[str, Image.Image]]:
+    """The photographs bundled with scikit-image, as RGB PIL images (read from site-packages, never downloaded)."""
+    import skimage.data
+
+    out = []
+    for name in SAMPLE_PHOTOS:
+        if name.startswith("motorcycle_"):
+            left, right, _ = skimage.data.stereo_motorcycle()
+            arr = left if name.endswith("left") else right
+        else:
+            arr = getattr(skimage.data, name)()
+        out.append((name, Image.fromarray(np.asarray(arr)).convert("RGB")))
+    return out
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted); a clear error if it is not a folder or holds none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise BadArgumentError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise BadArgumentError(f"--images {folder} is not a folder; pass a directory of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise BadArgumentError(f"no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...) found under {folder}")
+    return files
+
+
+class ProbeImages(Dataset):
+    """Images (PIL objects or file paths) through ``transform``; index i >= len(images) is a seeded random crop."""
+
+    def __init__(self, images: Sequence[Image.Image | Path], transform: Callable, total: int | None = None) -> None:
+        self.images, self.transform = list(images), transform
+        self.total = len(self.images) if total is None else total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _open(self, item: Image.Image | Path) -> Image.Image:
+        if isinstance(item, Image.Image):
+            return item
+        try:
+            with Image.open(item) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise BadArgumentError(f"cannot read image {item}: {e}; remove or replace the file") from None
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = self._open(self.images[i % len(self.images)])
+        if i >= len(self.images):  # deterministic crop covering 30-90% of each side
+            rng = np.random.default_rng(i)
+            w, h = img.size
+            cw, ch = (int(s * rng.uniform(0.3, 0.9)) for s in (w, h))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            img = img.crop((x0, y0, x0 + cw, y0 + ch))
+        return self.transform(img)
+
+
+def image_loader(
+    model: nn.Module,
+    folder: str | Path | None = None,
+    num_images: int | None = None,
+    batch_size: int = 16,
+    workers: int = 0,
+) -> tuple[DataLoader, dict]:
+    """A loader of preprocessed images for ``model`` and a description of them (source, count, size).
+
+    Preprocessing is timm's eval transform from the model's own pretrained config (resize, centre crop, mean/std).
+    """
+    if num_images is not None and num_images < 1:
+        raise BadArgumentError(f"--num-images must be at least 1, got {num_images}")
+    if batch_size < 1:
+        raise BadArgumentError(f"--batch-size must be at least 1, got {batch_size}")
+    cfg = resolve_model_data_config(model)
+    transform = create_transform(**cfg, is_training=False)
+    if folder is None:
+        items: list = [img for _, img in sample_photographs()]
+        total = num_images or len(items)
+        source = "scikit-image sample photographs" + (" + seeded crops" if total > len(items) else "")
+    else:
+        items = list_images(folder)
+        total = min(num_images, len(items)) if num_images else len(items)
+        items, source = items[:total], str(folder)
+    ds = ProbeImages(items, transform, total)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    info = {"source": source, "count": total, "input_size": list(cfg["input_size"]),
+            "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+    return loader, info

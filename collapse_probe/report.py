@@ -1,0 +1,93 @@
+"""Turn a ProbeResult into text: a per-block table for people, CSV rows or JSON for programs.
+
+    print(render(result, "table", threshold=0.9, k=1, reduction="mean"))
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any
+
+from .results import ProbeResult
+
+
+def block_rows(result: ProbeResult, threshold: float, k: int = 1, reduction: str = "mean") -> list[dict[str, Any]]:
+    """One dict per model block with every per-block number (None where a kind has no such block)."""
+    depth = max([result.depth] + [max(s.blocks) + 1 for s in result.attention.values() if s.blocks])
+    rows: list[dict[str, Any]] = [{"block": b} for b in range(depth)]
+    for kind, st in result.attention.items():
+        mean_prev, ratio_prev = st.neighbor(k, "mean"), st.neighbor(k, "ratio")
+        similar = set(st.similar_blocks(threshold, k, reduction))
+        for pos, b in enumerate(st.blocks):
+            rows[b].update({
+                f"{kind}_sim_prev": mean_prev[pos], f"{kind}_ratio_prev": ratio_prev[pos],
+                f"{kind}_similar": b in similar, f"{kind}_cross_head": st.cross_head[pos],
+                f"{kind}_effective_rank": st.effective_rank[pos], f"{kind}_energy_rank": st.energy_rank[pos],
+            })
+    if result.features is not None:
+        f = result.features
+        for pos, b in enumerate(f.blocks):
+            rows[b].update({"feature_sim_last": f.similarity[pos, -1], "feature_residual": f.residual[pos]})
+    return rows
+
+
+def _num(v: Any, fmt: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "*" if v else ""
+    return format(v, fmt)
+
+
+def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
+    rows = block_rows(result, threshold, k, reduction)
+    cols: list[tuple[str, str, str]] = [("block", "block", "d")]
+    for kind in result.attention:
+        cols += [(f"{kind}_sim_prev", f"{kind}:cos", ".3f"), (f"{kind}_ratio_prev", "ratio", ".3f"),
+                 (f"{kind}_similar", "sim", ""), (f"{kind}_cross_head", "x-head", ".3f")]
+        if kind == "probs":
+            cols += [(f"{kind}_effective_rank", "erank", ".1f"), (f"{kind}_energy_rank", "rank99", ".1f")]
+    if result.features is not None:
+        cols += [("feature_sim_last", "feat~last", ".3f")]
+    cells = [[h for _, h, _ in cols]] + [[_num(r.get(key), f) for key, _, f in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+
+    m, im = result.model, result.images
+    head = [f"model    {m.get('architecture', '?')} ({m.get('architecture_source', '?')}): depth {m.get('depth')}, "
+            f"{m.get('num_heads', '?')} heads, {m.get('tokens', '?')} tokens, {m.get('params', 0) / 1e6:.2f}M params",
+            f"images   {im.get('count')} from {im.get('source')}, input {im.get('input_size')}",
+            f"columns  cos/ratio: similarity with the previous {k} block(s) (mean column cosine / fraction > "
+            f"{threshold}); sim: similar block; x-head: cross-head similarity; erank/rank99: attention rank", ""]
+    foot = [""]
+    for kind in result.attention:
+        s = result.summary(kind, threshold, k, reduction)
+        listed = ", ".join(map(str, s["similar_blocks"])) or "none"
+        foot.append(f"{kind}: {s['count']} similar blocks of {result.depth} (ratio {s['ratio']:.3f}; {reduction} "
+                    f"similarity with previous {k} > {threshold}): {listed}")
+    return "\n".join(head + lines + foot)
+
+
+def _csv(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
+    rows = block_rows(result, threshold, k, reduction)
+    keys = list(dict.fromkeys(key for r in rows for key in r))
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({key: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                    for key, v in r.items()})
+    return out.getvalue()
+
+
+def render(result: ProbeResult, fmt: str = "table", threshold: float = 0.9, k: int = 1,
+           reduction: str = "mean") -> str:
+    """``fmt`` is "table", "csv" or "json"; the JSON holds every matrix and the settings used."""
+    if fmt == "json":
+        return result.to_json()
+    if fmt == "csv":
+        return _csv(result, threshold, k, reduction)
+    if fmt == "table":
+        return _table(result, threshold, k, reduction)
+    raise ValueError(f"unknown format {fmt!r}; choose table, csv or json")
