@@ -109,5 +109,41 @@ def similarity(checkpoint, model_name, threshold, images, num_images, batch_size
     emit(render(result, fmt, threshold, neighbors, reduction), output)
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--checkpoints", "-c", "checkpoints", multiple=True, type=click.Path(path_type=Path),
+              metavar="DIR|CKPT", help="Checkpoint files or folders of them (repeatable; more may follow as arguments).")
+@click.argument("more", nargs=-1, type=click.Path(path_type=Path), metavar="[CKPT]...")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("figures"),
+              show_default=True, help="Folder for the figures (PNG + PDF) and their CSV numbers.")
+@click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
+              help="Folder of images (recursive). Default: scikit-image's bundled photographs.")
+@click.option("--num-images", type=click.IntRange(min=1), metavar="N",
+              help="Images per model (default: all in DIR, or the 17 bundled photos; more adds seeded crops).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="A block is similar when its similarity with the previous block exceeds this.")
+@click.option("--per-model", is_flag=True, help="Per-model figures for every checkpoint, not only the deepest ViT "
+              "and DeepViT.")
+@click.option("--pdf/--no-pdf", default=True, show_default=True, help="Also write each figure as PDF.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+def figures(checkpoints, more, output, images, num_images, batch_size, threshold, per_model, pdf, device, progress):
+    """Regenerate the paper's Fig. 1, 3, 4 and 8 analyses from checkpoints, with the numbers as CSV.
+
+    \b
+    Examples:
+      collapse-probe figures --checkpoints checkpoints/ --output figures/
+      collapse-probe figures -c vit_micro_d16.safetensors deepvit_micro_d16.safetensors -o out/figs --no-pdf
+      collapse-probe figures -c checkpoints/ --images ~/val_subset --num-images 256 --per-model
+    """
+    from .figures import make_figures
+
+    report = make_figures([*checkpoints, *more], output, images, num_images, batch_size, threshold, device, per_model,
+                          ("png", "pdf") if pdf else ("png",), progress=progress)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {len(report.written)} files to {output} from {len(report.runs)} checkpoints", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,79 @@
+"""Fig. 8-style panels: mean attention map of every block, and the learned Re-attention Theta of every block.
+
+    axes = plot_attention_maps(mean_maps, title="vit_micro_d16: self-attention")   # one panel per block
+    axes = plot_theta(theta_weights)                                                # one H x H heatmap per block
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+
+from .data import MeanMaps, ThetaWeights
+from .style import new_figure, styled
+
+
+def _grid(n: int, ncols: int, panel: float, extra_w: float = 0.0, title: bool = False) -> np.ndarray:
+    cols = min(n, ncols)
+    rows = math.ceil(n / cols)
+    fig = new_figure((cols * panel + extra_w, rows * panel + (0.35 if title else 0.0)))
+    return np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+
+
+@styled
+def plot_attention_maps(maps: MeanMaps, title: str | None = None, ncols: int = 8, panel: float = 1.45,
+                        axes: Sequence[Axes] | None = None) -> np.ndarray:
+    """One panel per block: the head- and batch-averaged map [N, N] (rows = queries, columns = keys).
+
+    Each panel has its own colour scale (min..max of that map) so the pattern, not the scale, is compared;
+    extra axes of a given grid are hidden. Returns the axes used, one per block.
+    """
+    n = len(maps.blocks)
+    grid = _grid(n, ncols, panel, title=bool(title)) if axes is None else np.asarray(axes).ravel()
+    if len(grid) < n:
+        raise ValueError(f"need {n} axes for {n} blocks, got {len(grid)}")
+    for i, ax in enumerate(grid):
+        if i >= n:
+            ax.set_visible(False)
+            continue
+        ax.imshow(maps.maps[i], cmap="viridis", interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        ax.set_title(f"block {maps.blocks[i] + 1}", fontsize=8, pad=2)
+    if title and axes is None:
+        grid[0].figure.suptitle(title)
+    return grid[:n]
+
+
+@styled
+def plot_theta(theta: ThetaWeights, title: str | None = None, ncols: int = 8, panel: float = 1.45,
+               axes: Sequence[Axes] | None = None) -> np.ndarray:
+    """One H x H heatmap per Re-attention block (row = output head, column = input head); one symmetric colour
+    scale for all blocks (diverging, 0 = white) with a shared colour bar."""
+    n = len(theta.blocks)
+    grid = _grid(n, ncols, panel, extra_w=0.8, title=bool(title)) if axes is None else np.asarray(axes).ravel()
+    if len(grid) < n:
+        raise ValueError(f"need {n} axes for {n} blocks, got {len(grid)}")
+    vmax = float(np.nanmax(np.abs(theta.weight))) or 1.0
+    im = None
+    h = theta.weight.shape[1]
+    for i, ax in enumerate(grid):
+        if i >= n:
+            ax.set_visible(False)
+            continue
+        im = ax.imshow(theta.weight[i], cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        ticks = list(range(h)) if h <= 6 else list(range(0, h, max(1, h // 4)))
+        ax.set_xticks(ticks, [str(t) for t in ticks] if i >= n - min(n, ncols) else [])
+        ax.set_yticks(ticks, [str(t) for t in ticks] if i % ncols == 0 else [])
+        ax.tick_params(labelsize=6, length=2)
+        ax.grid(False)
+        ax.set_title(f"block {theta.blocks[i] + 1}", fontsize=8, pad=2)
+    fig = grid[0].figure
+    if im is not None:
+        fig.colorbar(im, ax=list(grid[:n]), shrink=0.8, label="Θ (output head × input head)")
+    if title and axes is None:
+        fig.suptitle(title)
+    return grid[:n]
