@@ -111,7 +111,8 @@ def similarity(checkpoint, model_name, threshold, images, num_images, batch_size
 
 @main.command(context_settings=CONTEXT)
 @click.option("--checkpoints", "-c", "checkpoints", multiple=True, type=click.Path(path_type=Path),
-              metavar="DIR|CKPT", help="Checkpoint files or folders of them (repeatable; more may follow as arguments).")
+              metavar="DIR|CKPT", help="Checkpoint files or folders of them (repeatable; more may follow as "
+              "arguments).")
 @click.argument("more", nargs=-1, type=click.Path(path_type=Path), metavar="[CKPT]...")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("figures"),
               show_default=True, help="Folder for the figures (PNG + PDF) and their CSV numbers.")

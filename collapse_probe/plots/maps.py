@@ -73,7 +73,9 @@ def plot_theta(theta: ThetaWeights, title: str | None = None, ncols: int = 8, pa
         ax.set_title(f"block {theta.blocks[i] + 1}", fontsize=8, pad=2)
     fig = grid[0].figure
     if im is not None:
-        fig.colorbar(im, ax=list(grid[:n]), shrink=0.8, label="Θ (output head × input head)")
+        fig.colorbar(im, ax=list(grid[:n]), shrink=0.8, label="Θ weight")
+        grid[0].set_ylabel("output head", fontsize=7)
+        grid[0].set_xlabel("input head", fontsize=7)
     if title and axes is None:
         fig.suptitle(title)
     return grid[:n]

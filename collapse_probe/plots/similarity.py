@@ -39,18 +39,20 @@ def plot_neighbor_similarity(
     ax = axes_or_new(ax)
     cols = _colors(list(results), colors)
     for label, res in results.items():
-        st = res.attention[pick_kind(res, kind)]
+        used = pick_kind(res, kind)
+        st = res.attention[used]
         x = np.asarray(st.blocks) + 1
         for k in ks:
-            name = label if len(ks) == 1 else f"{label}, k={k}"
+            name = (f"{label} ({used})" if len(results) > 1 else label) + ("" if len(ks) == 1 else f", k={k}")
             ax.plot(x, st.neighbor(k, reduction), ls=K_STYLES.get(k, "-."), color=cols[label], marker="o",
                     ms=2.5, label=name)
     if threshold is not None:
         threshold_line(ax, threshold)
     unit_ylim(ax)
-    ax.set(xlabel="block", ylabel=f"similarity with previous k blocks ({reduction})")
+    prev = "previous block" if tuple(ks) == (1,) else "previous k blocks"
+    ax.set(xlabel="block", ylabel=f"similarity with {prev} ({reduction})")
     ax.set_title("Attention similarity with neighbouring blocks")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     return ax
 
 
