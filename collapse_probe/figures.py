@@ -197,15 +197,22 @@ def _color(run: ModelRun, runs: Sequence[ModelRun]) -> Any:
 
 
 def _fig3a(runs: Sequence[ModelRun], all_runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str], threshold: float,
-           ks: Sequence[int] = (1, 2, 3), title: str | None = None) -> None:
+           ks: Sequence[int] = (1, 2, 3), title: str | None = None, premix: bool = False) -> None:
+    """Fig. 3(a) (or Fig. 8's comparison with ``ks=(1,)``); ``premix`` adds Re-attention models' "probs" maps
+    (before Theta) as dashed curves, to show what the mixing changed."""
     results = {r.label: r.result for r in runs}
     ax = psim.plot_neighbor_similarity(results, ks=ks, threshold=threshold,
                                        colors={r.label: _color(r, all_runs) for r in runs})
+    extra = [r for r in runs if premix and pick_kind(r.result) == "mixed" and "probs" in r.result.attention]
+    for r in extra:
+        psim.plot_neighbor_similarity({f"{r.label} (probs, before Θ)": r.result}, ks=ks, threshold=None, kind="probs",
+                                      colors={f"{r.label} (probs, before Θ)": _color(r, all_runs)}, ax=ax)
+        ax.lines[-1].set(ls="--", alpha=0.7)
+        ax.legend(loc="best")
     if title:
         ax.set_title(title)
     rows = []
-    for r in runs:
-        kind = pick_kind(r.result)
+    for r, kind in [(r, pick_kind(r.result)) for r in runs] + [(r, "probs") for r in extra]:
         st = r.result.attention[kind]
         for k in ks:
             rows += [(r.label, kind, k, n, v) for n, v in zip(_nb(st.blocks), st.neighbor(k))]
@@ -320,11 +327,12 @@ def _summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
             np.isfinite(v) and v > threshold for v in nb[i:]) and i > 0), "")
         rows.append((r.label, r.architecture, r.family, r.depth, kind, r.result.images.get("count"), r.top1,
                      s["count"], s["ratio"], " ".join(str(b + 1) for b in above), tail,
+                     r.result.summary("probs", threshold)["count"] if "probs" in r.result.attention else "",
                      float(np.nanmax(st.cross_head)), float(np.nanmean(st.cross_head)),
                      pfeat.feature_attention_correlation(r.result, kind) if r.result.features else math.nan))
     write_csv(stem, ["model", "architecture", "family", "depth", "kind", "images", "top1", "similar_blocks", "ratio",
-                     "similar_block_numbers", "all_similar_from_block", "cross_head_max", "cross_head_mean",
-                     "feature_attention_r"], rows)
+                     "similar_block_numbers", "all_similar_from_block", "similar_blocks_probs", "cross_head_max",
+                     "cross_head_mean", "feature_attention_r"], rows)
 
 
 def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bool = False
@@ -367,7 +375,7 @@ def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bo
         pair = [vit[depth], deep[depth]]
         jobs.append((f"fig8 d{depth}", lambda d, f, p=pair, n=depth: _fig3a(
             p, runs, d / f"fig8_similarity_vit_vs_deepvit_d{n}", f, threshold, ks=(1,),
-            title=f"ViT vs DeepViT, {n} blocks: similarity with the previous block")))
+            title=f"ViT vs DeepViT, {n} blocks: similarity with the previous block", premix=True)))
     return jobs, notes
 
 

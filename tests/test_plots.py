@@ -294,6 +294,9 @@ def test_figures_command_writes_every_figure_with_its_numbers(tiny_checkpoints, 
         assert int(fig3b[label]["depth"]) == r.depth
     acc = read_csv(out / "fig1_accuracy_vs_depth.csv")
     assert [(r["model"], float(r["top1"])) for r in acc] == [("deepvit_micro_d2", 61.5), ("deepvit_micro_d3", 64.0)]
+    fig8 = read_csv(out / "fig8_similarity_vit_vs_deepvit_d2.csv")
+    assert sorted({(r["model"], r["kind"]) for r in fig8}) == [
+        ("deepvit_micro_d2", "mixed"), ("deepvit_micro_d2", "probs"), ("vit_micro_d2", "probs")]
     theta = read_csv(out / "fig8_theta_deepvit_micro_d3.csv")
     assert len(theta) == 3 * 4 * 4 and {r["block_number"] for r in theta} == {"1", "2", "3"}
     summary = {r["model"]: r for r in read_csv(out / "summary.csv")}
