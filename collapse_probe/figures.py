@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib as mpl
 import numpy as np
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ from .plots import features as pfeat
 from .plots import maps as pmaps
 from .plots import similarity as psim
 from .plots.data import MeanMaps, ThetaWeights, pick_kind
-from .plots.style import family_color, family_of, new_figure, save_figure, styled, write_csv
+from .plots.style import STYLE, family_color, family_of, new_figure, save_figure, styled, write_csv
 from .probe import CollapseCollector, resolve_device
 from .results import ProbeResult
 
@@ -186,6 +187,11 @@ class FigureReport:
 Job = tuple[str, Callable[[Path, tuple[str, ...]], None]]  # (name, render(folder, formats))
 
 
+def _family_order(run: ModelRun) -> tuple:
+    """ViT first, then DeepViT, then anything else; by depth within a family."""
+    return ({"vit": 0, "deepvit": 1}.get(run.family, 2), run.family, run.depth)
+
+
 def _nb(blocks: Sequence[int]) -> list[int]:
     return [b + 1 for b in blocks]
 
@@ -233,7 +239,7 @@ def _heatmap(run: ModelRun, stem: Path, fmts: Sequence[str]) -> None:
 @styled
 def _fig3b(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str], threshold: float) -> None:
     fams: dict[str, list[ModelRun]] = {}
-    for r in sorted(runs, key=lambda r: (r.family, r.depth)):
+    for r in sorted(runs, key=_family_order):
         fams.setdefault(r.family, []).append(r)
     families = {f: [r.result for r in rs] for f, rs in fams.items()}
     fig = new_figure((9.5, 3.4))
@@ -306,10 +312,10 @@ def _theta(run: ModelRun, stem: Path, fmts: Sequence[str]) -> None:
 
 def _fig1(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str]) -> None:
     fams: dict[str, dict[int, float]] = {}
-    for r in sorted(runs, key=lambda r: (r.family, r.depth)):
+    for r in sorted(runs, key=_family_order):
         fams.setdefault(r.family, {})[r.depth] = r.top1
     ax = pdepth.plot_accuracy_vs_depth(fams)
-    rows = [(r.family, r.label, r.depth, r.top1) for r in sorted(runs, key=lambda r: (r.family, r.depth))]
+    rows = [(r.family, r.label, r.depth, r.top1) for r in sorted(runs, key=_family_order)]
     write_csv(stem.with_suffix(".csv"), ["family", "model", "depth", "top1"], rows)
     save_figure(ax.figure, stem, fmts)
 
@@ -344,6 +350,7 @@ def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bo
     for r in runs:
         fams.setdefault(r.family, []).append(r)
     featured = list(runs) if per_model else [max(rs, key=lambda r: r.depth) for rs in fams.values()]
+    featured.sort(key=_family_order)
 
     jobs.append(("summary", lambda d, f: _summary(runs, d / "summary.csv", threshold)))
     with_acc = [r for r in runs if r.top1 is not None]
@@ -429,7 +436,8 @@ def make_figures(
                 (tmp / "results").mkdir(exist_ok=True)
                 (tmp / "results" / f"{r.label}.json").write_text(r.result.to_json() + "\n")
         for name, job in tqdm(jobs, desc="figures", unit="fig", disable=not progress):
-            job(tmp, tuple(formats))
+            with mpl.rc_context(STYLE):  # titles and legends added after the plot functions share their style
+                job(tmp, tuple(formats))
         output.mkdir(parents=True, exist_ok=True)
         report.written = _move_into(tmp, output)
     finally:
