@@ -361,9 +361,9 @@ def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bo
     jobs.append(("fig3b", lambda d, f: _fig3b(runs, d / "fig3b_similar_blocks_vs_depth", f, threshold)))
     jobs.append(("fig3c", lambda d, f: _fig3c(featured, runs, d / "fig3c_cross_head_similarity", f)))
     for r in featured:
-        jobs.append((f"fig3a {r.label}", lambda d, f, r=r: _fig3a([r], runs, d / f"fig3a_neighbor_similarity_{r.label}",
-                                                                  f, threshold, title=f"{r.label}: similarity with "
-                                                               f"neighbouring blocks ({pick_kind(r.result)})")))
+        title = f"{r.label}: similarity with neighbouring blocks ({pick_kind(r.result)})"
+        jobs.append((f"fig3a {r.label}", lambda d, f, r=r, t=title: _fig3a(
+            [r], runs, d / f"fig3a_neighbor_similarity_{r.label}", f, threshold, title=t)))
         jobs.append((f"heatmap {r.label}", lambda d, f, r=r: _heatmap(r, d / f"attention_similarity_{r.label}", f)))
         if r.result.features is not None:
             jobs.append((f"fig4 {r.label}", lambda d, f, r=r: _fig4(r, d / f"fig4_feature_similarity_{r.label}", f)))
