@@ -322,7 +322,7 @@ def _fig1(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str]) -> None:
 
 def _summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
     rows = []
-    for r in runs:
+    for r in sorted(runs, key=_family_order):
         kind = pick_kind(r.result)
         st = r.result.attention[kind]
         s = r.result.summary(kind, threshold)

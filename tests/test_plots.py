@@ -192,7 +192,10 @@ def test_attention_maps_grid_one_panel_per_block(tmp_path):
     for i, ax in enumerate(axes):
         np.testing.assert_array_equal(ax.images[0].get_array(), maps.maps[i])
         assert ax.get_title() == f"block {i + 1}"
-    assert sum(a.get_visible() for a in axes[0].figure.axes) == 5  # the sixth grid cell is hidden
+    assert sum(a.get_visible() and bool(a.images) for a in axes[0].figure.axes) == 5  # sixth grid cell hidden
+    assert {ax.images[0].get_clim() for ax in axes} == {(maps.maps.min(), maps.maps.max())}  # one shared scale
+    own = plot_attention_maps(maps, shared_scale=False)
+    assert [ax.images[0].get_clim() for ax in own] == [(m.min(), m.max()) for m in maps.maps]
     save_figure(axes[0].figure, tmp_path / "maps")
     _png_pdf(tmp_path / "maps")
     fig = Figure()

@@ -24,25 +24,31 @@ def _grid(n: int, ncols: int, panel: float, extra_w: float = 0.0, title: bool = 
 
 @styled
 def plot_attention_maps(maps: MeanMaps, title: str | None = None, ncols: int = 8, panel: float = 1.45,
-                        axes: Sequence[Axes] | None = None) -> np.ndarray:
+                        shared_scale: bool = True, axes: Sequence[Axes] | None = None) -> np.ndarray:
     """One panel per block: the head- and batch-averaged map [N, N] (rows = queries, columns = keys).
 
-    Each panel has its own colour scale (min..max of that map) so the pattern, not the scale, is compared;
-    extra axes of a given grid are hidden. Returns the axes used, one per block.
+    ``shared_scale``: one colour scale (min..max over all blocks, with a colour bar), so that near-identical maps
+    look identical; False scales each panel to its own range (shows patterns, exaggerates small differences).
+    Extra axes of a given grid are hidden. Returns the axes used, one per block.
     """
     n = len(maps.blocks)
-    grid = _grid(n, ncols, panel, title=bool(title)) if axes is None else np.asarray(axes).ravel()
+    grid = _grid(n, ncols, panel, extra_w=0.8 if shared_scale else 0.0, title=bool(title)) if axes is None \
+        else np.asarray(axes).ravel()
     if len(grid) < n:
         raise ValueError(f"need {n} axes for {n} blocks, got {len(grid)}")
+    lims = {"vmin": float(np.nanmin(maps.maps)), "vmax": float(np.nanmax(maps.maps))} if shared_scale else {}
+    im = None
     for i, ax in enumerate(grid):
         if i >= n:
             ax.set_visible(False)
             continue
-        ax.imshow(maps.maps[i], cmap="viridis", interpolation="nearest")
+        im = ax.imshow(maps.maps[i], cmap="viridis", interpolation="nearest", **lims)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
         ax.set_title(f"block {maps.blocks[i] + 1}", fontsize=8, pad=2)
+    if shared_scale and im is not None:
+        grid[0].figure.colorbar(im, ax=list(grid[:n]), shrink=0.8, label="mean attention")
     if title and axes is None:
         grid[0].figure.suptitle(title)
     return grid[:n]

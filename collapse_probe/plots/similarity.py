@@ -100,5 +100,5 @@ def plot_cross_head(results: Mapping[str, ProbeResult], kind: str = "auto", refe
     unit_ylim(ax)
     ax.set(xlabel="block", ylabel="cross-head similarity")
     ax.set_title("Similarity between heads of one block")
-    ax.legend(loc="upper left")
+    ax.legend(loc="best")
     return ax
