@@ -81,7 +81,7 @@ def plot_theta(theta: ThetaWeights, title: str | None = None, ncols: int = 8, pa
     if im is not None:
         fig.colorbar(im, ax=list(grid[:n]), shrink=0.8, label="Θ weight")
         grid[0].set_ylabel("output head", fontsize=7)
-        grid[0].set_xlabel("input head", fontsize=7)
+        grid[(n - 1) // ncols * ncols].set_xlabel("input head", fontsize=7)  # bottom-left panel
     if title and axes is None:
         fig.suptitle(title)
     return grid[:n]
