@@ -93,7 +93,7 @@ def plot_attention_vs_features(result: ProbeResult, kind: str = "auto", reductio
     ax.set(xlabel="block", ylabel="attention similarity")
     ax.set_title(f"Attention similarity (r with features = {r:.2f})" if np.isfinite(r) else
                  "Attention similarity (r undefined)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     return ax
 
 
