@@ -352,3 +352,30 @@ def test_interrupted_rendering_keeps_previous_files(tiny_checkpoints, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figs"]  # staging folder removed
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "fig3c_cross_head_similarity.png"]
     assert (out / "fig3c_cross_head_similarity.png").read_bytes() == b"old"
+
+
+def _run(label: str, family: str, depth: int, top1: float | None = None):
+    from collapse_probe.figures import ModelRun
+
+    res = make_result([0.5] * (depth - 1), kind="mixed" if family == "deepvit" else "probs", depth=depth)
+    maps = {"probs": MeanMaps("probs", list(range(depth)), np.ones((depth, 3, 3)) / 3, 1)}
+    theta = ThetaWeights(list(range(depth)), np.ones((depth, 2, 2))) if family == "deepvit" else None
+    return ModelRun(label, Path(f"{label}.safetensors"), f"{family}_micro", family, depth, res, maps, theta, top1)
+
+
+def test_plan_featured_models_and_per_model():
+    from collapse_probe.figures import plan_figures
+
+    runs = [_run("v4", "vit", 4, 80.0), _run("v8", "vit", 8), _run("d4", "deepvit", 4), _run("d8", "deepvit", 8),
+            _run("d16", "deepvit", 16)]
+    names, notes = plan_figures(runs)
+    names = [n for n, _ in names]
+    assert "fig1" in names and not notes
+    assert {n.split()[1] for n in names if n.startswith("fig3a")} == {"v8", "d16"}  # deepest of each family
+    assert [n for n in names if n.startswith("fig8 d")] == ["fig8 d8"]  # deepest depth both families have
+    assert "theta d16" in names and "theta v8" not in names
+    names = [n for n, _ in plan_figures(runs, per_model=True)[0]]
+    assert {n.split()[1] for n in names if n.startswith("fig3a")} == {"v4", "v8", "d4", "d8", "d16"}
+    assert [n for n in names if n.startswith("fig8 d")] == ["fig8 d4", "fig8 d8"]
+    _, notes = plan_figures([_run("d4", "deepvit", 4)])
+    assert len(notes) == 2  # no accuracy, no ViT/DeepViT pair
