@@ -218,7 +218,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
     attns = attention_modules(model)
     info: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "depth": len(attns)}
     if attns:
-        info["num_heads"] = attns[0][1].num_heads
+    XX
     for name in ("embed_dim", "num_prefix_tokens"):
         if hasattr(model, name):
             info[name] = int(getattr(model, name))
