@@ -7,15 +7,15 @@ An adapter answers, for one module: is this an attention module of my family, wh
 carries the [B, H, N, N] map, and what must be switched while capturing (fused paths off, weights requested).
 ``capture.capture`` applies the patches on entry and undoes them on exit, so fused kernels stay fused otherwise.
 
-| family        | attention module                                 | "probs" taken from                  | switched while probing |
-|---------------|--------------------------------------------------|-------------------------------------|------------------------|
-| ours          | collapse_probe Attention                         | ``probs`` HookPoint output          | nothing                |
-| timm          | timm Attention / AttentionRope, BEiT, EVA        | ``attn_drop`` input                 | ``fused_attn`` = False |
-| timm-cait     | timm cait TalkingHeadAttn                        | ``proj_w`` input (after softmax)    | nothing (never fused)  |
-| vit-pytorch   | vit_pytorch ``Attention`` with ``attend`` (ViT, CaiT) | ``attend`` (Softmax) output    | nothing                |
-| vit-pytorch-deepvit | vit_pytorch.deepvit Attention              | ``dropout`` input (after softmax)   | nothing                |
-| transformers  | HF ``*Attention`` (ViT, DeiT, DINOv2, ...)       | the module's returned weights       | attn_implementation = eager |
-| torch-mha     | ``nn.MultiheadAttention`` (torchvision ViT)      | returned weights, per head          | need_weights=True, average_attn_weights=False |
+family (Plan.family)   attention module -> where "probs" is taken -> what is switched while probing
+  ours                 collapse_probe Attention -> ``probs`` HookPoint output -> nothing
+  timm                 timm Attention / AttentionRope, BEiT, EVA -> ``attn_drop`` input -> ``fused_attn = False``
+  timm-cait            timm cait TalkingHeadAttn -> ``proj_w`` input, i.e. after the softmax -> nothing (never fused)
+  vit-pytorch          vit_pytorch ``Attention`` with ``attend`` (ViT, CaiT, ...) -> ``attend`` output -> nothing
+  vit-pytorch-deepvit  vit_pytorch.deepvit Attention -> ``dropout`` input (after softmax) -> nothing
+  transformers         HF ``*Attention`` (ViT, DeiT, DINOv2, ...) -> its returned weights -> eager attention
+  torch-mha            ``nn.MultiheadAttention`` (torchvision ViT) -> its returned weights -> need_weights=True,
+                       average_attn_weights=False
 
 Talking heads (CaiT) and re-attention (DeepViT) mix heads after the softmax; "probs" is always the row-stochastic
 map before that mixing, and "mixed" the map after it (not row-stochastic) where the family exposes it.

@@ -109,5 +109,86 @@ def similarity(checkpoint, model_name, threshold, images, num_images, batch_size
     emit(render(result, fmt, threshold, neighbors, reduction), output)
 
 
+def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
+    """Parse "0.5,0.5,0.5" (click reports a bad value with exit code 2)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _probe_options(f):
+    """Options shared by ``audit`` and ``compare``: how to read the checkpoint(s) and what to run them on."""
+    options = [
+        click.option("--model", "model_name", metavar="NAME", help="timm architecture name; wins over anything in "
+                     "the file. Default: the file's metadata, else inferred from the weight shapes."),
+        click.option("--num-heads", type=click.IntRange(min=1), metavar="N",
+                     help="Heads, when the file cannot show them (see the heads rule in the README)."),
+        click.option("--mean", callback=_floats, metavar="M,M,M", help="Input normalisation mean (with --std)."),
+        click.option("--std", callback=_floats, metavar="S,S,S", help="Input normalisation std (with --mean)."),
+        click.option("--key", help="Entry of a training checkpoint that holds the weights (e.g. state_dict_ema)."),
+        click.option("--trust-pickle", is_flag=True, help="Allow full pickle for this run. Unpickling can execute "
+                     "arbitrary code: only for files you trust."),
+        click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
+                     help="Folder of images (recursive). Default: scikit-image's bundled photographs."),
+        click.option("--num-images", type=click.IntRange(min=1), metavar="N", help="Images to use."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+                     help="A block is collapsed when its similarity with the previous block(s) exceeds this."),
+        click.option("--neighbors", "-k", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--reduction", type=click.Choice(["mean", "ratio"]), default="mean", show_default=True),
+        click.option("--rank-images", type=click.IntRange(min=1), metavar="N", help="Cap the images used for rank."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True, metavar="DIR",
+              help="Report folder: report.md, report.html, metrics.json and the figures (replaced atomically).")
+@_probe_options
+def audit(checkpoint, output, **kwargs):
+    """Run every collapse metric on CHECKPOINT and write a self-contained report with a verdict.
+
+    CHECKPOINT is a safetensors or torch file, or a HuggingFace / timm model folder.
+
+    \b
+    Examples:
+      collapse-probe audit vit_s.pth --output out/vit_s
+      collapse-probe audit train_ckpt.pt --key state_dict_ema --num-heads 6 -o out/ema
+      collapse-probe audit hf_vit_folder/ --images ~/val_subset --num-images 64 -o out/hf
+    """
+    from .audit import audit as run_audit
+
+    metrics = run_audit(checkpoint, output, **kwargs)
+    click.echo("\n".join(metrics["verdict"]["text"]))
+    click.echo(f"wrote {output}/report.html (heads: {metrics['heads_source']})", err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Also write compare.md, compare.html, metrics.json and curves.png into this folder.")
+@_probe_options
+def compare(checkpoints, output, **kwargs):
+    """Side-by-side collapse table (and overlaid curves with --output) of two or more CHECKPOINTS.
+
+    \b
+    Examples:
+      collapse-probe compare vit_d12.safetensors deepvit_d12.safetensors
+      collapse-probe compare a.pt b.pt c.pt --num-images 64 --output out/compare
+    """
+    from .audit import compare as run_compare
+
+    table, _ = run_compare(list(checkpoints), output, **kwargs)
+    click.echo(table)
+
+
 if __name__ == "__main__":
     main()
