@@ -247,7 +247,7 @@ def build_model(
     weight shapes (``collapse_probe.infer``; ``num_heads`` feeds the heads rule there). ``mean`` / ``std`` override the
     input normalisation. Returns the model in eval mode and a description (incl. ``heads_source``, ``data_source``).
     """
-    sd, heads_source, data = ckpt.state_dict, None, {}
+    sd, heads_source, data, loaded = ckpt.state_dict, None, {}, False
     num_classes = _num_classes(sd)
     if model_name is not None:
         model = create_model(model_name, num_classes=num_classes)
@@ -263,7 +263,7 @@ def build_model(
         data = ckpt.config.get("pretrained_cfg", {})
     elif ckpt.format == "hf-folder":
         model, arch = _build_transformers(ckpt)
-        source, data = "HuggingFace config.json", _hf_data_config(ckpt)
+        source, data, loaded = "HuggingFace config.json", _hf_data_config(ckpt), True
     elif ckpt.arch:
         arch, source = ckpt.arch, "timm checkpoint 'arch' entry"
         model = create_model(arch, num_classes=num_classes)
@@ -274,8 +274,9 @@ def build_model(
         model, arch, source, heads_source = instantiate(spec), spec.architecture, "inferred from weight shapes", \
             spec.heads_source
         data = {"input_size": spec.input_size} if spec.family != "timm" else {}
-    _compare(model, sd, arch)
-    model.load_state_dict(sd, strict=False)
+    if not loaded:
+        _compare(model, sd, arch)
+        model.load_state_dict(sd, strict=False)
     model.eval()
     info = {"architecture": arch, "architecture_source": source, "checkpoint": str(ckpt.path),
             "format": ckpt.format, "key": ckpt.key, **describe(model)}
@@ -288,7 +289,9 @@ def build_model(
 
 
 def _build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:
-    """A transformers model from a local folder's config.json only: no network, no remote code."""
+    """A transformers model from a local folder's config.json and the weights we read safely: no network, no remote
+    code. transformers itself maps older key names (``attention.attention.query`` ...) onto the current modules.
+    """
     import transformers
 
     try:
@@ -300,11 +303,22 @@ def _build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:
     names = [n for n in (config.architectures or []) if isinstance(n, str)]
     cls = getattr(transformers, names[0], None) if names else None
     if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
-        cls = transformers.AutoModel
-        model = cls.from_config(config)
-    else:
-        model = cls(config)
-    return model, f"transformers:{type(model).__name__}"
+        cls = transformers.AutoModel._model_mapping.get(type(config), None) if hasattr(
+            transformers.AutoModel, "_model_mapping") else None
+        if cls is None:
+            raise UnsupportedLayoutError(f"{ckpt.path}/config.json names no transformers model class we can build "
+                                         f"(architectures: {names or 'none'})")
+    what = f"transformers:{cls.__name__}"
+    try:
+        model, loading = cls.from_pretrained(None, config=config, state_dict=ckpt.state_dict,
+                                             output_loading_info=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: {_first_line(e)}") from None
+    problems = [f"{len(v)} {k.replace('_', ' ')} (e.g. {', '.join(sorted(map(str, v))[:3])})"
+                for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
+    if problems:
+        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
+    return model, what
 
 
 def _hf_data_config(ckpt: Checkpoint) -> dict[str, Any]:
