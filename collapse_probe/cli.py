@@ -66,6 +66,16 @@ def emit(text: str, output: Path | None) -> None:
     click.echo(f"wrote {output}", err=True)
 
 
+def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
+    """Parse "0.5,0.5,0.5" (click reports a bad value with exit code 2)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", metavar="NAME",
@@ -91,8 +101,12 @@ def emit(text: str, output: Path | None) -> None:
 @click.option("--trust-pickle", is_flag=True,
               help="Allow full pickle for this run. Unpickling can execute arbitrary code: only for files you trust.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--num-heads", type=click.IntRange(min=1), metavar="N",
+              help="Heads, when the file cannot show them (see the heads rule in the README).")
+@click.option("--mean", callback=_floats, metavar="M,M,M", help="Input mean (with --std).")
+@click.option("--std", callback=_floats, metavar="S,S,S", help="Input std (with --mean).")
 def similarity(checkpoint, model_name, threshold, images, num_images, batch_size, reduction, neighbors, fmt, output,
-               device, rank_images, key, trust_pickle, progress):
+               device, rank_images, key, trust_pickle, progress, num_heads, mean, std):
     """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
 
     \b
@@ -105,18 +119,9 @@ def similarity(checkpoint, model_name, threshold, images, num_images, batch_size
     from .report import render
 
     result = probe_checkpoint(checkpoint, model_name, images, num_images, batch_size, threshold, reduction, neighbors,
-                              device, trust_pickle, key, rank_images, progress=progress)
+                              device, trust_pickle, key, rank_images, progress=progress, num_heads=num_heads,
+                              mean=mean, std=std)
     emit(render(result, fmt, threshold, neighbors, reduction), output)
-
-
-def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
-    """Parse "0.5,0.5,0.5" (click reports a bad value with exit code 2)."""
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
 
 
 def _probe_options(f):

@@ -40,6 +40,11 @@ def _num(v: Any, fmt: str = ".3f") -> str:
     return format(v, fmt)
 
 
+def _heads_source(model: dict[str, Any]) -> str:
+    src = model.get("heads_source")
+    return f" (heads from {src})" if src else ""
+
+
 def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
     rows = block_rows(result, threshold, k, reduction)
     cols: list[tuple[str, str, str]] = [("block", "block", "d")]
@@ -56,7 +61,8 @@ def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str
 
     m, im = result.model, result.images
     head = [f"model    {m.get('architecture', '?')} ({m.get('architecture_source', '?')}): depth {m.get('depth')}, "
-            f"{m.get('num_heads', '?')} heads, {m.get('tokens', '?')} tokens, {m.get('params', 0) / 1e6:.2f}M params",
+            f"{m.get('num_heads', '?')} heads{_heads_source(m)}, {m.get('tokens', '?')} tokens, "
+            f"{m.get('params', 0) / 1e6:.2f}M params",
             f"images   {im.get('count')} from {im.get('source')}, input {im.get('input_size')}",
             f"columns  cos/ratio: similarity with the previous {k} block(s) (mean column cosine / fraction > "
             f"{threshold}); sim: similar block; x-head: cross-head similarity; erank/rank99: attention rank", ""]
