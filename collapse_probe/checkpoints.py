@@ -5,8 +5,14 @@
     save_checkpoint(model, "out.safetensors")                 # safetensors + our config as metadata
 
 Formats are recognised by content, not extension: safetensors (8-byte header length, then JSON), torch zip archives
-and legacy torch pickles. Torch files are opened with ``torch.load(weights_only=True)``, which refuses any global that
-is not a tensor type; full pickle only with ``trust_pickle=True``, an explicit per-run choice.
+and legacy torch pickles, and folders: HuggingFace (config.json with model_type + model.safetensors or
+pytorch_model.bin) and timm (config.json with architecture). Torch files are opened with
+``torch.load(weights_only=True)``, which refuses any global that is not a tensor type; full pickle only with
+``trust_pickle=True``, an explicit per-run choice.
+
+Layouts: a bare state dict or one entry of a training checkpoint (``STATE_KEYS``, or ``key``); wrapper prefixes
+(``module.``, ``_orig_mod.``, Lightning's ``model.``) shared by every key are stripped, repeatedly. Without a name or
+config, ``collapse_probe.infer`` reads the architecture from the weight shapes (and says which source decided heads).
 """
 from __future__ import annotations
 
@@ -285,6 +291,8 @@ def build_model(
                                f"({info['num_heads']} heads)")
     info["heads_source"] = heads_source or f"model definition ({source})"
     info.update(_set_data_config(model, data, mean, std))
+    if source == "inferred from weight shapes" and info["data_source"] != "--mean/--std":
+        info["data_source"] += f" of {arch} (a guess for an inferred model; set --mean/--std if trained otherwise)"
     return model, info
 
 
