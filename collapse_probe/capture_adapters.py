@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UnsupportedModelError
 from .models.attention import Attention as OurAttention
 
 Getter = Callable[[tuple, Any], torch.Tensor]  # (inputs, output) of the hooked module -> [B, H, N, N]
@@ -45,7 +46,11 @@ def _output(_inputs: tuple, output: Any) -> torch.Tensor:
 
 
 def _output1(_inputs: tuple, output: Any) -> torch.Tensor:
-    return output[1]
+    weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+    if weights is None:  # e.g. a transformers model that refused to switch to eager attention
+        raise UnsupportedModelError("the attention module returned no attention weights while probing; for a "
+                                    "transformers model load it with attn_implementation='eager'")
+    return weights
 
 
 def _heads_last_input(inputs: tuple, _output: Any) -> torch.Tensor:

@@ -310,3 +310,17 @@ def test_model_without_attention_names_what_was_looked_for():
     msg = str(e.value)
     assert "Sequential" in msg and "timm Attention" in msg and "MultiheadAttention" in msg and "vit-pytorch" in msg
     assert "\n" not in msg
+
+
+def test_transformers_model_that_cannot_switch_to_eager_gets_a_clear_error(monkeypatch):
+    import transformers as tf
+
+    cfg = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, attn_implementation="sdpa")
+    model = tf.ViTModel(cfg).eval()
+    monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, impl: None)  # refuses to switch
+    hooks = _hook_counts(model)
+    with pytest.raises(UnsupportedModelError, match="returned no attention weights"):
+        with torch.no_grad(), capture(model):
+            model(pixel_values=X32)
+    assert _hook_counts(model) == hooks and model.config._attn_implementation == "sdpa"
