@@ -39,11 +39,12 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 @dataclass
 class Checkpoint:
     path: Path
-    format: str  # "safetensors" | "torch-zip" | "torch-legacy" | "hf-folder" | "timm-folder"
+    format: str  # "safetensors" | "torch-zip" | "torch-legacy"
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)  # our config if the file carries one
     key: str | None = None  # which entry of a training checkpoint held the weights
-    config: dict[str, Any] = field(default_factory=dict)  # config.json of a HF / timm folder
+    # folders have format "hf-folder" or "timm-folder" and keep their config.json here
+    config: dict[str, Any] = field(default_factory=dict)
     arch: str | None = None  # timm training checkpoints name their architecture in an "arch" entry
     preprocessor: dict[str, Any] = field(default_factory=dict)  # HF preprocessor_config.json (mean, std, size)
 
