@@ -115,11 +115,11 @@ def _model_rows(result: ProbeResult) -> list[tuple[str, str]]:
     return [
         ("checkpoint", str(m.get("checkpoint"))), ("format", f"{m.get('format')}" + (
             f" (entry '{m['key']}')" if m.get("key") else "")),
-        ("architecture", f"{m.get('architecture')} (from {m.get('architecture_source')})"),
+        ("architecture", f"{m.get('architecture')} (source: {m.get('architecture_source')})"),
         ("family", str(m.get("family"))), ("depth", str(m.get("depth"))),
         ("heads", f"{m.get('num_heads')} (decided by: {m.get('heads_source')})"),
         ("tokens", str(m.get("tokens", "-"))), ("parameters", f"{m.get('params', 0) / 1e6:.2f}M"),
-        ("input", f"{m.get('input_size')} mean {m.get('mean')} std {m.get('std')} (from {m.get('data_source')})"),
+        ("input", f"{m.get('input_size')} mean {m.get('mean')} std {m.get('std')} (source: {m.get('data_source')})"),
         ("images", f"{im.get('count')} from {im.get('source')}"),
         ("tool", f"collapse-probe {__version__}"),
     ]

@@ -254,7 +254,7 @@ def build_model(
     weight shapes (``collapse_probe.infer``; ``num_heads`` feeds the heads rule there). ``mean`` / ``std`` override the
     input normalisation. Returns the model in eval mode and a description (incl. ``heads_source``, ``data_source``).
     """
-    sd, heads_source, data, loaded = ckpt.state_dict, None, {}, False
+    sd, heads_source, data, loaded, inferred_args = ckpt.state_dict, None, {}, False, None
     num_classes = _num_classes(sd)
     if model_name is not None:
         model = create_model(model_name, num_classes=num_classes)
@@ -280,6 +280,7 @@ def build_model(
         spec = infer_architecture(sd, num_heads)
         model, arch, source, heads_source = instantiate(spec), spec.architecture, "inferred from weight shapes", \
             spec.heads_source
+        inferred_args = {"built_from": spec.name, **spec.kwargs}
         data = {"input_size": spec.input_size} if spec.family != "timm" else {}
     if not loaded:
         _compare(model, sd, arch)
@@ -292,8 +293,11 @@ def build_model(
                                f"({info['num_heads']} heads)")
     info["heads_source"] = heads_source or f"model definition ({source})"
     info.update(_set_data_config(model, data, mean, std))
-    if source == "inferred from weight shapes" and info["data_source"] != "--mean/--std":
-        info["data_source"] += f" of {arch} (a guess for an inferred model; set --mean/--std if trained otherwise)"
+    if inferred_args is not None:
+        info["model_args"] = inferred_args
+        if info["data_source"] != "--mean/--std":
+            info["data_source"] += (f" of {inferred_args['built_from']} (a guess for an inferred model; set "
+                                    "--mean/--std if trained otherwise)")
     return model, info
 
 

@@ -49,7 +49,13 @@ class ArchSpec:
 
     @property
     def architecture(self) -> str:
-        return self.name if self.family == "timm" else f"{self.family}:{self.name}"
+        """A readable name: the class built plus the shape arguments read from the weights."""
+        keys = ("embed_dim", "dim", "hidden_dim", "depth", "num_layers", "num_heads", "heads", "patch_size", "img_size",
+                "image_size")
+        shape = ", ".join(f"{k}={self.kwargs[k]}" for k in keys if k in self.kwargs)
+        base = {"vit_base_patch16_224": "timm:VisionTransformer", "deit_base_distilled_patch16_224":
+                "timm:VisionTransformerDistilled", "beit_base_patch16_224": "timm:Beit"}.get(self.name, self.name)
+        return f"{base if self.family == 'timm' else f'{self.family}:{self.name}'}({shape})"
 
 
 def decide_heads(dim: int, evidence: tuple[int, str] | None, num_heads: int | None) -> tuple[int, str]:
