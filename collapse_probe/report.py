@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from typing import Any
 
@@ -85,7 +86,11 @@ def render(result: ProbeResult, fmt: str = "table", threshold: float = 0.9, k: i
            reduction: str = "mean") -> str:
     """``fmt`` is "table", "csv" or "json"; the JSON holds every matrix and the settings used."""
     if fmt == "json":
-        return result.to_json()
+        data = result.to_dict()
+        data["summary"] = {kind: {**result.summary(kind, threshold, k, reduction), "depth": result.depth,
+                                  "threshold": threshold, "neighbors": k, "reduction": reduction}
+                           for kind in result.attention}
+        return json.dumps(data, indent=1, allow_nan=False)
     if fmt == "csv":
         return _csv(result, threshold, k, reduction)
     if fmt == "table":
