@@ -12,8 +12,8 @@ Heads rule: the number of heads is not visible in fused qkv weights, so it is de
   1. a per-head shape in the file: q/k-norm weights ([head_dim]), relative-position bias tables ([R, heads]),
      re-attention or talking-heads matrices ([heads, heads]);
   2. ``--num-heads`` (an error if it contradicts 1);
-  3. the standard width -> heads table of ViT papers / timm (192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, ...),
-     else width / 64 (the common head size 64).
+  3. the standard width -> heads table of ViT papers / timm (192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, ...);
+     any other width is an error asking for --num-heads (vit-pytorch files: its default head size 64 comes first).
 ``ArchSpec.heads_source`` says which one decided, and it is printed in every report.
 """
 from __future__ import annotations
@@ -29,8 +29,9 @@ from torch import nn
 from .errors import BadArgumentError, UnsupportedLayoutError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# width -> heads of the published ViT/DeiT/BEiT sizes (tiny, small, base, large, huge, giant, gigantic, ...)
-STANDARD_HEADS = {192: 3, 256: 4, 320: 5, 384: 6, 512: 8, 640: 10, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+# width -> heads of published ViT/DeiT/BEiT/EVA/SigLIP/DINOv2 sizes (tiny, small, base, large, so400m, huge, giant, ...)
+STANDARD_HEADS = {192: 3, 256: 4, 320: 5, 384: 6, 512: 8, 640: 10, 768: 12, 1024: 16, 1152: 16, 1280: 16, 1408: 16,
+                  1536: 24, 1664: 16}
 
 SD = dict[str, torch.Tensor]
 
@@ -71,9 +72,9 @@ def decide_heads(dim: int, evidence: tuple[int, str] | None, num_heads: int | No
         return num_heads, "--num-heads"
     if dim in STANDARD_HEADS:
         return STANDARD_HEADS[dim], f"standard width->heads table (width {dim})"
-    if dim % 64 == 0:
-        return dim // 64, f"head size 64 convention (width {dim}); pass --num-heads if wrong"
-    raise UnsupportedLayoutError(f"cannot tell the number of heads of width {dim}; pass --num-heads N")
+    # no guess beyond the table: a wrong head count still loads (fused qkv fits any) and silently skews every map
+    raise UnsupportedLayoutError(f"cannot tell the number of heads of width {dim} (not a standard ViT width); pass "
+                                 "--num-heads N, or --model NAME")
 
 
 def _depth(sd: SD, pattern: str) -> int:

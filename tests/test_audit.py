@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from family_models import FAMILIES, FLAT_LAYOUTS, INFERRED, LAYOUTS, TIMM_FOLDER, make, save_folder, save_weights
 
 from collapse_probe import __version__
 from collapse_probe.audit import FIGURES, audit, compare, verdict
@@ -22,6 +21,8 @@ from collapse_probe.checkpoints import save_checkpoint
 from collapse_probe.cli import main
 from collapse_probe.errors import MalformedFileError
 from collapse_probe.results import AttentionStats, ProbeResult
+
+from .family_models import FAMILIES, FLAT_LAYOUTS, INFERRED, LAYOUTS, TIMM_FOLDER, make, save_folder, save_weights
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FAST = dict(num_images=2, batch_size=2, progress=False, device="cpu")

@@ -10,11 +10,12 @@ import pathlib
 
 import pytest
 import torch
-from family_models import FLAT_LAYOUTS, INFERRED, LAYOUTS, example_input, logits, make, save_folder, save_weights
 
 from collapse_probe.checkpoints import build_model, model_metadata, read_checkpoint, save_checkpoint
 from collapse_probe.errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError
 from collapse_probe.infer import decide_heads, infer_architecture
+
+from .family_models import FLAT_LAYOUTS, INFERRED, LAYOUTS, example_input, logits, make, save_folder, save_weights
 
 
 def _load(path, **kw):
@@ -68,7 +69,7 @@ def test_architecture_inferred_from_shapes_with_heads_source(tmp_path, name):
 
 def test_heads_rule_order():
     assert decide_heads(768, None, None) == (12, "standard width->heads table (width 768)")
-    assert decide_heads(576, None, None)[0] == 9  # not in the table: head size 64
+    assert decide_heads(1152, None, None)[0] == 16  # SigLIP so400m: head size 72, not 64
     assert decide_heads(768, None, 6) == (6, "--num-heads")
     assert decide_heads(768, (8, "q/k-norm shape"), None) == (8, "q/k-norm shape")
     with pytest.raises(BadArgumentError, match="contradicts"):
@@ -76,7 +77,7 @@ def test_heads_rule_order():
     with pytest.raises(BadArgumentError, match="does not divide"):
         decide_heads(768, None, 7)
     with pytest.raises(UnsupportedLayoutError, match="--num-heads"):
-        decide_heads(100, None, None)
+        decide_heads(576, None, None)  # not in the table: no guess
 
 
 def test_num_heads_that_contradicts_the_file_is_refused(tmp_path):
