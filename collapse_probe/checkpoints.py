@@ -15,6 +15,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError
+from .safety import check_finite, check_safetensors, check_torch_file
 
 META_KEY = "collapse_probe"  # safetensors metadata key / torch dict key holding our model config
 STATE_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema", "teacher", "student")  # first found wins
@@ -33,7 +35,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 @dataclass
 class Checkpoint:
     path: Path
-    format: str  # "safetensors" | "torch-zip" | "torch-legacy"
+    format: str  # "safetensors" | "torch-zip" | "torch-legacy" ("torch-tar" is sniffed but always refused)
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)  # our config if the file carries one
     key: str | None = None  # which entry of a training checkpoint held the weights
@@ -42,7 +44,7 @@ class Checkpoint:
 def sniff_format(path: Path) -> str:
     """What a file is, by its first bytes."""
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(512)
     size = path.stat().st_size
     if len(head) == 0:
         raise MalformedFileError(f"{path} is empty; expected a safetensors or torch.save checkpoint")
@@ -50,14 +52,17 @@ def sniff_format(path: Path) -> str:
         return "torch-zip"
     if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
         return "torch-legacy"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "safetensors"
+    if head[257:262] == b"ustar":  # torch < 0.4 tar checkpoints; refused by safety.check_torch_file
+        return "torch-tar"
     raise MalformedFileError(f"{path} is neither a safetensors file nor a torch.save checkpoint (unknown header)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
+    check_safetensors(path)  # header, dtypes and offsets, so every defect is one clean line
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -87,15 +92,20 @@ def _unsafe_globals(path: Path) -> str:
 
 
 def _read_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
+    check_torch_file(path, fmt, trust_pickle)  # zip bombs, TorchScript, tar, pickle size and globals, torch version
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # torch warns on odd pickles; our error line says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
+            why = str(e).split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in str(e) else ""
             raise RefusedContentError(
-                f"refused {path}: loading it would run code ({_unsafe_globals(path)}); convert it to safetensors, or "
-                "pass --trust-pickle for this run only if you trust its author") from None
+                f"refused {path}: the weights-only loader rejected it ({_first_line(ValueError(why)) if why else ''}"
+                f"{'; ' if why else ''}{_unsafe_globals(path)}); convert it to safetensors, or pass --trust-pickle "
+                "for this run only if you trust its author") from None
         raise MalformedFileError(f"{path} is a corrupt torch checkpoint ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, struct.error) as e:
+    except Exception as e:  # whatever a damaged archive makes torch raise (found by fuzzing): still one line
         raise MalformedFileError(f"{path} is a corrupt or truncated torch checkpoint ({_first_line(e)})") from None
 
 
@@ -188,10 +198,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise UnsupportedLayoutError(f"cannot build {name} with {kwargs}: {_first_line(e)}") from None
 
 
-def build_model(ckpt: Checkpoint, model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def build_model(ckpt: Checkpoint, model_name: str | None = None,
+                allow_nonfinite: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Instantiate the checkpoint's architecture and load its weights (strict, with a readable mismatch error).
 
     ``model_name`` (any timm name) wins over metadata in the file. Returns the model in eval mode and a description.
+    NaN/Inf weights raise ``MalformedFileError`` unless ``allow_nonfinite``.
     """
     if model_name is not None:
         model = create_model(model_name, num_classes=_num_classes(ckpt.state_dict))
@@ -204,6 +216,8 @@ def build_model(ckpt: Checkpoint, model_name: str | None = None) -> tuple[nn.Mod
             f"{ckpt.path} does not say which architecture it is; pass --model NAME (a timm name, e.g. "
             "vit_small_patch16_224)")
     _compare(model, ckpt.state_dict, arch)
+    if not allow_nonfinite:
+        check_finite(ckpt.state_dict, ckpt.path)
     model.load_state_dict(ckpt.state_dict, strict=False)
     model.eval()
     info = {"architecture": arch, "architecture_source": source, "checkpoint": str(ckpt.path),
