@@ -34,9 +34,15 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread (embedded use): keep the host's handler
-            pass
+            return self._invoke(ctx)
+        try:
+            return self._invoke(ctx)
+        finally:  # a host process (tests, notebooks) gets its own handler back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _invoke(self, ctx: click.Context):
         if os.environ.get("COLLAPSE_PROBE_DEBUG"):
             return super().invoke(ctx)
         try:

@@ -206,6 +206,14 @@ def _scan(path: Path, data: bytes, count: int, truncated_ok: bool = True) -> tup
 
 def _check_zip(path: Path, cap: int) -> bytes:
     """Validate a torch zip archive's structure without decompressing anything; return its ``data.pkl`` bytes."""
+    try:
+        return _check_zip_layout(path, cap)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, OverflowError, struct.error, EOFError,
+            NotImplementedError, UnicodeError) as e:  # whatever else a damaged directory makes zipfile raise
+        raise MalformedFileError(f"{path} is a corrupt zip archive ({_line(e)})") from None
+
+
+def _check_zip_layout(path: Path, cap: int) -> bytes:
     size = path.stat().st_size
     with open(path, "rb") as f:
         tail_len = min(size, 22 + 0xFFFF)
@@ -245,6 +253,8 @@ def _check_zip(path: Path, cap: int) -> bytes:
                 raise RefusedContentError(
                     f"refused {path}: entry {i.filename} declares {i.file_size} bytes in a {size}-byte archive "
                     "(a decompression bomb or a forged header); re-save it with torch.save")
+            if not 0 <= i.header_offset < size:
+                raise MalformedFileError(f"{path}: zip entry {i.filename} starts outside the file (corrupt archive)")
             f.seek(i.header_offset)
             local = f.read(30)
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
