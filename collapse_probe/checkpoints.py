@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError
-from .safety import check_finite, check_safetensors, check_torch_file
+from .safety import check_finite, check_model_args, check_safetensors, check_torch_file
 
 META_KEY = "collapse_probe"  # safetensors metadata key / torch dict key holding our model config
 STATE_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema", "teacher", "student")  # first found wins
@@ -43,6 +43,8 @@ class Checkpoint:
 
 def sniff_format(path: Path) -> str:
     """What a file is, by its first bytes."""
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise BadArgumentError(f"{path} is not a regular file; pass a checkpoint file (.safetensors, .pt, .pth)")
     with open(path, "rb") as f:
         head = f.read(512)
     size = path.stat().st_size
@@ -73,8 +75,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     if META_KEY in meta:
         try:
             ours = json.loads(meta[META_KEY])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise MalformedFileError(f"{path} has unreadable '{META_KEY}' metadata; re-save it") from None
+        if not isinstance(ours, dict):
+            raise MalformedFileError(f"{path} has '{META_KEY}' metadata that is not a JSON object; re-save it")
     return tensors, ours
 
 
@@ -209,6 +213,7 @@ def build_model(ckpt: Checkpoint, model_name: str | None = None,
         model = create_model(model_name, num_classes=_num_classes(ckpt.state_dict))
         arch, source = model_name, "--model"
     elif ckpt.metadata.get("architecture"):
+        check_model_args(ckpt.metadata, ckpt.state_dict, ckpt.path)  # no factory options, no absurd sizes
         arch, source = ckpt.metadata["architecture"], "checkpoint metadata"
         model = create_model(arch, **ckpt.metadata.get("model_args", {}))
     else:

@@ -18,7 +18,10 @@ What is checked (see SECURITY.md for the guarantees this gives):
 * pickle-based files are refused under torch < 2.6, whose ``weights_only=True`` loader has a known bypass
   (CVE-2025-32434), again unless the user trusts the file;
 * safetensors: header length, UTF-8 JSON object, known dtypes, shapes, offsets (inside the buffer, sized by
-  shape x dtype, no overlap, no gap, covering the whole buffer) -- validated here so every defect is one clean line.
+  shape x dtype, no overlap, no gap, covering the whole buffer) -- validated here so every defect is one clean line;
+* model config stored in a file (``check_model_args``): it may not steer timm's factory (``checkpoint_path`` would make
+  timm read another file, ``pretrained*`` / ``cache_dir`` a download) and its numbers must be of the order of the
+  weights actually present (``depth=10**9`` would otherwise build for hours before any shape check).
 
 The pickle cap is ``MAX_PICKLE_BYTES`` (64 MiB), or ``COLLAPSE_PROBE_MAX_PICKLE_MB`` in the environment.
 """
@@ -366,3 +369,46 @@ def check_finite(state_dict: dict[str, torch.Tensor], path: Path | str) -> None:
         raise MalformedFileError(
             f"{path} has non-finite weights in {len(bad)} tensors ({shown}{'; ...' if len(bad) > 3 else ''}); the "
             "run diverged or the file is corrupt: use an earlier checkpoint")
+
+
+# factory options of timm.create_model: a file's metadata must never choose them (another file, a download, a cache)
+FACTORY_OPTIONS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                             "scriptable", "exportable", "no_jit", "features_only", "pretrained_strict"})
+
+
+def check_model_args(metadata: dict, state_dict: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Refuse a stored model config that steers timm's factory or asks for a model far larger than its weights.
+
+    Every number in ``model_args`` must be at most 16 x max(largest dimension of a non-empty stored tensor, number of
+    tensors): true for real configs (depth <= tensors, widths <= dimensions, image size <= 16 x the largest
+    dimension), false for ``depth=10**9`` or ``embed_dim=10**7``, which would exhaust time or memory while building.
+    """
+    arch, args = metadata.get("architecture"), metadata.get("model_args", {})
+    if not isinstance(arch, str) or not isinstance(args, dict):
+        raise MalformedFileError(f"{path}: stored model config is malformed (architecture must be a name, model_args "
+                                 "a mapping); pass --model NAME")
+    steering = sorted(k for k in FACTORY_OPTIONS & set(args) if args[k] not in (None, False))  # timm records Nones
+    if steering:
+        raise RefusedContentError(f"refused {path}: its stored model config sets {', '.join(steering)}, which would "
+                                  "make timm load other files or download; pass --model NAME to ignore it")
+    dims = [max(t.shape) for t in state_dict.values() if t.numel() > 0 and t.ndim > 0]
+    bound = 16 * max(max(dims, default=1), len(state_dict))
+
+    def numbers(x):
+        if isinstance(x, bool):
+            return
+        if isinstance(x, (int, float)):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                yield from numbers(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                yield from numbers(y)
+
+    for key, value in args.items():
+        for x in numbers(value):
+            if not math.isfinite(x) or abs(x) > bound:
+                raise RefusedContentError(
+                    f"refused {path}: stored model config has {key}={str(value)[:40]}, far larger than its weights "
+                    f"could fit (limit {bound}); pass --model NAME to ignore the config")

@@ -64,6 +64,24 @@ class Workspace:
         save_file(sd, str(p), metadata=meta)
         return p
 
+    def with_meta(self, edit: Callable[[dict], object]) -> Path:
+        """The good checkpoint with its stored model config edited (``edit`` may return a replacement)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.good), "pt") as f:
+            meta = json.loads(f.metadata()["collapse_probe"])
+        meta = edit(meta) or meta
+        self.n += 1
+        p = self.root / f"case{self.n}.safetensors"
+        save_file(load_file(str(self.good)), str(p), metadata={"collapse_probe": json.dumps(meta)})
+        return p
+
+    def fifo(self) -> Path:
+        p = self.root / "fifo.pt"
+        if not p.exists():
+            os.mkfifo(p)
+        return p
+
     def images(self, files: dict[str, bytes]) -> Path:
         self.n += 1
         d = self.root / f"images{self.n}"
@@ -144,7 +162,21 @@ CASES.update({
     "torchscript_archive": (lambda ws: [_torchscript(ws.root / "ts.pt")], REFUSED, {}),
     "torchscript_archive_trusted": (lambda ws: [_torchscript(ws.root / "ts2.pt"), "--trust-pickle"], REFUSED, {}),
     "legacy_tar_archive": (lambda ws: [hostile.legacy_tar(ws.root / "old.tar")], REFUSED, {}),
+    "config_sets_checkpoint_path": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(
+        checkpoint_path=str(ws.good)))], REFUSED, {}),
+    "config_sets_pretrained_cfg_overlay": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(
+        pretrained_cfg_overlay={"file": str(ws.good)}))], REFUSED, {}),
+    "config_depth_bomb": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(depth=10**9))], REFUSED, {}),
+    "config_width_bomb": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(embed_dim=4 * 10**6))],
+                          REFUSED, {}),
+    "config_mlp_ratio_bomb": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(mlp_ratio=1e12))],
+                              REFUSED, {}),
     # malformed files
+    "config_not_an_object": (lambda ws: [ws.with_meta(lambda m: [1, 2])], MALFORMED, {}),
+    "config_architecture_not_a_name": (lambda ws: [ws.with_meta(lambda m: m.update(architecture=["x"]))],
+                                       MALFORMED, {}),
+    "config_model_args_not_a_mapping": (lambda ws: [ws.with_meta(lambda m: m.update(model_args=[1]))],
+                                        MALFORMED, {}),
     "empty_file": (lambda ws: [ws.file(b"")], MALFORMED, {}),
     "random_bytes": (lambda ws: [ws.file(os.urandom(4096))], MALFORMED, {}),
     "text_file": (lambda ws: [ws.file(b"not a checkpoint\n" * 20)], MALFORMED, {}),
@@ -199,6 +231,8 @@ CASES.update({
     # bad arguments and image folders
     "missing_file": (lambda ws: [ws.root / "nope.safetensors"], BAD_ARGS, {}),
     "directory_as_checkpoint": (lambda ws: [ws.root], BAD_ARGS, {}),
+    "fifo_as_checkpoint": (lambda ws: [ws.fifo()], BAD_ARGS, {}),
+    "device_file_as_checkpoint": (lambda ws: [os.devnull], BAD_ARGS, {}),
     "images_folder_missing": (lambda ws: [ws.good, "--images", ws.root / "nowhere"], BAD_ARGS, {}),
     "images_is_a_file": (lambda ws: [ws.good, "--images", ws.good], BAD_ARGS, {}),
     "images_folder_empty": (lambda ws: [ws.good, "--images", ws.images({})], BAD_ARGS, {}),
