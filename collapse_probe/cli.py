@@ -53,6 +53,10 @@ class _Group(click.Group):
         except KeyboardInterrupt as e:
             click.echo("interrupted: no output written", err=True)
             sys.exit(143 if isinstance(e, _Terminated) else 130)
+        except click.UsageError as e:  # bad arguments: one line too, exit code 2 as click does
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as e:  # a bug of ours: still one line, with a way to see more

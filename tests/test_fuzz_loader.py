@@ -15,7 +15,6 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
-import hostile
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +23,8 @@ from hypothesis import strategies as st
 from collapse_probe import safety
 from collapse_probe.checkpoints import read_checkpoint
 from collapse_probe.errors import CollapseProbeError, MalformedFileError
+
+from . import hostile
 
 FUZZ = settings(max_examples=300, deadline=timedelta(seconds=10), database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
