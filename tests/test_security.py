@@ -190,6 +190,7 @@ CASES.update({
         lambda ws: [ws.file(hostile.rewrite_zip(hostile.torch_zip_bytes(), {"/data.pkl": b"\x80\x02garbage"}))],
         MALFORMED, {}),
     "zip_tensor_larger_than_storage": (lambda ws: [ws.file(_oversized_view())], MALFORMED, {}),
+    "legacy_storage_size_forged": (lambda ws: [ws.file(_legacy_forged_storage())], MALFORMED, {}),
     "legacy_truncated": (lambda ws: [ws.file(_legacy_bytes()[:40])], MALFORMED, {}),
     "safetensors_truncated_length": (lambda ws: [ws.file(ws.good.read_bytes()[:5])], MALFORMED, {}),
     "safetensors_truncated_header": (lambda ws: [ws.file(ws.good.read_bytes()[:200])], MALFORMED, {}),
@@ -263,6 +264,14 @@ def _legacy_bytes() -> bytes:
     buf = BytesIO()
     torch.save({"w": torch.ones(4)}, buf, _use_new_zipfile_serialization=False)
     return buf.getvalue()
+
+
+def _legacy_forged_storage() -> bytes:
+    """A legacy file whose raw storage record claims 2^40 elements (4 are stored): no allocation may follow."""
+    data = _legacy_bytes()
+    i = data.rfind(struct.pack("<q", 4))
+    assert i > 0
+    return data[:i] + struct.pack("<q", 1 << 40) + data[i + 8:]
 
 
 def _oversized_view() -> bytes:
