@@ -10,6 +10,7 @@ running fails the test. Whatever our safetensors validator accepts, the safetens
 from __future__ import annotations
 
 import io
+import math
 import struct
 import tempfile
 from datetime import timedelta
@@ -128,3 +129,45 @@ def test_pickle_scanner_raises_only_value_errors(data: bytes) -> None:
     except ValueError:
         return
     assert 0 <= used <= len(data) and all(isinstance(n, str) for n in names)
+
+
+DTYPES = sorted(safety.SAFETENSORS_DTYPES)
+
+
+@pytest.mark.timeout(300)
+@FUZZ
+@given(specs=st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3)), max_size=4),
+       perturb=st.one_of(st.none(), st.tuples(st.integers(0, 3), st.sampled_from(["start", "end", "dtype", "shape"]),
+                                              st.integers(-9, 9))),
+       extra=st.sampled_from([0, 0, 0, 1, 8, -1]))
+def test_structured_safetensors_headers(specs: list, perturb: tuple | None, extra: int) -> None:
+    """Consistent headers over every dtype and shape (empty tensors, scalars), then at most one defect (an offset
+    moved, a dtype or shape changed, the buffer a little long or short): whenever our validator accepts, the
+    safetensors library loads the same names and shapes; the loader raises only our errors."""
+    from safetensors.torch import load_file
+
+    entries, pos = {}, 0
+    for i, (dtype, shape) in enumerate(specs):
+        n = safety.SAFETENSORS_DTYPES[dtype] * (1 if not shape else math.prod(shape))
+        entries[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + n]}
+        pos += n
+    if perturb is not None and entries:
+        i, what, delta = perturb
+        e = entries[f"t{i % len(entries)}"]
+        if what in ("start", "end"):
+            e["data_offsets"][what == "end"] += delta
+        elif what == "dtype":
+            e["dtype"] = DTYPES[(DTYPES.index(e["dtype"]) + delta) % len(DTYPES)]
+        else:
+            e["shape"] = e["shape"] + [abs(delta)]
+    path = WORK / "h.safetensors"
+    path.write_bytes(hostile.safetensors_bytes(entries, bytes(max(0, pos + extra))))
+    try:
+        safety.check_safetensors(path)
+    except MalformedFileError:
+        assert perturb is not None or extra != 0  # a consistent header is never rejected
+        _load(path.read_bytes())
+        return
+    loaded = load_file(str(path))
+    assert {k: list(t.shape) for k, t in loaded.items()} == {k: e["shape"] for k, e in entries.items()}
+    _load(path.read_bytes())

@@ -492,6 +492,17 @@ def test_nonfinite_weights_opt_in(ws: Workspace) -> None:
     assert torch.isnan(model.head.bias).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
+                                   torch.float8_e5m2, torch.complex64])
+def test_check_finite_every_float_dtype(dtype: torch.dtype) -> None:
+    """NaN is found in every floating dtype a safetensors file can hold; finite tensors and integers pass."""
+    safety.check_finite({"w": torch.ones(4).to(dtype), "i": torch.arange(3)}, "x")
+    bad = torch.ones(4)
+    bad[1] = float("nan")
+    with pytest.raises(MalformedFileError, match="w: 1 NaN"):
+        safety.check_finite({"w": bad.to(dtype)}, "x")
+
+
 def test_safetensors_validator_agrees_with_library(ws: Workspace) -> None:
     """Every corpus safetensors file our validator rejects is also rejected by the safetensors library itself
     (so the checks are not inventing defects), and the valid ones pass both."""
