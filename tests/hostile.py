@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 class Sneaky:
     """A custom class whose unpickling (``__setstate__``) writes the marker: needs importing this module."""

@@ -9,8 +9,10 @@ running fails the test. Whatever our safetensors validator accepts, the safetens
 """
 from __future__ import annotations
 
+import atexit
 import io
 import math
+import shutil
 import struct
 import tempfile
 from datetime import timedelta
@@ -30,6 +32,7 @@ from . import hostile
 FUZZ = settings(max_examples=300, deadline=timedelta(seconds=10), database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 WORK = Path(tempfile.mkdtemp(prefix="collapse_probe_fuzz_"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 SENTINEL = WORK / "sentinel"
 SENTINEL.mkdir()
 
