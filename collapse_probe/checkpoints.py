@@ -187,7 +187,8 @@ def _compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
 
 def _num_classes(sd: dict[str, torch.Tensor]) -> int:
     w = sd.get("head.weight")
-    return int(w.shape[0]) if w is not None and w.ndim == 2 else 0
+    # numel > 0: a zero-size [10**9, 0] head costs nothing to store but would make timm allocate a huge classifier
+    return int(w.shape[0]) if w is not None and w.ndim == 2 and w.numel() > 0 else 0
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -215,6 +216,8 @@ def build_model(ckpt: Checkpoint, model_name: str | None = None,
     elif ckpt.metadata.get("architecture"):
         check_model_args(ckpt.metadata, ckpt.state_dict, ckpt.path)  # no factory options, no absurd sizes
         arch, source = ckpt.metadata["architecture"], "checkpoint metadata"
+        with torch.device("meta"):  # shapes first, no memory: a config asking for a huge model fails here for free
+            _compare(create_model(arch, **ckpt.metadata.get("model_args", {})), ckpt.state_dict, arch)
         model = create_model(arch, **ckpt.metadata.get("model_args", {}))
     else:
         raise UnsupportedLayoutError(

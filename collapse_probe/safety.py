@@ -40,10 +40,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import MalformedFileError, RefusedContentError
+from .errors import MalformedFileError, RefusedContentError, UnsupportedLayoutError
 
 MAX_PICKLE_BYTES = 64 << 20  # a state dict's data.pkl is keys + tensor stubs; tensors live in separate entries
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+MAX_DEPTH = 1024  # blocks a stored config may ask for (the paper's deepest model has 32)
 MIN_SAFE_TORCH = (2, 6)  # torch <= 2.5.1: torch.load(weights_only=True) can be bypassed (CVE-2025-32434)
 LEGACY_PICKLES = 5  # legacy torch files: magic number, protocol, sys info, object, storage keys; raw bytes follow
 
@@ -381,9 +382,10 @@ FACTORY_OPTIONS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", 
 def check_model_args(metadata: dict, state_dict: dict[str, torch.Tensor], path: Path | str) -> None:
     """Refuse a stored model config that steers timm's factory or asks for a model far larger than its weights.
 
-    Every number in ``model_args`` must be at most 16 x max(largest dimension of a non-empty stored tensor, number of
-    tensors): true for real configs (depth <= tensors, widths <= dimensions, image size <= 16 x the largest
-    dimension), false for ``depth=10**9`` or ``embed_dim=10**7``, which would exhaust time or memory while building.
+    ``depth`` must match the blocks stored and be at most ``MAX_DEPTH``; every other number must be at most 16 x the
+    largest dimension of a non-empty stored tensor (true for real configs: widths <= dimensions, image size <= 16 x
+    the largest dimension; false for ``embed_dim=10**7``). ``build_model`` also compares shapes on the meta device
+    before allocating anything, so what passes here still cannot make it allocate more than the weights justify.
     """
     arch, args = metadata.get("architecture"), metadata.get("model_args", {})
     if not isinstance(arch, str) or not isinstance(args, dict):
@@ -393,8 +395,17 @@ def check_model_args(metadata: dict, state_dict: dict[str, torch.Tensor], path: 
     if steering:
         raise RefusedContentError(f"refused {path}: its stored model config sets {', '.join(steering)}, which would "
                                   "make timm load other files or download; pass --model NAME to ignore it")
-    dims = [max(t.shape) for t in state_dict.values() if t.numel() > 0 and t.ndim > 0]
-    bound = 16 * max(max(dims, default=1), len(state_dict))
+    stored = {k: t for k, t in state_dict.items() if t.numel() > 0}  # zero-size tensors cost nothing to forge
+    bound = 16 * max((max(t.shape) for t in stored.values() if t.ndim > 0), default=1)
+    depth = args.get("depth")
+    if isinstance(depth, int) and not isinstance(depth, bool):
+        blocks = {k.split(".")[1] for k in stored if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+        if depth > MAX_DEPTH:
+            raise RefusedContentError(f"refused {path}: stored model config asks for depth {depth} (limit "
+                                      f"{MAX_DEPTH}); pass --model NAME to ignore the config")
+        if blocks and depth != len(blocks):
+            raise UnsupportedLayoutError(f"{path}: stored model config says depth {depth} but the weights hold "
+                                         f"{len(blocks)} blocks; pass --model NAME")
 
     def numbers(x):
         if isinstance(x, bool):

@@ -167,6 +167,9 @@ CASES.update({
         checkpoint_path=str(ws.good)))], REFUSED, {}),
     "config_sets_pretrained_cfg_overlay": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(
         pretrained_cfg_overlay={"file": str(ws.good)}))], REFUSED, {}),
+    "config_depth_mismatch": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(depth=3))], LAYOUT, {}),
+    "config_wrong_width_checked_on_meta": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(
+        embed_dim=3072))], LAYOUT, {}),
     "config_depth_bomb": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(depth=10**9))], REFUSED, {}),
     "config_width_bomb": (lambda ws: [ws.with_meta(lambda m: m["model_args"].update(embed_dim=4 * 10**6))],
                           REFUSED, {}),
@@ -225,6 +228,9 @@ CASES.update({
                                                                        if k.startswith("blocks.1.")])], LAYOUT, {}),
     "wrong_shapes": (lambda ws: [ws.with_weights(lambda sd: sd.__setitem__("head.weight", torch.zeros(3, 64)))],
                      LAYOUT, {}),
+    "zero_size_head_bomb": (lambda ws: [ws.file(hostile.safetensors_bytes(
+        {"head.weight": {"dtype": "F32", "shape": [10**9, 0], "data_offsets": [0, 0]}}, b"")), "--model",
+        "vit_micro"], LAYOUT, {}),
     "safetensors_without_architecture": (lambda ws: [ws.file(_st(), ".safetensors")], LAYOUT, {}),
     "zip_list_not_dict": (lambda ws: [ws.file(hostile.torch_zip_bytes([torch.ones(2)]))], LAYOUT, {}),
     "zip_dict_without_weights": (lambda ws: [ws.file(hostile.torch_zip_bytes({"epoch": 3, "lr": 0.1}))], LAYOUT, {}),
@@ -528,3 +534,25 @@ def test_cli_output_is_complete_json_on_success(ws: Workspace, tmp_path: Path) -
     assert result.exit_code == 0, result.stderr
     assert "attention" in json.loads(out.read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json"]
+
+
+def test_stored_config_is_checked_on_meta_before_allocating(ws: Workspace, monkeypatch) -> None:
+    """A config that does not fit its weights is only ever built on the meta device (no memory), then rejected; a
+    fitting one is built for real once its shapes were checked."""
+    import collapse_probe.checkpoints as ck
+
+    devices = []
+    real = ck.create_model
+
+    def spy(name, **kw):
+        devices.append(torch.get_default_device().type)
+        return real(name, **kw)
+
+    monkeypatch.setattr(ck, "create_model", spy)
+    wide = ws.with_meta(lambda m: m["model_args"].update(embed_dim=3072))
+    with pytest.raises(CollapseProbeError, match="does not fit"):
+        build_model(read_checkpoint(wide))
+    assert devices == ["meta"]
+    devices.clear()
+    model, _ = build_model(read_checkpoint(ws.good))
+    assert devices == ["meta", "cpu"] and next(model.parameters()).device.type == "cpu"
