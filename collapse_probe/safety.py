@@ -182,18 +182,21 @@ def check_torch_file(path: Path, fmt: str, trust_pickle: bool = False, max_bytes
             head = f.read(cap + 1)  # the pickles come first; raw storage bytes follow them
         names, used = _scan(path, head, LEGACY_PICKLES, truncated_ok=len(head) <= cap)
         if used > cap:
-            raise _too_big(path, used, cap)
+            raise _too_big(path, cap, cap, more=True)
     else:
         return
     _refuse_old_torch(path, trust_pickle)
     _refuse_globals(path, names, trust_pickle)
 
 
-def _too_big(path: Path, size: int, cap: int) -> RefusedContentError:
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
+
+
+def _too_big(path: Path, size: int, cap: int, more: bool = False) -> RefusedContentError:
     return RefusedContentError(
-        f"refused {path}: its pickle is {'over ' if size > cap else ''}{size / 2**20:.1f} MiB (limit "
-        f"{cap / 2**20:.0f} MiB); a state dict needs far less. If you trust the file, raise "
-        "COLLAPSE_PROBE_MAX_PICKLE_MB")
+        f"refused {path}: its pickle is {'over ' if more else ''}{_size(size)} (limit {_size(cap)}); a state dict "
+        "needs far less. If you trust the file, raise COLLAPSE_PROBE_MAX_PICKLE_MB")
 
 
 def _scan(path: Path, data: bytes, count: int, truncated_ok: bool = True) -> tuple[list[str], int]:
@@ -202,7 +205,7 @@ def _scan(path: Path, data: bytes, count: int, truncated_ok: bool = True) -> tup
         return pickle_globals(f, count)
     except Exception as e:  # genops: ValueError on bad opcodes / short reads; nothing was executed
         if not truncated_ok and f.tell() >= len(data):  # ran into the end of the capped read: too big
-            raise _too_big(path, len(data), len(data) - 1) from None
+            raise _too_big(path, len(data) - 1, len(data) - 1, more=True) from None
         msg = " ".join(str(e).split())[:160]
         raise MalformedFileError(f"{path} holds a corrupt pickle ({msg}); the file is damaged or not a "
                                  "torch checkpoint") from None
