@@ -21,6 +21,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError
+from .safety import check_finite, check_model_args, check_safetensors, check_torch_file
 
 META_KEY = "collapse_probe"  # safetensors metadata key / torch dict key holding our model config
 STATE_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema", "teacher", "student")  # first found wins
@@ -39,7 +41,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 @dataclass
 class Checkpoint:
     path: Path
-    format: str  # "safetensors" | "torch-zip" | "torch-legacy"
+    format: str  # "safetensors" | "torch-zip" | "torch-legacy" ("torch-tar" is sniffed but always refused)
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)  # our config if the file carries one
     key: str | None = None  # which entry of a training checkpoint held the weights
@@ -51,8 +53,10 @@ class Checkpoint:
 
 def sniff_format(path: Path) -> str:
     """What a file is, by its first bytes."""
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise BadArgumentError(f"{path} is not a regular file; pass a checkpoint file (.safetensors, .pt, .pth)")
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(512)
     size = path.stat().st_size
     if len(head) == 0:
         raise MalformedFileError(f"{path} is empty; expected a safetensors or torch.save checkpoint")
@@ -60,26 +64,31 @@ def sniff_format(path: Path) -> str:
         return "torch-zip"
     if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
         return "torch-legacy"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "safetensors"
+    if head[257:262] == b"ustar":  # torch < 0.4 tar checkpoints; refused by safety.check_torch_file
+        return "torch-tar"
     raise MalformedFileError(f"{path} is neither a safetensors file nor a torch.save checkpoint (unknown header)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
+    check_safetensors(path)  # header, dtypes and offsets, so every defect is one clean line
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # SafetensorError, or e.g. KeyError for a dtype this torch cannot hold: still one line
         raise MalformedFileError(f"{path} is a corrupt or truncated safetensors file ({_first_line(e)})") from None
     ours = {}
     if META_KEY in meta:
         try:
             ours = json.loads(meta[META_KEY])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise MalformedFileError(f"{path} has unreadable '{META_KEY}' metadata; re-save it") from None
+        if not isinstance(ours, dict):
+            raise MalformedFileError(f"{path} has '{META_KEY}' metadata that is not a JSON object; re-save it")
     return tensors, ours
 
 
@@ -97,15 +106,20 @@ def _unsafe_globals(path: Path) -> str:
 
 
 def _read_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
+    check_torch_file(path, fmt, trust_pickle)  # zip bombs, TorchScript, tar, pickle size and globals, torch version
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # torch warns on odd pickles; our error line says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
+            why = str(e).split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in str(e) else ""
             raise RefusedContentError(
-                f"refused {path}: loading it would run code ({_unsafe_globals(path)}); convert it to safetensors, or "
-                "pass --trust-pickle for this run only if you trust its author") from None
+                f"refused {path}: the weights-only loader rejected it ({_first_line(ValueError(why)) if why else ''}"
+                f"{'; ' if why else ''}{_unsafe_globals(path)}); convert it to safetensors, or pass --trust-pickle "
+                "for this run only if you trust its author") from None
         raise MalformedFileError(f"{path} is a corrupt torch checkpoint ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, struct.error) as e:
+    except Exception as e:  # whatever a damaged archive makes torch raise (found by fuzzing): still one line
         raise MalformedFileError(f"{path} is a corrupt or truncated torch checkpoint ({_first_line(e)})") from None
 
 
@@ -225,7 +239,8 @@ def _compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
 
 def _num_classes(sd: dict[str, torch.Tensor]) -> int:
     w = sd.get("head.weight")
-    return int(w.shape[0]) if w is not None and w.ndim == 2 else 0
+    # numel > 0: a zero-size [10**9, 0] head costs nothing to store but would make timm allocate a huge classifier
+    return int(w.shape[0]) if w is not None and w.ndim == 2 and w.numel() > 0 else 0
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -246,13 +261,15 @@ def build_model(
     num_heads: int | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Instantiate the checkpoint's architecture and load its weights (strict, with a readable mismatch error).
 
     Architecture, first that applies: ``model_name`` (any timm name); our config in the file; a timm folder's
     config.json; a HuggingFace folder's config.json; a timm training checkpoint's ``arch``; else inferred from the
     weight shapes (``collapse_probe.infer``; ``num_heads`` feeds the heads rule there). ``mean`` / ``std`` override the
-    input normalisation. Returns the model in eval mode and a description (incl. ``heads_source``, ``data_source``).
+    input normalisation. NaN/Inf weights raise ``MalformedFileError`` unless ``allow_nonfinite``. Returns the model in
+    eval mode and a description (incl. ``heads_source``, ``data_source``).
     """
     sd, heads_source, data, loaded, inferred_args = ckpt.state_dict, None, {}, False, None
     num_classes = _num_classes(sd)
@@ -260,12 +277,16 @@ def build_model(
         model = create_model(model_name, num_classes=num_classes)
         arch, source = model_name, "--model"
     elif ckpt.metadata.get("architecture"):
+        check_model_args(ckpt.metadata, ckpt.state_dict, ckpt.path)  # no factory options, no absurd sizes
         arch, source = ckpt.metadata["architecture"], "checkpoint metadata"
+        with torch.device("meta"):  # shapes first, no memory: a config asking for a huge model fails here for free
+            _compare(create_model(arch, **ckpt.metadata.get("model_args", {})), ckpt.state_dict, arch)
         model = create_model(arch, **ckpt.metadata.get("model_args", {}))
         data = ckpt.metadata.get("pretrained_cfg", {})
     elif ckpt.format == "timm-folder":
         arch, source = ckpt.config["architecture"], "timm config.json"
         args = {"num_classes": ckpt.config.get("num_classes", num_classes), **ckpt.config.get("model_args", {})}
+        check_model_args({"architecture": arch, "model_args": args}, sd, ckpt.path)
         model = create_model(arch, **args)
         data = ckpt.config.get("pretrained_cfg", {})
     elif ckpt.format == "hf-folder":
@@ -282,6 +303,8 @@ def build_model(
             spec.heads_source
         inferred_args = {"built_from": spec.name, **spec.kwargs}
         data = {"input_size": spec.input_size} if spec.family != "timm" else {}
+    if not allow_nonfinite:
+        check_finite(sd, ckpt.path)
     if not loaded:
         _compare(model, sd, arch)
         model.load_state_dict(sd, strict=False)

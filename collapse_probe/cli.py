@@ -9,6 +9,7 @@ COLLAPSE_PROBE_DEBUG=1 to get tracebacks instead.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,10 +21,28 @@ from .errors import CollapseProbeError
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=120, terminal_width=120)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``atomic_write`` cleanup runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 class _Group(click.Group):
-    """Turns our exceptions into one-line messages with their exit codes, and Ctrl-C into exit 130."""
+    """Turns our exceptions into one-line messages with their exit codes, Ctrl-C into exit 130 and SIGTERM into 143."""
 
     def invoke(self, ctx: click.Context):
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (embedded use): keep the host's handler
+            return self._invoke(ctx)
+        try:
+            return self._invoke(ctx)
+        finally:  # a host process (tests, notebooks) gets its own handler back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _invoke(self, ctx: click.Context):
         if os.environ.get("COLLAPSE_PROBE_DEBUG"):
             return super().invoke(ctx)
         try:
@@ -31,9 +50,9 @@ class _Group(click.Group):
         except CollapseProbeError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             click.echo("interrupted: no output written", err=True)
-            sys.exit(130)
+            sys.exit(143 if isinstance(e, _Terminated) else 130)
         except click.UsageError as e:  # bad arguments: one line too, exit code 2 as click does
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             click.echo(f"error: {e.format_message()}{hint}", err=True)

@@ -70,7 +70,7 @@ class ProbeImages(Dataset):
         try:
             with Image.open(item) as im:
                 return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
             raise BadArgumentError(f"cannot read image {item}: {e}; remove or replace the file") from None
 
     def __getitem__(self, i: int) -> torch.Tensor:
