@@ -1,4 +1,4 @@
-"""The training loop: timm transforms / Mixup / AdamW / cosine schedule / EMA, AMP, DDP, exact resume, collapse tracking.
+"""Training loop: timm transforms / Mixup / AdamW / cosine schedule / EMA, AMP, DDP, exact resume, collapse tracking.
 
     from collapse_probe.train import resolve_config, train
     result = train(resolve_config("digits", model="vit_micro", model_args={"depth": 8}, output="runs/vit8"))
@@ -392,7 +392,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             kind = tracked["kind"]
             for b, nb in zip(tracked[kind]["blocks"], tracked[kind]["neighbor"]):
                 _append_csv(out / "collapse.csv", ["epoch", "kind", "block", "neighbor_similarity", "similar"],
-                            {"epoch": epoch, "kind": kind, "block": b, "neighbor_similarity": "" if nb is None else _fmt(nb),
+                            {"epoch": epoch, "kind": kind, "block": b,
+                             "neighbor_similarity": "" if nb is None else _fmt(nb),
                              "similar": int(b in tracked[kind]["similar_blocks"])})
         row["epoch_seconds"] = time.perf_counter() - t0
         history.append(row)
