@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 RUNS=${RUNS:-runs/digits}
 DEPTHS=${DEPTHS:-"8 4 16 32"}
-EPOCHS=${EPOCHS:-20}
+EPOCHS=${EPOCHS:-15}
 DEST=${DEST:-checkpoints}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # two single-threaded runs side by side use two cores best
 
