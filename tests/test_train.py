@@ -297,3 +297,22 @@ def test_cli_print_config_and_bad_arguments():
     assert res.exit_code == 2 and "no_such_key" in res.output
     res = runner.invoke(main, ["train", "--preset", "paper"])
     assert res.exit_code == 2 and "data_dir" in res.output
+
+
+def test_image_folder_dataset_trains_with_its_class_count(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(["cat", "dog", "fish"]):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(4):
+                px = (torch.rand(40, 48, 3, generator=g) * 80 + 80 * c).to(torch.uint8).numpy()
+                Image.fromarray(px).save(tmp_path / "data" / split / name / f"{i}.png")
+    cfg = resolve_config("paper", model="vit_micro", model_args={"depth": 1}, data_dir=str(tmp_path / "data"),
+                         output=str(tmp_path / "run"), epochs=1, cooldown_epochs=0, warmup_epochs=0, batch_size=4,
+                         workers=0, device="cpu", progress=False, track_images=4)
+    result = train(cfg)  # the full paper augmentation stack: RandAugment, mixup/cutmix, random erasing, EMA
+    assert result.model.head.out_features == 3
+    ev = read_checkpoint(tmp_path / "run" / "final.safetensors").metadata["eval"]
+    assert ev["val_images"] == 12 and ev["dataset"] == "folder"
