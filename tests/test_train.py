@@ -261,6 +261,11 @@ def test_cosine_regularizer_is_one_for_identical_maps_and_differentiable():
     model(torch.randn(2, 3, 32, 32))
     torch.testing.assert_close(reg.loss(), torch.tensor(0.1))
     reg.remove()
+    deep = timm.create_model("deepvit_micro", depth=3, attn_reuse_from=0)  # reused Re-attention maps count too
+    reg = CosineRegularizer(deep, weight=0.1, pairs=12)
+    deep(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(reg.loss(), torch.tensor(0.1))
+    reg.remove()
 
     model = timm.create_model("deepvit_micro", depth=3)
     reg = CosineRegularizer(model, weight=0.1, pairs=12)

@@ -58,7 +58,8 @@ class CosineRegularizer:
         self.maps: list[torch.Tensor | None] = [None] * self.n
         self.handles = []
         for i, a in enumerate(attns[:self.n]):
-            point = a.mixed if a.reattention else a.probs
+            # a block that reuses an earlier map passes it through ``probs`` and never reaches ``mixed``
+            point = a.mixed if a.reattention and a.reuse is None else a.probs
             self.handles.append(point.register_forward_hook(self._hook(i)))
 
     def _hook(self, i: int):
