@@ -2,6 +2,7 @@
 # Train the bundled digits checkpoints: ViT and DeepViT (micro width: dim 64, 4 heads, 32 px, patch 4) at depths
 # 4, 8, 16 and 32 on scikit-learn's digits, on the CPU, with the `digits` preset (see collapse_probe/train/config.py).
 #
+# Run from the repository root with collapse-probe importable (pip install -e . or PYTHONPATH=$PWD).
 #   bash checkpoints/train_digits.sh                 # all depths (depth 8 first), 2 runs at a time, 1 thread each
 #   DEPTHS="8" bash checkpoints/train_digits.sh      # one pair
 #   RUNS=/tmp/digits DEST=checkpoints PYTHON=python bash checkpoints/train_digits.sh
