@@ -83,17 +83,19 @@ def test_training_reduces_loss_and_writes_checkpoint_with_config(tmp_path):
 # ------------------------------------------------------------------------------------------------ resume
 
 
-RESUME_CFG = dict(epochs=4, warmup_epochs=1, model_args={"depth": 2}, synthetic_size=48, batch_size=8)
+RESUME_CFG_BASE = dict(epochs=4, warmup_epochs=1, model_args={"depth": 2}, synthetic_size=48, batch_size=8)
 
 
 @pytest.mark.heavy
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    ref = train(_smoke(tmp_path / "ref", **RESUME_CFG))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, workers):
+    rcfg = dict(RESUME_CFG_BASE, workers=workers)
+    ref = train(_smoke(tmp_path / "ref", **rcfg))
 
     out = tmp_path / "killed"
     script = textwrap.dedent(f"""
         from collapse_probe.train import resolve_config, train
-        cfg = resolve_config("smoke", output={str(out)!r}, device="cpu", **{RESUME_CFG!r})
+        cfg = resolve_config("smoke", output={str(out)!r}, device="cpu", **{rcfg!r})
         train(cfg)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=_env())
@@ -108,9 +110,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     stopped_at = load_training_state(ckpt)["epoch"]
-    assert 1 <= stopped_at < RESUME_CFG["epochs"]
+    assert 1 <= stopped_at < rcfg["epochs"]
 
-    resumed = train(_smoke(out, resume=True, **RESUME_CFG))
+    resumed = train(_smoke(out, resume=True, **rcfg))
     _assert_same_state(resumed.model.state_dict(), ref.model.state_dict())
     _assert_same_state(resumed.ema.state_dict(), ref.ema.state_dict())
     a, b = load_training_state(out / "last.pt"), load_training_state(tmp_path / "ref" / "last.pt")
@@ -118,7 +120,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     for k in a["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
     rows = (out / "log.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == list(range(RESUME_CFG["epochs"]))  # no epoch logged twice
+    assert [int(r.split(",")[0]) for r in rows] == list(range(rcfg["epochs"]))  # no epoch logged twice
 
 
 # ------------------------------------------------------------------------------------------------ DDP
