@@ -218,5 +218,43 @@ def compare(checkpoints, output, **kwargs):
     click.echo(table)
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--preset", type=click.Choice(["paper", "paper32", "digits", "smoke"]), default="digits",
+              show_default=True, help="Named recipe (see collapse_probe/train/config.py); other options override it.")
+@click.option("--model", metavar="NAME", help="Architecture (e.g. deepvit_32b, vit_micro).")
+@click.option("--depth", type=click.IntRange(min=1), help="Override the model's number of blocks.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="ImageNet-style folder with train/ and val/.")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Per process.")
+@click.option("--lr", type=float)
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Run folder.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), help="Autocast (auto: bf16 on CUDA).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--workers", type=click.IntRange(min=0), help="Data-loading worker processes.")
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT/last.pt if it exists.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key (JSON values), e.g. --set mixup=0.1 --set attn_reuse_from=7.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr.")
+def train(preset, model, depth, data_dir, epochs, batch_size, lr, output, device, amp, compile_, workers, resume, sets,
+          print_config, progress):
+    """Train ViT / DeepViT (timm recipe, bf16, torch.compile, DDP via torchrun, exact --resume, collapse tracking).
+
+    \b
+    Examples:
+      collapse-probe train --preset digits --model deepvit_micro --depth 16 -o runs/deepvit16
+      collapse-probe train --preset paper --model deepvit_32b --data-dir /data/imagenet --compile -o runs/d32
+      torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --model deepvit_32b \\
+          --data-dir /data/imagenet --compile -o runs/d32
+      collapse-probe train --preset digits --set attn_reuse_from=3 --set cosine_reg=0.1 -o runs/reuse
+    """
+    from .train.cli import run_train
+
+    run_train(preset, sets, print_config, model=model, depth=depth, data_dir=data_dir, epochs=epochs,
+              batch_size=batch_size, lr=lr, output=output, device=device, amp=amp, compile=compile_, workers=workers,
+              resume=resume or None, progress=progress)
+
+
 if __name__ == "__main__":
     main()
