@@ -20,8 +20,8 @@ $(VENV)/.installed-%: pyproject.toml
 install: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed-test
-	$(VENV)/bin/collapse-probe similarity checkpoints/vit_micro_d16.safetensors --threshold 0.9 --num-images 64
-	$(VENV)/bin/collapse-probe similarity checkpoints/deepvit_micro_d16.safetensors --threshold 0.9 --num-images 64
+	$(VENV)/bin/collapse-probe similarity checkpoints/vit_micro_d32.safetensors --threshold 0.9 --images builtin:digits
+	$(VENV)/bin/collapse-probe similarity checkpoints/deepvit_micro_d32.safetensors --threshold 0.9 --images builtin:digits
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -106,7 +106,8 @@ def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="A block is similar when its similarity with the previous block(s) exceeds this.")
 @click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
-              help="Folder of images (recursive). Default: scikit-image's bundled photographs.")
+              help="Folder of images (recursive), or builtin:photos (default: scikit-image's photographs) or "
+              "builtin:digits (scikit-learn digits).")
 @click.option("--num-images", type=click.IntRange(min=1), metavar="N",
               help="Images to use (default: all in DIR, or the 17 bundled photos; more adds seeded crops).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -160,7 +161,8 @@ def _probe_options(f):
         click.option("--trust-pickle", is_flag=True, help="Allow full pickle for this run. Unpickling can execute "
                      "arbitrary code: only for files you trust."),
         click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
-                     help="Folder of images (recursive). Default: scikit-image's bundled photographs."),
+                     help="Folder of images (recursive), or builtin:photos (default: scikit-image's "
+                     "photographs) or builtin:digits (scikit-learn digits)."),
         click.option("--num-images", type=click.IntRange(min=1), metavar="N", help="Images to use."),
         click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
