@@ -50,8 +50,37 @@ def _similarity(tmp: Path) -> tuple[list[str], list[Path]]:
             str(out)], [out]
 
 
+def _audit(tmp: Path) -> tuple[list[str], list[Path]]:
+    ckpt = tmp / "m.safetensors"
+    save_checkpoint(create_model("deepvit_micro"), ckpt)
+    out = tmp / "report"
+    return ["audit", str(ckpt), "--num-images", "5000", "--batch-size", "8", "-o", str(out)], [out]
+
+
+def _report_ok(path: Path) -> bool:
+    return path.is_dir() and _json_ok(path / "metrics.json") and (path / "report.html").is_file()
+
+
+def _train(tmp: Path) -> tuple[list[str], list[Path]]:
+    out = tmp / "run"
+    return ["train", "--preset", "digits", "--model", "vit_micro", "--depth", "2", "--epochs", "200", "--workers",
+            "0", "-o", str(out)], [out / "last.pt", out / "final.safetensors"]
+
+
+def _torch_ok(path: Path) -> bool:
+    from collapse_probe.checkpoints import read_checkpoint
+
+    try:
+        read_checkpoint(path)
+        return True
+    except Exception:
+        return False
+
+
 COMMANDS: dict[str, Command] = {
     "similarity": Command(_similarity, busy="probing", complete=_json_ok),
+    "audit": Command(_audit, busy="probing", complete=_report_ok),
+    "train": Command(_train, busy="epoch 2/", complete=_torch_ok),
 }
 
 

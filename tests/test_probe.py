@@ -95,3 +95,17 @@ def test_image_folder_errors(tmp_path, model_and_images):
     assert info["count"] == 2
     with pytest.raises(BadArgumentError, match="cannot read image .*bad.png"):
         list(loader)
+
+
+def test_builtin_image_sets(model_and_images):
+    model, _ = model_and_images
+    loader, info = image_loader(model, "builtin:digits", num_images=5, batch_size=5)
+    assert info["count"] == 5 and "digits" in info["source"]
+    batch = next(iter(loader))
+    assert batch.shape == (5, 3, 32, 32)
+    assert torch.equal(batch[:, 0], batch[:, 1])  # grey digits as RGB
+    assert image_loader(model, "builtin:digits")[1]["count"] == 360  # the 20 % validation split
+    photos = next(iter(image_loader(model, "builtin:photos", num_images=2, batch_size=2)[0]))
+    assert torch.equal(photos, next(iter(image_loader(model, None, num_images=2, batch_size=2)[0])))
+    with pytest.raises(BadArgumentError, match="unknown built-in"):
+        image_loader(model, "builtin:cifar")
