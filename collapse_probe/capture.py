@@ -11,10 +11,13 @@ Site names follow the module path of the attention module plus a kind, Transform
     ``<attn path>.mixed``  Re-attention map after Theta, Norm and scale [B, H, N, N] (our DeepViT blocks only)
     ``<block path>.out``   block output tokens [B, N, C]
 
-Supported: our models (``collapse_probe.models``) and any model built from timm's ``Attention`` (vit_*, deit_*, ...).
-timm's fused scaled-dot-product path never builds the map, so while capturing we switch ``fused_attn`` off on each
-attention instance and restore it afterwards. The unfused path computes the same function (outputs agree to float
-rounding, see tests/test_capture.py). Capture neither changes ``model.training`` nor requires grad to be off.
+Supported families (see ``capture_adapters`` for where each map is taken): our models, timm ViT-family models (vit,
+deit incl. distilled, beit, eva, cait, anything built from timm's ``Attention``), torchvision ``vit_b_16``-style models
+(``nn.MultiheadAttention``), HuggingFace transformers ViT / DeiT / DINOv2, vit-pytorch ViT, CaiT and DeepViT.
+Paths that never build the map are switched only while capturing and restored afterwards: timm's fused SDPA
+(``fused_attn``), HF's sdpa implementation (eager while probing), torchvision's ``need_weights=False``. The switched
+paths compute the same function (outputs agree to float rounding, see tests/test_capture_families.py). Capture neither
+changes ``model.training`` nor requires grad to be off.
 """
 from __future__ import annotations
 
@@ -23,11 +26,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from timm.layers import Attention as TimmAttention
 from torch import nn
 
+from .capture_adapters import LOOKED_FOR, Getter, HfEager, Patch, Plan, _hf_root, match
 from .errors import UnsupportedModelError
-from .models.attention import Attention as OurAttention
 
 KINDS = ("probs", "mixed", "out")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -82,45 +84,75 @@ def _parent(path: str) -> str:
 class _Hook:
     site: Site
     module: nn.Module
-    use_input: bool  # True: record the hooked module's first input (timm attn_drop), else its output
+    get: Getter  # (inputs, output) of the hooked module -> the tensor to record
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, Plan]]:
+    """(raw path, module, plan) of every recognised attention module in registration (= execution) order.
+
+    Descendants of a recognised module are not searched (e.g. no MultiheadAttention inside a matched block).
+    """
+    def visit(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module, Plan]]:
+        for name, child in module.named_children():
+            sub = f"{path}.{name}" if path else name
+            plan = match(child, sub)
+            if plan is not None:
+                yield sub, child, plan
+            else:
+                yield from visit(child, sub)
+
+    plan = match(model, "")
+    if plan is not None:
+        yield "", model, plan
+    else:
+        yield from visit(model, "")
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(cleaned path, module) of every supported attention module, in registration (= execution) order."""
-    found = [(_clean(p), m) for p, m in model.named_modules() if isinstance(m, (OurAttention, TimmAttention))]
-    return found
+    return [(_clean(p), m) for p, m, _ in _walk(model)]
 
 
-def find_sites(model: nn.Module, kinds: Sequence[str] = ("probs",)) -> tuple[list[_Hook], list[nn.Module]]:
-    """Plan the hooks for ``kinds``; returns the hooks and the timm attention modules that must be unfused."""
+def attention_plans(model: nn.Module) -> list[tuple[str, nn.Module, Plan]]:
+    """(raw path, module, plan) per attention module; ``plan.family`` and ``plan.num_heads`` describe it."""
+    return list(_walk(model))
+
+
+def find_sites(model: nn.Module, kinds: Sequence[str] = ("probs",)) -> tuple[list[_Hook], list[Patch]]:
+    """Plan the hooks for ``kinds``; returns the hooks and the patches (unfusing, weight requests) to apply."""
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown capture kind(s) {bad}; choose from {KINDS}")
-    attns = attention_modules(model)
+    attns = attention_plans(model)
     if not attns:
         raise UnsupportedModelError(
-            f"no attention module found in {type(model).__name__}: looked for collapse_probe Attention and "
-            "timm.layers.Attention (timm vit_*/deit_*); is this a Vision Transformer?"
-        )
+            f"no attention module found in {type(model).__name__}: looked for {LOOKED_FOR}; "
+            "is this a Vision Transformer?")
     modules = dict(model.named_modules())
-    clean_to_raw = {_clean(p): p for p in modules}
     hooks: list[_Hook] = []
-    unfuse: list[nn.Module] = []
-    for block, (path, attn) in enumerate(attns):
-        if "probs" in kinds:
-            site = Site(f"{path}.probs", "probs", block)
-            if isinstance(attn, OurAttention):
-                hooks.append(_Hook(site, attn.probs, use_input=False))
-            else:
-                hooks.append(_Hook(site, attn.attn_drop, use_input=True))
-                unfuse.append(attn)
-        if "mixed" in kinds and isinstance(attn, OurAttention) and attn.reattention:
-            hooks.append(_Hook(Site(f"{path}.mixed", "mixed", block), attn.mixed, use_input=False))
-        if "out" in kinds:
+    patches: list[Patch] = []
+    hf_roots: dict[int, nn.Module] = {}
+    for block, (raw, attn, plan) in enumerate(attns):
+        path = _clean(raw)
+        for kind in ("probs", "mixed"):
+            if kind in kinds and kind in plan.points:
+                point = plan.points[kind]
+                hooks.append(_Hook(Site(f"{path}.{kind}" if path else kind, kind, block), point.module, point.get))
+        if "out" in kinds and plan.block_out and raw:
             parent = _parent(path)
-            hooks.append(_Hook(Site(f"{parent}.out" if parent else "out", "out", block),
-                               modules[clean_to_raw[parent]], use_input=False))
-    return hooks, unfuse
+            hooks.append(_Hook(Site(f"{parent}.out" if parent else "out", "out", block), modules[_parent(raw)],
+                               _block_output))
+        patches.extend(plan.patches)
+        if plan.family == "transformers":
+            root = _hf_root(model, raw)
+            if root is not None:
+                hf_roots.setdefault(id(root), root)
+    patches.extend(HfEager(r) for r in hf_roots.values())
+    return hooks, patches
+
+
+def _block_output(_inputs: tuple, output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @contextlib.contextmanager
@@ -133,22 +165,23 @@ def capture(
     """Hook ``model`` for the duration of the ``with`` block.
 
     Args:
-        model: one of our models or a timm ViT (a DDP / torch.compile wrapper is fine).
+        model: a ViT of a supported family (a DDP / torch.compile wrapper is fine).
         kinds: any of "probs", "mixed", "out".
         callback: called as ``callback(site, tensor)`` inside each hook, block by block; the tensor is detached.
         store: keep the tensors of the last forward in ``Capture.maps`` (default: only when there is no callback).
 
-    Hooks are removed and ``fused_attn`` flags restored on exit, also when the body raises.
+    Hooks are removed and every switched path (``fused_attn``, attention implementation, ``need_weights``)
+    restored on exit, also when the body raises.
     """
-    hooks, unfuse = find_sites(model, kinds)
+    hooks, patches = find_sites(model, kinds)
     store = callback is None if store is None else store
     result = Capture(sites=[h.site for h in hooks])
     handles = []
-    saved = [(m, m.fused_attn) for m in unfuse]
+    applied: list[Patch] = []
 
     def make(h: _Hook):
         def hook(_module, inputs, output):
-            t = (inputs[0] if h.use_input else output).detach()
+            t = h.get(inputs, output).detach()
             if store:
                 result.maps[h.site.name] = t
             if callback is not None:
@@ -156,13 +189,14 @@ def capture(
         return hook
 
     try:
-        for m, _ in saved:
-            m.fused_attn = False
+        for p in patches:
+            p.apply()
+            applied.append(p)
         for h in hooks:
             handles.append(h.module.register_forward_hook(make(h)))
         yield result
     finally:
         for handle in handles:
             handle.remove()
-        for m, flag in saved:
-            m.fused_attn = flag
+        for p in reversed(applied):
+            p.undo()

@@ -9,6 +9,7 @@ COLLAPSE_PROBE_DEBUG=1 to get tracebacks instead.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,10 +21,28 @@ from .errors import CollapseProbeError
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=120, terminal_width=120)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``atomic_write`` cleanup runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 class _Group(click.Group):
-    """Turns our exceptions into one-line messages with their exit codes, and Ctrl-C into exit 130."""
+    """Turns our exceptions into one-line messages with their exit codes, Ctrl-C into exit 130 and SIGTERM into 143."""
 
     def invoke(self, ctx: click.Context):
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (embedded use): keep the host's handler
+            return self._invoke(ctx)
+        try:
+            return self._invoke(ctx)
+        finally:  # a host process (tests, notebooks) gets its own handler back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _invoke(self, ctx: click.Context):
         if os.environ.get("COLLAPSE_PROBE_DEBUG"):
             return super().invoke(ctx)
         try:
@@ -31,9 +50,13 @@ class _Group(click.Group):
         except CollapseProbeError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             click.echo("interrupted: no output written", err=True)
-            sys.exit(130)
+            sys.exit(143 if isinstance(e, _Terminated) else 130)
+        except click.UsageError as e:  # bad arguments: one line too, exit code 2 as click does
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as e:  # a bug of ours: still one line, with a way to see more
@@ -66,6 +89,16 @@ def emit(text: str, output: Path | None) -> None:
     click.echo(f"wrote {output}", err=True)
 
 
+def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
+    """Parse "0.5,0.5,0.5" (click reports a bad value with exit code 2)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", metavar="NAME",
@@ -73,7 +106,8 @@ def emit(text: str, output: Path | None) -> None:
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="A block is similar when its similarity with the previous block(s) exceeds this.")
 @click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
-              help="Folder of images (recursive). Default: scikit-image's bundled photographs.")
+              help="Folder of images (recursive), or builtin:photos (default: scikit-image's photographs) or "
+              "builtin:digits (scikit-learn digits).")
 @click.option("--num-images", type=click.IntRange(min=1), metavar="N",
               help="Images to use (default: all in DIR, or the 17 bundled photos; more adds seeded crops).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -91,8 +125,12 @@ def emit(text: str, output: Path | None) -> None:
 @click.option("--trust-pickle", is_flag=True,
               help="Allow full pickle for this run. Unpickling can execute arbitrary code: only for files you trust.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--num-heads", type=click.IntRange(min=1), metavar="N",
+              help="Heads, when the file cannot show them (see the heads rule in the README).")
+@click.option("--mean", callback=_floats, metavar="M,M,M", help="Input mean (with --std).")
+@click.option("--std", callback=_floats, metavar="S,S,S", help="Input std (with --mean).")
 def similarity(checkpoint, model_name, threshold, images, num_images, batch_size, reduction, neighbors, fmt, output,
-               device, rank_images, key, trust_pickle, progress):
+               device, rank_images, key, trust_pickle, progress, num_heads, mean, std):
     """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
 
     \b
@@ -105,8 +143,119 @@ def similarity(checkpoint, model_name, threshold, images, num_images, batch_size
     from .report import render
 
     result = probe_checkpoint(checkpoint, model_name, images, num_images, batch_size, threshold, reduction, neighbors,
-                              device, trust_pickle, key, rank_images, progress=progress)
+                              device, trust_pickle, key, rank_images, progress=progress, num_heads=num_heads,
+                              mean=mean, std=std)
     emit(render(result, fmt, threshold, neighbors, reduction), output)
+
+
+def _probe_options(f):
+    """Options shared by ``audit`` and ``compare``: how to read the checkpoint(s) and what to run them on."""
+    options = [
+        click.option("--model", "model_name", metavar="NAME", help="timm architecture name; wins over anything in "
+                     "the file. Default: the file's metadata, else inferred from the weight shapes."),
+        click.option("--num-heads", type=click.IntRange(min=1), metavar="N",
+                     help="Heads, when the file cannot show them (see the heads rule in the README)."),
+        click.option("--mean", callback=_floats, metavar="M,M,M", help="Input normalisation mean (with --std)."),
+        click.option("--std", callback=_floats, metavar="S,S,S", help="Input normalisation std (with --mean)."),
+        click.option("--key", help="Entry of a training checkpoint that holds the weights (e.g. state_dict_ema)."),
+        click.option("--trust-pickle", is_flag=True, help="Allow full pickle for this run. Unpickling can execute "
+                     "arbitrary code: only for files you trust."),
+        click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
+                     help="Folder of images (recursive), or builtin:photos (default: scikit-image's "
+                     "photographs) or builtin:digits (scikit-learn digits)."),
+        click.option("--num-images", type=click.IntRange(min=1), metavar="N", help="Images to use."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+                     help="A block is collapsed when its similarity with the previous block(s) exceeds this."),
+        click.option("--neighbors", "-k", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--reduction", type=click.Choice(["mean", "ratio"]), default="mean", show_default=True),
+        click.option("--rank-images", type=click.IntRange(min=1), metavar="N", help="Cap the images used for rank."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True, metavar="DIR",
+              help="Report folder: report.md, report.html, metrics.json and the figures (replaced atomically).")
+@_probe_options
+def audit(checkpoint, output, **kwargs):
+    """Run every collapse metric on CHECKPOINT and write a self-contained report with a verdict.
+
+    CHECKPOINT is a safetensors or torch file, or a HuggingFace / timm model folder.
+
+    \b
+    Examples:
+      collapse-probe audit vit_s.pth --output out/vit_s
+      collapse-probe audit train_ckpt.pt --key state_dict_ema --num-heads 6 -o out/ema
+      collapse-probe audit hf_vit_folder/ --images ~/val_subset --num-images 64 -o out/hf
+    """
+    from .audit import audit as run_audit
+
+    metrics = run_audit(checkpoint, output, **kwargs)
+    click.echo("\n".join(metrics["verdict"]["text"]))
+    click.echo(f"wrote {output}/report.html (heads: {metrics['heads_source']})", err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Also write compare.md, compare.html, metrics.json and curves.png into this folder.")
+@_probe_options
+def compare(checkpoints, output, **kwargs):
+    """Side-by-side collapse table (and overlaid curves with --output) of two or more CHECKPOINTS.
+
+    \b
+    Examples:
+      collapse-probe compare vit_d12.safetensors deepvit_d12.safetensors
+      collapse-probe compare a.pt b.pt c.pt --num-images 64 --output out/compare
+    """
+    from .audit import compare as run_compare
+
+    table, _ = run_compare(list(checkpoints), output, **kwargs)
+    click.echo(table)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--preset", type=click.Choice(["paper", "paper32", "digits", "smoke"]), default="digits",
+              show_default=True, help="Named recipe (see collapse_probe/train/config.py); other options override it.")
+@click.option("--model", metavar="NAME", help="Architecture (e.g. deepvit_32b, vit_micro).")
+@click.option("--depth", type=click.IntRange(min=1), help="Override the model's number of blocks.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="ImageNet-style folder with train/ and val/.")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Per process.")
+@click.option("--lr", type=float)
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Run folder.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), help="Autocast (auto: bf16 on CUDA).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--workers", type=click.IntRange(min=0), help="Data-loading worker processes.")
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT/last.pt if it exists.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key (JSON values), e.g. --set mixup=0.1 --set attn_reuse_from=7.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr.")
+def train(preset, model, depth, data_dir, epochs, batch_size, lr, output, device, amp, compile_, workers, resume, sets,
+          print_config, progress):
+    """Train ViT / DeepViT (timm recipe, bf16, torch.compile, DDP via torchrun, exact --resume, collapse tracking).
+
+    \b
+    Examples:
+      collapse-probe train --preset digits --model deepvit_micro --depth 16 -o runs/deepvit16
+      collapse-probe train --preset paper --model deepvit_32b --data-dir /data/imagenet --compile -o runs/d32
+      torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --model deepvit_32b \\
+          --data-dir /data/imagenet --compile -o runs/d32
+      collapse-probe train --preset digits --set attn_reuse_from=3 --set cosine_reg=0.1 -o runs/reuse
+    """
+    from .train.cli import run_train
+
+    run_train(preset, sets, print_config, model=model, depth=depth, data_dir=data_dir, epochs=epochs,
+              batch_size=batch_size, lr=lr, output=output, device=device, amp=amp, compile=compile_, workers=workers,
+              resume=resume or None, progress=progress)
 
 
 @main.command(context_settings=CONTEXT)
@@ -117,9 +266,10 @@ def similarity(checkpoint, model_name, threshold, images, num_images, batch_size
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("figures"),
               show_default=True, help="Folder for the figures (PNG + PDF) and their CSV numbers.")
 @click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
-              help="Folder of images (recursive). Default: scikit-image's bundled photographs.")
+              help="Folder of images (recursive), or builtin:photos (default: scikit-image's photographs) or "
+              "builtin:digits (the bundled checkpoints' validation digits).")
 @click.option("--num-images", type=click.IntRange(min=1), metavar="N",
-              help="Images per model (default: all in DIR, or the 17 bundled photos; more adds seeded crops).")
+              help="Images per model (default: all in DIR or the set; for photos, more adds seeded crops).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="A block is similar when its similarity with the previous block exceeds this.")

@@ -1,9 +1,14 @@
 """Images to probe with: the user's folder, or real photographs that ship with scikit-image (no download).
 
     loader = image_loader(model, folder=None, num_images=32, batch_size=16)   # preprocessing = the model's own
+    loader = image_loader(model, folder="builtin:digits")                     # a built-in set instead of a folder
 
-The default set is the 17 photographs bundled in scikit-image (astronaut, coffee, chelsea, rocket, Hubble deep field,
-retina, ...; grey ones converted to RGB). Asking for more than 17 adds deterministic random crops of them.
+Built-in sets, none of which downloads anything:
+    builtin:photos  the 17 photographs bundled in scikit-image (astronaut, coffee, chelsea, rocket, Hubble deep field,
+                    retina, ...; grey ones converted to RGB); asking for more than 17 adds deterministic random crops.
+    builtin:digits  the validation split (360 images) of scikit-learn's digits, the split the bundled checkpoints were
+                    validated on (8x8 grey levels scaled to 0..255, RGB).
+The default is builtin:photos.
 """
 from __future__ import annotations
 
@@ -41,6 +46,17 @@ def sample_photographs() -> list[tuple[str, Image.Image]]:
     return out
 
 
+BUILTIN_SETS = ("builtin:photos", "builtin:digits")
+
+
+def digits_validation() -> list[Image.Image]:
+    """The 360 validation digits of the bundled checkpoints' split (``collapse_probe.train.data.digits_arrays``)."""
+    from .train.data import digits_arrays
+
+    _, _, images, _ = digits_arrays()
+    return [Image.fromarray(a).convert("RGB") for a in images]
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted); a clear error if it is not a folder or holds none."""
     folder = Path(folder)
@@ -70,7 +86,7 @@ class ProbeImages(Dataset):
         try:
             with Image.open(item) as im:
                 return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
             raise BadArgumentError(f"cannot read image {item}: {e}; remove or replace the file") from None
 
     def __getitem__(self, i: int) -> torch.Tensor:
@@ -101,10 +117,16 @@ def image_loader(
         raise BadArgumentError(f"--batch-size must be at least 1, got {batch_size}")
     cfg = resolve_model_data_config(model)
     transform = create_transform(**cfg, is_training=False)
-    if folder is None:
+    if folder is None or str(folder) == "builtin:photos":
         items: list = [img for _, img in sample_photographs()]
         total = num_images or len(items)
         source = "scikit-image sample photographs" + (" + seeded crops" if total > len(items) else "")
+    elif str(folder) == "builtin:digits":
+        items = digits_validation()
+        total = min(num_images, len(items)) if num_images else len(items)
+        items, source = items[:total], "scikit-learn digits (validation split of the bundled checkpoints)"
+    elif str(folder).startswith("builtin:"):
+        raise BadArgumentError(f"unknown built-in image set '{folder}'; choose {' or '.join(BUILTIN_SETS)}")
     else:
         items = list_images(folder)
         total = min(num_images, len(items)) if num_images else len(items)

@@ -153,14 +153,21 @@ def probe_checkpoint(
     rank_images: int | None = None,
     workers: int = 0,
     progress: bool = True,
+    num_heads: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
 ) -> ProbeResult:
-    """Load ``checkpoint`` safely, run images through it and return every collapse metric (``similarity`` command)."""
+    """Load ``checkpoint`` safely, run images through it and return every collapse metric (``similarity`` command).
+
+    ``num_heads``, ``mean`` and ``std`` are passed to ``checkpoints.build_model`` (heads rule, normalisation).
+    """
     if not 0.0 <= threshold <= 1.0:
         raise BadArgumentError(f"--threshold must be between 0 and 1, got {threshold}")
     if neighbors < 1:
         raise BadArgumentError(f"--neighbors must be at least 1, got {neighbors}")
     dev = resolve_device(device)
-    model, info = build_model(read_checkpoint(checkpoint, trust_pickle=trust_pickle, key=key), model_name)
+    model, info = build_model(read_checkpoint(checkpoint, trust_pickle=trust_pickle, key=key), model_name,
+                              num_heads=num_heads, mean=mean, std=std)
     loader, image_info = image_loader(model, images, num_images, batch_size, workers)
     result = probe(model.to(dev), loader, threshold=threshold, device=dev, rank_images=rank_images,
                    progress=progress)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from typing import Any
 
@@ -40,6 +41,11 @@ def _num(v: Any, fmt: str = ".3f") -> str:
     return format(v, fmt)
 
 
+def _heads_source(model: dict[str, Any]) -> str:
+    src = model.get("heads_source")
+    return f" (heads from {src})" if src else ""
+
+
 def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
     rows = block_rows(result, threshold, k, reduction)
     cols: list[tuple[str, str, str]] = [("block", "block", "d")]
@@ -56,10 +62,12 @@ def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str
 
     m, im = result.model, result.images
     head = [f"model    {m.get('architecture', '?')} ({m.get('architecture_source', '?')}): depth {m.get('depth')}, "
-            f"{m.get('num_heads', '?')} heads, {m.get('tokens', '?')} tokens, {m.get('params', 0) / 1e6:.2f}M params",
+            f"{m.get('num_heads', '?')} heads{_heads_source(m)}, {m.get('tokens', '?')} tokens, "
+            f"{m.get('params', 0) / 1e6:.2f}M params",
             f"images   {im.get('count')} from {im.get('source')}, input {im.get('input_size')}",
-            f"columns  cos/ratio: similarity with the previous {k} block(s) (mean column cosine / fraction > "
-            f"{threshold}); sim: similar block; x-head: cross-head similarity; erank/rank99: attention rank", ""]
+            f"columns  cos / ratio: mean column cosine with the previous {k} block(s) / fraction above {threshold}",
+            "         sim: similar block (*); x-head: cross-head similarity; erank / rank99: attention rank",
+            "         feat~last: token-feature similarity with the last block", ""]
     foot = [""]
     for kind in result.attention:
         s = result.summary(kind, threshold, k, reduction)
@@ -85,7 +93,11 @@ def render(result: ProbeResult, fmt: str = "table", threshold: float = 0.9, k: i
            reduction: str = "mean") -> str:
     """``fmt`` is "table", "csv" or "json"; the JSON holds every matrix and the settings used."""
     if fmt == "json":
-        return result.to_json()
+        data = result.to_dict()
+        data["summary"] = {kind: {**result.summary(kind, threshold, k, reduction), "depth": result.depth,
+                                  "threshold": threshold, "neighbors": k, "reduction": reduction}
+                           for kind in result.attention}
+        return json.dumps(data, indent=1, allow_nan=False)
     if fmt == "csv":
         return _csv(result, threshold, k, reduction)
     if fmt == "table":

@@ -15,6 +15,11 @@ Two probe points per attention module, named like TransformerLens hooks once ins
     >>> attn = Attention(dim=64, num_heads=4, reattention=True)
     >>> attn(torch.randn(2, 17, 64)).shape
     torch.Size([2, 17, 64])
+
+Paper baselines (all off by default, and then the forward is unchanged): ``temperature`` divides the logits before the
+softmax; ``share`` / ``reuse`` (an ``AttentionShare``) let one block publish the map it multiplies V with and later
+blocks use that map instead of their own Q K^T (attention reuse). Both are plain attributes, not parameters, so state
+dicts do not change.
 """
 from __future__ import annotations
 
@@ -39,6 +44,13 @@ class HookPoint(nn.Identity):
     @property
     def active(self) -> bool:
         return bool(self._forward_hooks) or bool(self._forward_pre_hooks)
+
+
+class AttentionShare:
+    """Holds the map one block multiplies V with during a forward, for later blocks that reuse it ([B, H, N, N])."""
+
+    def __init__(self) -> None:
+        self.map: torch.Tensor | None = None
 
 
 class HeadLayerNorm(nn.Module):
@@ -113,19 +125,35 @@ class Attention(nn.Module):
             self.mix_norm = norms[mix_norm]()
             self.reattn_scale = reattn_scale
             self.mixed = HookPoint()
+        self.temperature = 1.0  # softmax temperature (paper baseline); 1.0 = the plain model
+        self.share: AttentionShare | None = None  # publish this block's map (attention-reuse source)
+        self.reuse: AttentionShare | None = None  # use the published map instead of softmax(Q K^T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn and not self.reattention and not self.probs.active:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        if self.reuse is not None:
+            if self.reuse.map is None:
+                raise RuntimeError("attention reuse: the source block has not run in this forward")
+            attn = self.attn_drop(self.probs(self.reuse.map))  # q, k unused: this block reuses an earlier map
+            x = attn @ v
+        elif self.fused_attn and not self.reattention and not self.probs.active and self.share is None:
+            # scale is only passed for a non-default temperature so the default call stays exactly as before
+            kw = {} if self.temperature == 1.0 else {"scale": self.scale / self.temperature}
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, **kw)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+            scale = self.scale if self.temperature == 1.0 else self.scale / self.temperature
+            attn = (q * scale) @ k.transpose(-2, -1)
             attn = self.probs(attn.softmax(dim=-1))
-            attn = self.attn_drop(attn)
             if self.reattention:
                 # Theta^T A: output head g is sum_h Theta[g, h] A_h (+ bias), then Norm over the head channel.
-                attn = self.mixed(self.mix_norm(self.theta(attn)) * self.reattn_scale)
+                attn = self.mixed(self.mix_norm(self.theta(self.attn_drop(attn))) * self.reattn_scale)
+                if self.share is not None:
+                    self.share.map = attn
+            else:
+                if self.share is not None:
+                    self.share.map = attn
+                attn = self.attn_drop(attn)
             x = attn @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))

@@ -19,7 +19,7 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import VisionTransformer
 from torch import nn
 
-from .attention import Attention, MixNorm, ThetaInit
+from .attention import Attention, AttentionShare, MixNorm, ThetaInit
 
 
 class Block(nn.Module):
@@ -115,6 +115,12 @@ class DeepVisionTransformer(VisionTransformer):
         mix_norm, theta_init, reattn_scale: see ``Attention``; ``reattn_scale="head_dim"`` means head_dim ** -0.5.
         res_scale: residual branch scale (2.0 in DeepViT-S/L).
         stem: "patch" (one p x p conv) or "conv" (the DeepViT-S/L three-conv stem).
+
+    Paper baselines (default off; off means the model computes exactly what it did without them):
+        attn_reuse_from: block b; every later block multiplies its V by block b's attention map (Q, K of those
+            blocks go unused).
+        attn_temperature: (first, last) softmax temperatures; block l uses first + (last - first) * l / (depth - 1).
+        attn_drop_max: random attention dropping with a rate rising linearly from 0 (block 0) to this (last block).
     """
 
     def __init__(
@@ -125,6 +131,9 @@ class DeepVisionTransformer(VisionTransformer):
         reattn_scale: float | str = 1.0,
         res_scale: float = 1.0,
         stem: str = "patch",
+        attn_reuse_from: int | None = None,
+        attn_temperature: Sequence[float] | None = None,
+        attn_drop_max: float | None = None,
         **kwargs: Any,
     ) -> None:
         if stem not in ("patch", "conv"):
@@ -154,3 +163,27 @@ class DeepVisionTransformer(VisionTransformer):
             )
             new.load_state_dict(old.state_dict(), strict=False)  # keep timm's initialisation of qkv/proj
             self.blocks[i].attn = new
+        self._set_baselines(attn_reuse_from, attn_temperature, attn_drop_max)
+
+    def _set_baselines(self, reuse_from: int | None, temperature: Sequence[float] | None,
+                       drop_max: float | None) -> None:
+        attns = [blk.attn for blk in self.blocks]
+        depth = len(attns)
+        if reuse_from is not None:
+            if not 0 <= int(reuse_from) < depth - 1:
+                raise ValueError(f"attn_reuse_from={reuse_from} must be a block index below the last ({depth - 1})")
+            share = AttentionShare()
+            attns[reuse_from].share = share
+            for a in attns[reuse_from + 1:]:
+                a.reuse = share
+        if temperature is not None:
+            t0, t1 = (float(t) for t in temperature)
+            if min(t0, t1) <= 0:
+                raise ValueError(f"attn_temperature must be positive, got {temperature}")
+            for i, a in enumerate(attns):
+                a.temperature = t0 + (t1 - t0) * i / max(depth - 1, 1)
+        if drop_max is not None:
+            if not 0.0 <= drop_max < 1.0:
+                raise ValueError(f"attn_drop_max must be in [0, 1), got {drop_max}")
+            for i, a in enumerate(attns):
+                a.attn_drop.p = drop_max * i / max(depth - 1, 1)

@@ -1,0 +1,300 @@
+"""Audit a ViT checkpoint for attention collapse: every metric, figures and a plain-language verdict in one folder.
+
+    from collapse_probe.audit import audit, compare
+    metrics = audit("vit.pt", "out/vit_audit", num_images=32)     # report.md, report.html, metrics.json, *.png
+    table, _ = compare(["a.safetensors", "b.pt"], output=None)     # side-by-side markdown table
+
+CLI: ``collapse-probe audit CKPT --output DIR`` and ``collapse-probe compare CKPT1 CKPT2 ... [--output DIR]``.
+The folder is written atomically: everything is computed and rendered first, then written to a temporary sibling
+folder that is renamed into place, so an error leaves no partial report (an earlier report there is replaced only
+on success).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import BadArgumentError
+from .probe import probe_checkpoint
+from .report import block_rows
+from .results import ProbeResult
+
+FIGURES = ("similarity_heatmap", "block_curves", "rank", "cross_head")
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs [(first, last), ...] of sorted block indices."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and b == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((b, b))
+    return runs
+
+
+def _span(a: int, b: int) -> str:
+    return str(a) if a == b else f"{a}-{b}"
+
+
+def verdict(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: str = "mean") -> dict[str, Any]:
+    """Which blocks are collapsed and what that suggests, as data plus sentences (0-based block indices)."""
+    st = result.attention["probs"]
+    depth = len(st.blocks)
+    collapsed = st.similar_blocks(threshold, k, reduction)
+    runs = _runs(collapsed)
+    tail = runs[-1] if runs and runs[-1][1] == st.blocks[-1] else None
+    onset = tail[0] if tail else None
+    heads = [b for b, v in zip(st.blocks, st.cross_head) if not math.isnan(v) and v > threshold]
+    text: list[str] = []
+    crit = f"attention similarity with the previous {k} block(s) > {threshold} ({reduction})"
+    if not collapsed:
+        text.append(f"No collapsed block: at {crit} every block attends differently from the block before it, "
+                    "so these maps give no reason to reuse or remove attention.")
+    else:
+        listed = ", ".join(_span(a, b) for a, b in runs)
+        text.append(f"{len(collapsed)} of {depth} blocks are collapsed ({crit}): {listed}.")
+        if onset is not None:
+            text.append(f"From block {onset} to the last block attention barely changes: blocks "
+                        f"{onset}-{st.blocks[-1]} could reuse block {onset - 1}'s attention map (attention reuse / "
+                        "sharing), or are candidates for removal, or for re-attention (DeepViT) when retraining a "
+                        "deeper model.")
+        inner = [r for r in runs if r is not tail]
+        if inner:
+            text.append("Blocks " + ", ".join(_span(a, b) for a, b in inner) + " repeat the attention of the block "
+                        "just before them: candidates for sharing that block's map.")
+    if heads:
+        text.append(f"In blocks {', '.join(_span(a, b) for a, b in _runs(heads))} all heads attend nearly alike "
+                    f"(cross-head similarity > {threshold}): redundant heads, candidates for head pruning or for "
+                    "mixing heads (re-attention).")
+    if "mixed" in result.attention:
+        mixed = result.attention["mixed"].similar_blocks(threshold, k, reduction)
+        text.append(f"Re-attention: {len(mixed)} blocks are collapsed after head mixing, {len(collapsed)} before.")
+    if result.features is not None:
+        low = [b for b, r in zip(result.features.blocks, result.features.residual) if not math.isnan(r) and r < 0.1]
+        if low:
+            text.append(f"Token features are close to rank one (residual < 0.1, Dong et al. 2021) in blocks "
+                        f"{', '.join(_span(a, b) for a, b in _runs(low))}: rank collapse of the representation.")
+    im = result.images
+    text.append(f"Measured on {im.get('count')} images ({im.get('source')}); a verdict on untrained or random weights "
+                "describes the initialisation, not a trained model.")
+    return {"collapsed_blocks": collapsed, "collapse_onset": onset, "redundant_head_blocks": heads,
+            "depth": depth, "threshold": threshold, "neighbors": k, "reduction": reduction, "text": text}
+
+
+def _figures(result: ProbeResult, threshold: float, k: int, reduction: str) -> dict[str, bytes]:
+    from .report_figures import block_curves, cross_head_plot, figure_png, rank_plot, similarity_heatmap
+
+    st = result.attention["probs"]
+    axes = {"similarity_heatmap": similarity_heatmap(st, reduction), "block_curves": block_curves(
+        result, threshold, k, reduction), "rank": rank_plot(st), "cross_head": cross_head_plot(st)}
+    return {name: figure_png(ax.figure) for name, ax in axes.items()}
+
+
+def _model_rows(result: ProbeResult) -> list[tuple[str, str]]:
+    m, im = result.model, result.images
+    return [
+        ("checkpoint", str(m.get("checkpoint"))), ("format", f"{m.get('format')}" + (
+            f" (entry '{m['key']}')" if m.get("key") else "")),
+        ("architecture", f"{m.get('architecture')} (source: {m.get('architecture_source')})"),
+        ("family", str(m.get("family"))), ("depth", str(m.get("depth"))),
+        ("heads", f"{m.get('num_heads')} (decided by: {m.get('heads_source')})"),
+        ("tokens", str(m.get("tokens", "-"))), ("parameters", f"{m.get('params', 0) / 1e6:.2f}M"),
+        ("input", f"{m.get('input_size')} mean {m.get('mean')} std {m.get('std')} (source: {m.get('data_source')})"),
+        ("images", f"{im.get('count')} from {im.get('source')}"),
+        ("tool", f"collapse-probe {__version__}"),
+    ]
+
+
+_COLUMNS = [("block", "block", "d"), ("probs_sim_prev", "similarity w/ previous", ".3f"),
+            ("probs_similar", "collapsed", ""), ("probs_cross_head", "cross-head", ".3f"),
+            ("probs_effective_rank", "effective rank", ".1f"), ("probs_energy_rank", "rank 99%", ".1f"),
+            ("mixed_sim_prev", "re-attn similarity", ".3f"), ("feature_residual", "token residual", ".3f")]
+
+
+def _table_rows(result: ProbeResult, threshold: float, k: int, reduction: str) -> tuple[list[str], list[list[str]]]:
+    rows = block_rows(result, threshold, k, reduction)
+    cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    return [h for _, h, _ in cols], [[_fmt(r.get(key), f) if f != "d" else str(r[key]) for key, _, f in cols]
+                                     for r in rows]
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+_CAPTIONS = {"similarity_heatmap": "Cross-layer attention similarity (L x L)",
+             "block_curves": "Per-block curves", "rank": "Attention rank per block",
+             "cross_head": "Cross-head similarity per block"}
+_CSS = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+        "td:first-child{text-align:left}img{max-width:100%}.verdict{background:#fff8e1;padding:.6em 1em}")
+
+
+def render_markdown(result: ProbeResult, vd: dict[str, Any], figures: dict[str, bytes], threshold: float, k: int,
+                    reduction: str) -> str:
+    """report.md: figures embedded as PNG data URIs, so the file stands alone."""
+    head, rows = _table_rows(result, threshold, k, reduction)
+    parts = [f"# Attention-collapse audit: {Path(str(result.model.get('checkpoint'))).name}", "",
+             _md_table(["", ""], [[a, b] for a, b in _model_rows(result)]), "", "## Verdict", ""]
+    parts += [f"- {t}" for t in vd["text"]]
+    parts += ["", "## Figures", ""]
+    for name, png in figures.items():
+        parts += [f"### {_CAPTIONS[name]}", "", f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})",
+                  ""]
+    parts += ["## Per block", "", _md_table(head, rows), "",
+              f"Settings: threshold {threshold}, neighbours {k}, reduction {reduction}. All numbers: metrics.json.", ""]
+    return "\n".join(parts)
+
+
+def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, bytes], threshold: float, k: int,
+                reduction: str) -> str:
+    """report.html: one self-contained page (inline CSS, figures as base64 PNG)."""
+    head, rows = _table_rows(result, threshold, k, reduction)
+    title = html.escape(f"Attention-collapse audit: {Path(str(result.model.get('checkpoint'))).name}")
+    figs = "".join(f"<h3>{html.escape(_CAPTIONS[n])}</h3><img alt='{n}' src='data:image/png;base64,"
+                   f"{base64.b64encode(p).decode()}'>" for n, p in figures.items())
+    verdict_html = "".join(f"<li>{html.escape(t)}</li>" for t in vd["text"])
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style></head>"
+            f"<body><h1>{title}</h1>{_html_table(['', ''], [[a, b] for a, b in _model_rows(result)])}"
+            f"<h2>Verdict</h2><ul class='verdict'>{verdict_html}</ul><h2>Figures</h2>{figs}"
+            f"<h2>Per block</h2>{_html_table(head, rows)}<p>Settings: threshold {threshold}, neighbours {k}, "
+            f"reduction {html.escape(reduction)}. All numbers: metrics.json.</p></body></html>\n")
+
+
+def write_folder(output: str | Path, files: dict[str, bytes]) -> Path:
+    """Write ``files`` into folder ``output`` atomically (temp sibling, then rename; an old report is replaced)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise BadArgumentError(f"--output {output} is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / "metrics.json").is_file():
+        raise BadArgumentError(f"--output {output} is a non-empty folder that is not a collapse-probe report; "
+                               "choose a new or empty folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a report folder is an ordinary folder
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if output.exists():
+            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+            os.replace(output, old / "report")
+            os.replace(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def audit(
+    checkpoint: str | Path,
+    output: str | Path,
+    threshold: float = 0.9,
+    neighbors: int = 1,
+    reduction: str = "mean",
+    **probe_kwargs: Any,
+) -> dict[str, Any]:
+    """Probe ``checkpoint`` and write the report folder; returns the metrics.json content.
+
+    ``probe_kwargs`` go to ``probe.probe_checkpoint`` (model_name, images, num_images, batch_size, device,
+    trust_pickle, key, rank_images, num_heads, mean, std, progress).
+    """
+    result = probe_checkpoint(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors,
+                              **probe_kwargs)
+    vd = verdict(result, threshold, neighbors, reduction)
+    figures = _figures(result, threshold, neighbors, reduction)
+    metrics = {**result.to_dict(), "verdict": vd, "heads_source": result.model.get("heads_source"),
+               "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
+                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}}}
+    files = {"metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode(),
+             "report.md": render_markdown(result, vd, figures, threshold, neighbors, reduction).encode(),
+             "report.html": render_html(result, vd, figures, threshold, neighbors, reduction).encode(),
+             **{f"{name}.png": png for name, png in figures.items()}}
+    write_folder(output, files)
+    return metrics
+
+
+def _names(paths: Sequence[str | Path]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        n = Path(p).name or str(p)
+        names.append(n if n not in names else f"{n} ({len(names) + 1})")
+    return names
+
+
+def compare(
+    checkpoints: Sequence[str | Path],
+    output: str | Path | None = None,
+    threshold: float = 0.9,
+    neighbors: int = 1,
+    reduction: str = "mean",
+    **probe_kwargs: Any,
+) -> tuple[str, dict[str, ProbeResult]]:
+    """Probe several checkpoints on the same images; a markdown table side by side (and, with ``output``, a folder
+    with compare.md, compare.html, metrics.json and the overlaid curves).
+    """
+    if len(checkpoints) < 2:
+        raise BadArgumentError("compare needs at least two checkpoints")
+    results = {n: probe_checkpoint(c, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
+               for n, c in zip(_names(checkpoints), checkpoints)}
+    head = ["checkpoint", "architecture", "depth", "heads (source)", "collapsed blocks", "ratio", "onset",
+            "mean cross-head", "min effective rank"]
+    rows = []
+    verdicts = {}
+    for name, r in results.items():
+        vd = verdicts[name] = verdict(r, threshold, neighbors, reduction)
+        st, m = r.attention["probs"], r.model
+        rows.append([name, str(m.get("architecture")), str(vd["depth"]),
+                     f"{m.get('num_heads')} ({m.get('heads_source')})",
+                     ", ".join(map(str, vd["collapsed_blocks"])) or "none",
+                     f"{len(vd['collapsed_blocks']) / max(vd['depth'], 1):.3f}", _fmt(vd["collapse_onset"]),
+                     _fmt(float(st.cross_head.mean())), _fmt(float(st.effective_rank.min()), ".1f")])
+    table = _md_table(head, rows) + (f"\n\ncollapsed: attention similarity with the previous {neighbors} block(s) > "
+                                     f"{threshold} ({reduction})\n")
+    if output is not None:
+        from .report_figures import figure_png, overlay_curves
+
+        png = figure_png(overlay_curves(results, "probs", neighbors, reduction, threshold).figure)
+        uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+        md = f"# Attention-collapse comparison\n\n{table}\n![curves]({uri})\n"
+        page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>comparison</title><style>{_CSS}</style>"
+                f"</head><body><h1>Attention-collapse comparison</h1>{_html_table(head, rows)}<img alt='curves' "
+                f"src='{uri}'></body></html>\n")
+        metrics = {"tool": {"name": "collapse-probe", "version": __version__},
+                   "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
+                              **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}},
+                   "checkpoints": {n: {**r.to_dict(), "verdict": verdicts[n]} for n, r in results.items()}}
+        write_folder(output, {"compare.md": md.encode(), "compare.html": page.encode(), "curves.png": png,
+                              "metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode()})
+    return table, results

@@ -1,0 +1,231 @@
+"""How to find the attention modules of each ViT family and where their per-head post-softmax map lives.
+
+    from collapse_probe.capture_adapters import match, LOOKED_FOR
+    plan = match(module)          # None, or a Plan: family, heads, hook points per kind, temporary patches
+
+An adapter answers, for one module: is this an attention module of my family, which sub-module (input or output)
+carries the [B, H, N, N] map, and what must be switched while capturing (fused paths off, weights requested).
+``capture.capture`` applies the patches on entry and undoes them on exit, so fused kernels stay fused otherwise.
+
+family (Plan.family)   attention module -> where "probs" is taken -> what is switched while probing
+  ours                 collapse_probe Attention -> ``probs`` HookPoint output -> nothing
+  timm                 timm Attention / AttentionRope, BEiT, EVA -> ``attn_drop`` input -> ``fused_attn = False``
+  timm-cait            timm cait TalkingHeadAttn -> ``proj_w`` input, i.e. after the softmax -> nothing (never fused)
+  vit-pytorch          vit_pytorch ``Attention`` with ``attend`` (ViT, CaiT, ...) -> ``attend`` output -> nothing
+  vit-pytorch-deepvit  vit_pytorch.deepvit Attention -> ``dropout`` input (after softmax) -> nothing
+  transformers         HF ``*Attention`` (ViT, DeiT, DINOv2, ...) -> its returned weights -> eager attention
+  torch-mha            ``nn.MultiheadAttention`` (torchvision ViT) -> its returned weights -> need_weights=True,
+                       average_attn_weights=False
+
+Talking heads (CaiT) and re-attention (DeepViT) mix heads after the softmax; "probs" is always the row-stochastic
+map before that mixing, and "mixed" the map after it (not row-stochastic) where the family exposes it.
+Not captured: class-attention layers (timm ``ClassAttn``, vit-pytorch CaiT ``cls_transformer``): one query token,
+a [B, H, 1, N] map, not a token-to-token map.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+from .models.attention import Attention as OurAttention
+
+Getter = Callable[[tuple, Any], torch.Tensor]  # (inputs, output) of the hooked module -> [B, H, N, N]
+
+
+def _input0(inputs: tuple, _output: Any) -> torch.Tensor:
+    return inputs[0]
+
+
+def _output(_inputs: tuple, output: Any) -> torch.Tensor:
+    return output
+
+
+def _output1(_inputs: tuple, output: Any) -> torch.Tensor:
+    weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+    if weights is None:  # e.g. a transformers model that refused to switch to eager attention
+        raise UnsupportedModelError("the attention module returned no attention weights while probing; for a "
+                                    "transformers model load it with attn_implementation='eager'")
+    return weights
+
+
+def _heads_last_input(inputs: tuple, _output: Any) -> torch.Tensor:
+    return inputs[0].permute(0, 3, 1, 2)  # timm cait feeds proj_w [B, N, N, H]
+
+
+@dataclass
+class Point:
+    """A hook point: record ``get(inputs, output)`` of ``module`` each forward."""
+
+    module: nn.Module
+    get: Getter
+
+
+class Patch:
+    """A temporary change applied while capturing; ``undo`` restores exactly what ``apply`` changed."""
+
+    def apply(self) -> None:
+        raise NotImplementedError
+
+    def undo(self) -> None:
+        raise NotImplementedError
+
+
+class SetAttr(Patch):
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name, self.value, self.saved = obj, name, value, None
+
+    def apply(self) -> None:
+        self.saved = getattr(self.obj, self.name)
+        setattr(self.obj, self.name, self.value)
+
+    def undo(self) -> None:
+        setattr(self.obj, self.name, self.saved)
+
+
+class MhaWeights(Patch):
+    """Make an ``nn.MultiheadAttention`` return per-head weights, whatever its caller asked for.
+
+    torchvision's EncoderBlock calls it with ``need_weights=False``; a forward pre-hook rewrites the call to
+    ``need_weights=True, average_attn_weights=False`` (positional or keyword) and is removed on ``undo``.
+    """
+
+    def __init__(self, module: nn.MultiheadAttention) -> None:
+        self.module, self.handle = module, None
+
+    @staticmethod
+    def _hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args, kwargs = list(args), dict(kwargs)
+        for pos, name, value in ((4, "need_weights", True), (6, "average_attn_weights", False)):
+            if len(args) > pos:
+                args[pos] = value
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
+
+    def apply(self) -> None:
+        self.handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def undo(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+class HfEager(Patch):
+    """Switch a transformers model to the eager attention (the only one that returns maps), then back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.saved = model, None
+
+    def apply(self) -> None:
+        self.saved = self.model.config._attn_implementation
+        if self.saved != "eager":
+            self.model.set_attn_implementation("eager")
+
+    def undo(self) -> None:
+        if self.saved is not None and self.saved != "eager":
+            self.model.set_attn_implementation(self.saved)
+
+
+@dataclass
+class Plan:
+    """What ``capture`` needs for one attention module."""
+
+    family: str
+    num_heads: int
+    points: dict[str, Point]  # kind ("probs", "mixed") -> hook point
+    patches: list[Patch] = field(default_factory=list)
+    block_out: bool = True  # the parent module is a block whose output is the token tensor
+
+
+def _timm_classes() -> tuple[type, ...]:
+    import timm.layers as tl
+    from timm.models import beit, eva
+
+    return tuple(c for c in (getattr(tl, "Attention", None), getattr(tl, "AttentionRope", None),
+                             getattr(beit, "Attention", None), getattr(eva, "EvaAttention", None)) if c is not None)
+
+
+def _ours(m: nn.Module, _path: str) -> Plan | None:
+    if not isinstance(m, OurAttention):
+        return None
+    points = {"probs": Point(m.probs, _output)}
+    if m.reattention:
+        points["mixed"] = Point(m.mixed, _output)
+    return Plan("ours", m.num_heads, points)
+
+
+def _timm(m: nn.Module, _path: str) -> Plan | None:
+    if not isinstance(m, _timm_classes()):
+        return None
+    patches: list[Patch] = [SetAttr(m, "fused_attn", False)] if hasattr(m, "fused_attn") else []
+    return Plan("timm", m.num_heads, {"probs": Point(m.attn_drop, _input0)}, patches)
+
+
+def _timm_cait(m: nn.Module, _path: str) -> Plan | None:
+    from timm.models.cait import TalkingHeadAttn
+
+    if not isinstance(m, TalkingHeadAttn):
+        return None
+    return Plan("timm-cait", m.num_heads, {"probs": Point(m.proj_w, _heads_last_input),
+                                           "mixed": Point(m.attn_drop, _input0)})
+
+
+def _vit_pytorch(m: nn.Module, path: str) -> Plan | None:
+    if not type(m).__module__.startswith("vit_pytorch.") or type(m).__name__ != "Attention":
+        return None
+    if "cls_transformer" in path.split("."):
+        return None  # CaiT class attention: [B, H, 1, N]
+    if isinstance(getattr(m, "attend", None), nn.Softmax):
+        return Plan("vit-pytorch", m.heads, {"probs": Point(m.attend, _output)}, block_out=False)
+    if hasattr(m, "reattn_weights") and isinstance(getattr(m, "dropout", None), nn.Dropout):
+        return Plan("vit-pytorch-deepvit", m.heads, {"probs": Point(m.dropout, _input0),
+                                                     "mixed": Point(m.reattn_norm, _output)}, block_out=False)
+    return None
+
+
+def _hf_root(model: nn.Module, path: str) -> nn.Module | None:
+    """The outermost transformers PreTrainedModel on the way from ``model`` to ``path``."""
+    node = model
+    if hasattr(node, "set_attn_implementation") and hasattr(node, "config"):
+        return node
+    for part in path.split(".")[:-1]:
+        node = getattr(node, part)
+        if hasattr(node, "set_attn_implementation") and hasattr(node, "config"):
+            return node
+    return None
+
+
+def _hf(m: nn.Module, _path: str) -> Plan | None:
+    cls = type(m)
+    if not cls.__module__.startswith("transformers.") or not cls.__name__.endswith("Attention"):
+        return None
+    if not hasattr(getattr(m, "config", None), "_attn_implementation") or not hasattr(m, "num_attention_heads"):
+        return None
+    return Plan("transformers", m.num_attention_heads, {"probs": Point(m, _output1)})  # HfEager added by caller
+
+
+def _mha(m: nn.Module, _path: str) -> Plan | None:
+    if not isinstance(m, nn.MultiheadAttention):
+        return None
+    return Plan("torch-mha", m.num_heads, {"probs": Point(m, _output1)}, [MhaWeights(m)])
+
+
+ADAPTERS: tuple[Callable[[nn.Module, str], Plan | None], ...] = (_ours, _timm_cait, _timm, _vit_pytorch, _hf, _mha)
+LOOKED_FOR = ("collapse_probe Attention; timm Attention/AttentionRope/BEiT/EVA attention and CaiT TalkingHeadAttn; "
+              "vit-pytorch Attention (ViT, CaiT, DeepViT); transformers *Attention modules (ViT, DeiT, DINOv2, ...); "
+              "torch.nn.MultiheadAttention (torchvision vit_b_16)")
+
+
+def match(m: nn.Module, path: str = "") -> Plan | None:
+    """The first adapter's plan for module ``m`` at ``path`` (raw module path), or None."""
+    for adapter in ADAPTERS:
+        plan = adapter(m, path)
+        if plan is not None:
+            return plan
+    return None

@@ -1,0 +1,14 @@
+"""Train ViT / DeepViT models: timm's recipe pieces, one GPU or many (torchrun + DDP), exact resume, collapse tracking.
+
+    python -m collapse_probe.train --preset digits --model deepvit_micro --depth 8 --output runs/deepvit8
+    torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --model deepvit_16b --data-dir /data/imagenet
+
+Modules: config (dataclass + presets), data (datasets, loaders), engine (loop, evaluation, checkpoints),
+state (atomic training state, RNG), baselines (attention reuse / temperature / dropping, cosine regulariser),
+distributed (torchrun environment).
+"""
+from .config import PRESETS, TrainConfig, resolve_config
+from .engine import TrainResult, evaluate, recalibrate_bn, track_collapse, train
+
+__all__ = ["PRESETS", "TrainConfig", "TrainResult", "evaluate", "recalibrate_bn", "resolve_config", "track_collapse",
+           "train"]

@@ -1,0 +1,109 @@
+"""Datasets and loaders for training: an ImageNet-style folder, scikit-learn's digits, and a synthetic set.
+
+    train_set, val_set, num_classes = build_datasets(cfg, data_cfg)   # data_cfg = timm.data.resolve_data_config(...)
+    loader = train_loader(train_set, cfg, rank, world, epoch)           # DistributedSampler, reseeded each epoch
+
+Transforms are timm's ``create_transform`` (RandAugment, random erasing, ...); images reach them as PIL images, so the
+three datasets share one pipeline. Digits: 8x8 grey levels 0..16 -> 0..255, replicated to RGB and upscaled by the
+transform to the model's input size; the validation split is fixed (stratified, seed 0) whatever the training seed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ..errors import BadArgumentError
+from .config import TrainConfig
+
+
+class ArrayImageDataset(Dataset):
+    """uint8 images [N, H, W] or [N, H, W, 3] and int labels [N] served as (transform(PIL RGB image), label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None) -> None:
+        self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.images[i]).convert("RGB")
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+def digits_arrays(val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1797 images, bundled with scikit-learn) split into train / val, uint8 [N, 8, 8]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    xtr, xva, ytr, yva = train_test_split(images, d.target, test_size=val_fraction, random_state=0,
+                                          stratify=d.target)
+    return xtr, ytr, xva, yva
+
+
+def synthetic_arrays(n: int, size: int = 32, num_classes: int = 10, seed: int = 0):
+    """Learnable noise: each class is a fixed random 8x8 pattern (upscaled) plus per-image noise; uint8 [N, S, S, 3]."""
+    g = np.random.default_rng(seed)
+    protos = g.integers(0, 256, size=(num_classes, 8, 8, 3)).astype(np.float32)
+    rep = max(size // 8, 1)
+    protos = protos.repeat(rep, 1).repeat(rep, 2)
+    labels = np.arange(n) % num_classes
+    noise = g.normal(0, 40, size=(n, *protos.shape[1:]))
+    images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def build_datasets(cfg: TrainConfig, train_tf: Callable, val_tf: Callable) -> tuple[Dataset, Dataset, int]:
+    """(train set, val set, number of classes) for ``cfg.dataset``."""
+    if cfg.dataset == "digits":
+        xtr, ytr, xva, yva = digits_arrays(cfg.val_fraction)
+        return ArrayImageDataset(xtr, ytr, train_tf), ArrayImageDataset(xva, yva, val_tf), 10
+    if cfg.dataset == "synthetic":
+        xtr, ytr = synthetic_arrays(cfg.synthetic_size, seed=0)
+        xva, yva = synthetic_arrays(cfg.synthetic_size, seed=1)
+        return ArrayImageDataset(xtr, ytr, train_tf), ArrayImageDataset(xva, yva, val_tf), 10
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.data_dir or "")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise BadArgumentError(f"{root / split} is not a folder; data_dir needs train/ and val/ with one "
+                                   "sub-folder per class (ImageNet layout)")
+    train, val = ImageFolder(str(root / "train"), train_tf), ImageFolder(str(root / "val"), val_tf)
+    if train.classes != val.classes:
+        raise BadArgumentError(f"{root}/train and {root}/val have different class folders")
+    return train, val, len(train.classes)
+
+
+def train_loader(dataset: Dataset, cfg: TrainConfig, rank: int, world: int, epoch: int) -> DataLoader:
+    """Shuffled, sharded (DistributedSampler also for one process), drop_last; the order depends on seed and epoch only.
+
+    Worker processes draw their seeds from the global torch RNG, which the trainer reseeds at every epoch start, so an
+    epoch is reproducible whatever happened before it (exact resume).
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    if len(sampler) < cfg.batch_size:
+        raise BadArgumentError(f"{len(sampler)} training images per process is less than one batch of "
+                               f"{cfg.batch_size}; lower batch_size")
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True,
+                      pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
+
+
+def eval_loader(dataset: Dataset, cfg: TrainConfig, rank: int = 0, world: int = 1) -> DataLoader:
+    """Every ``world``-th image from ``rank`` (no padding, so summed counts over ranks are exact)."""
+    subset = Subset(dataset, list(range(rank, len(dataset), world)))
+    return DataLoader(subset, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers,
+                      pin_memory=cfg.pin_memory and torch.cuda.is_available())
+
+
+def fixed_batch(dataset: Dataset, n: int) -> torch.Tensor:
+    """The first ``n`` images of ``dataset`` as one tensor [n, 3, H, W] (collapse tracking uses the same batch)."""
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])

@@ -1,0 +1,452 @@
+"""Training loop: timm transforms / Mixup / AdamW / cosine schedule / EMA, AMP, DDP, exact resume, collapse tracking.
+
+    from collapse_probe.train import resolve_config, train
+    result = train(resolve_config("digits", model="vit_micro", model_args={"depth": 8}, output="runs/vit8"))
+    result.final_path  # runs/vit8/final.safetensors (better of raw / EMA weights by validation top-1)
+
+Files in ``cfg.output`` (rank 0 writes them):
+    config.json       the resolved config (also inside every checkpoint)
+    last.pt           full training state after the latest epoch (atomic; ``resume=True`` continues from it)
+    log.csv           per epoch: train loss, val loss, top-1, top-5 (raw and EMA), lr, images/s, seconds, similar blocks
+    collapse.csv      per tracked epoch and block: neighbour similarity of the current model on a fixed val batch
+    final.safetensors the exported model with its config and accuracy in the metadata
+
+Per epoch: train -> optional BatchNorm re-calibration -> evaluation -> collapse tracking -> log -> checkpoint. RNG
+states are saved with the checkpoint after all of these, so a resumed run replays exactly what an uninterrupted run
+does next (one process; under DDP every rank's RNG state is gathered and restored too).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoints import atomic_write, create_model, save_checkpoint
+from ..errors import BadArgumentError
+from .baselines import CosineRegularizer, baseline_model_args
+from .config import TrainConfig
+from .data import build_datasets, eval_loader, fixed_batch, train_loader
+from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .state import load_training_state, rng_state, save_training_state, seed_everything, set_rng_state
+
+LOG_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "ema_top1", "ema_top5", "lr", "images_per_s",
+              "epoch_seconds", "similar_blocks"]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # raw (unwrapped) model after the last epoch
+    ema: nn.Module | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)  # eval of the exported weights
+    final_path: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- pieces
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA for "auto" (no loss scaling needed); fp16 uses a GradScaler; None = full precision."""
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise BadArgumentError("amp fp16 needs a CUDA device; use bf16 or none on the CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def _num_classes(cfg: TrainConfig) -> int:
+    if cfg.dataset in ("digits", "synthetic"):
+        return 10
+    root = Path(cfg.data_dir or "") / "train"
+    if not root.is_dir():
+        raise BadArgumentError(f"{root} is not a folder; data_dir needs train/ and val/ (ImageNet layout)")
+    return sum(1 for p in root.iterdir() if p.is_dir())
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    args = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path, "drop_rate": cfg.drop,
+            **baseline_model_args(cfg), **cfg.model_args}
+    return create_model(cfg.model, **args)
+
+
+def build_transforms(cfg: TrainConfig, model: nn.Module):
+    from timm.data import create_transform, resolve_data_config
+
+    dc = resolve_data_config({}, model=model)
+    train_tf = create_transform(
+        dc["input_size"], is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter if cfg.color_jitter else None, auto_augment=cfg.auto_augment,
+        interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"], re_prob=cfg.reprob, re_mode=cfg.remode,
+        re_count=cfg.recount)
+    val_tf = create_transform(dc["input_size"], is_training=False, interpolation=dc["interpolation"],
+                              mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"])
+    return train_tf, val_tf
+
+
+def build_loss(cfg: TrainConfig, num_classes: int):
+    """(mixup_fn or None, training criterion): timm's Mixup / SoftTargetCrossEntropy / LabelSmoothingCrossEntropy."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                      num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, device: torch.device, num_batches: int,
+                   info: DistInfo | None = None, autocast=nullcontext) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``num_batches`` batches (as the official DeepViT trainer does
+    before evaluating): statistics reset, cumulative average (momentum None), only BatchNorm layers in train mode.
+    Under DDP the per-rank estimates are averaged. Returns the number of batches used (0 when there is no BatchNorm).
+    """
+    bns = _bn_modules(model)
+    if not bns or num_batches <= 0:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    used = 0
+    try:
+        for images, _ in batches:
+            if used >= num_batches:
+                break
+            with autocast():
+                model(images.to(device, non_blocking=True))
+            used += 1
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.train(was_training)
+    if info is not None and info.distributed:
+        for bn in bns:
+            for buf in (bn.running_mean, bn.running_var):
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf /= info.world
+    return used
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo, autocast=nullcontext) -> dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 (%) over the whole loader, summed over ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    try:
+        for images, target in loader:
+            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with autocast():
+                out = model(images)
+            out = out.float()
+            k = min(5, out.shape[1])
+            top = out.topk(k, dim=1).indices
+            hit = top.eq(target[:, None])
+            sums += torch.stack([nn.functional.cross_entropy(out, target, reduction="sum").double(),
+                                 hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                                 torch.tensor(float(len(target)), dtype=torch.float64, device=device)])
+    finally:
+        model.train(was_training)
+    sums = all_reduce_sum(sums, info).cpu()
+    n = max(float(sums[3]), 1.0)
+    return {"loss": float(sums[0]) / n, "top1": 100.0 * float(sums[1]) / n, "top5": 100.0 * float(sums[2]) / n,
+            "images": int(sums[3])}
+
+
+def track_collapse(model: nn.Module, images: torch.Tensor, threshold: float = 0.9) -> dict[str, Any]:
+    """Similar-block count and per-block neighbour similarity of ``model`` on one fixed batch [B, 3, H, W].
+
+    Uses the maps that multiply V ("mixed" in Re-attention blocks, else "probs"); both kinds are returned.
+    """
+    from ..probe import probe
+
+    res = probe(model, [images], kinds=("probs", "mixed"), progress=False)
+    out: dict[str, Any] = {}
+    for kind, st in res.attention.items():
+        nb = st.neighbor(1)
+        out[kind] = {"blocks": list(st.blocks), "neighbor": [None if math.isnan(v) else float(v) for v in nb],
+                     "similar_blocks": st.similar_blocks(threshold), "cross_head": [float(v) for v in st.cross_head]}
+    main_kind = "mixed" if "mixed" in out and len(out["mixed"]["blocks"]) == len(out["probs"]["blocks"]) else "probs"
+    out["kind"] = main_kind
+    out["similar_blocks"] = len(out[main_kind]["similar_blocks"])
+    out["similar_ratio"] = out["similar_blocks"] / max(len(out[main_kind]["blocks"]), 1)
+    out["similar_blocks_probs"] = len(out["probs"]["similar_blocks"])
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- logs
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _truncate_csv(path: Path, start_epoch: int) -> None:
+    """Drop rows of epochs >= start_epoch (written before a crash, after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start_epoch]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+    atomic_write(path, write)
+
+
+def _append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+# ---------------------------------------------------------------------------------------------------- main loop
+
+
+def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.dataset``; one process, or one rank of a torchrun job (DDP)."""
+    own_group = info is None
+    info = info or init_distributed(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        if own_group:
+            cleanup()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
+    device = info.device
+    out = Path(cfg.output)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    # same initial weights on every rank; then a per-rank stream for augmentation and drop path
+    seed_everything(cfg.seed)
+    num_classes = _num_classes(cfg)
+    model = build_model(cfg, num_classes)
+    seed_everything(cfg.seed + info.rank)
+    train_tf, val_tf = build_transforms(cfg, model)
+    train_set, val_set, _ = build_datasets(cfg, train_tf, val_tf)
+    track_batch = fixed_batch(val_set, cfg.track_images) if cfg.track_every and info.main else None
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    # AdamW; timm skips weight decay for 1-d parameters (norms, biases) and model.no_weight_decay() (tokens, pos_embed)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
+    steps = len(train_loader(train_set, cfg, info.rank, info.world, 0))
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    scheduler, total_epochs = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=False, updates_per_epoch=steps)
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    mixup_fn, criterion = build_loss(cfg, num_classes)
+    regularizer = CosineRegularizer(model, cfg.cosine_reg, cfg.cosine_reg_pairs) if cfg.cosine_reg > 0 else None
+
+    start_epoch, num_updates, history = 0, 0, []
+    ckpt_path = out / "last.pt"
+    if cfg.resume and ckpt_path.exists():
+        state = load_training_state(ckpt_path)
+        model.load_state_dict(state["model"])
+        if ema is not None and state.get("model_ema") is not None:
+            ema.module.load_state_dict(state["model_ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, num_updates, history = state["epoch"], state["num_updates"], list(state.get("history", []))
+        ranks = state["rng"]
+        set_rng_state(ranks[info.rank] if info.rank < len(ranks) else ranks[0])
+        if info.main:
+            _truncate_csv(out / "log.csv", start_epoch)
+            _truncate_csv(out / "collapse.csv", start_epoch)
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
+    elif cfg.resume and info.main:
+        print(f"--resume: no {ckpt_path} yet, starting from scratch", file=sys.stderr)
+    if info.main:
+        _write_json(out / "config.json", cfg.to_dict())
+
+    train_model: nn.Module = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+                          find_unused_parameters=cfg.attn_reuse_from is not None)  # reusing blocks leave q, k unused
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    val = eval_loader(val_set, cfg, info.rank, info.world)
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, total_epochs):
+        t0 = time.perf_counter()
+        loader = train_loader(train_set, cfg, info.rank, info.world, epoch)
+        train_model.train()
+        loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", file=sys.stderr,
+                   leave=False, disable=not (cfg.progress and info.main))
+        for step, (images, target) in enumerate(bar):
+            if step >= steps:
+                break
+            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if mixup_fn is not None:
+                images, target = mixup_fn(images, target)
+            with autocast():
+                output = train_model(images)
+                loss = criterion(output, target)
+                if regularizer is not None:
+                    loss = loss + regularizer.loss()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            num_updates += 1
+            scheduler.step_update(num_updates=num_updates)
+            if ema is not None:
+                ema.update(model, step=num_updates)
+            loss_sum += loss.detach().double() * len(images)
+            seen += len(images)
+            if cfg.progress and info.main and step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - t0
+        scheduler.step(epoch + 1)
+        tot = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]),
+                             info).cpu()
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(tot[0] / max(float(tot[1]), 1.0)),
+                               "lr": optimizer.param_groups[0]["lr"],
+                               "images_per_s": float(tot[1]) / max(train_seconds, 1e-9)}
+        last = epoch == total_epochs - 1
+        if cfg.bn_recalib_batches and _bn_modules(model):
+            for m in [model] + ([ema.module] if ema is not None else []):
+                recalibrate_bn(m, train_loader(train_set, cfg, info.rank, info.world, epoch), device,
+                               cfg.bn_recalib_batches, info, autocast)
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            metrics = {"raw": evaluate(model, val, device, info, autocast)}
+            row.update(val_loss=metrics["raw"]["loss"], top1=metrics["raw"]["top1"], top5=metrics["raw"]["top5"])
+            if ema is not None:
+                metrics["ema"] = evaluate(ema.module, val, device, info, autocast)
+                row.update(ema_top1=metrics["ema"]["top1"], ema_top5=metrics["ema"]["top5"])
+        if track_batch is not None and (last or (epoch + 1) % cfg.track_every == 0):
+            tracked = track_collapse(model, track_batch.to(device), cfg.track_threshold)
+            row["similar_blocks"] = tracked["similar_blocks"]
+            kind = tracked["kind"]
+            for b, nb in zip(tracked[kind]["blocks"], tracked[kind]["neighbor"]):
+                _append_csv(out / "collapse.csv", ["epoch", "kind", "block", "neighbor_similarity", "similar"],
+                            {"epoch": epoch, "kind": kind, "block": b,
+                             "neighbor_similarity": "" if nb is None else _fmt(nb),
+                             "similar": int(b in tracked[kind]["similar_blocks"])})
+        row["epoch_seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if info.main:
+            _append_csv(out / "log.csv", LOG_FIELDS, {k: _fmt(v) for k, v in row.items()})
+            msg = " ".join(f"{k}={_fmt(v)}" for k, v in row.items())
+            print(msg, file=sys.stderr, flush=True)
+        if last or (epoch + 1) % max(cfg.save_every, 1) == 0:
+            _save(ckpt_path, cfg, info, model, ema, optimizer, scheduler, scaler, epoch + 1, num_updates, history)
+
+    result = TrainResult(_unwrap(model), ema.module if ema is not None else None, history)
+    if info.main and metrics:
+        result.final_path, result.final = _export(out, cfg, model, ema, metrics, total_epochs, track_batch)
+    if regularizer is not None:
+        regularizer.remove()
+    return result
+
+
+def _save(path: Path, cfg: TrainConfig, info: DistInfo, model, ema, optimizer, scheduler, scaler, epoch: int,
+          num_updates: int, history: list[dict[str, Any]]) -> None:
+    rng = [rng_state()]
+    if info.distributed:  # every rank's RNG, so a resumed multi-process run continues each stream
+        rng = [None] * info.world
+        dist.all_gather_object(rng, rng_state())
+    if not info.main:
+        return
+    from ..checkpoints import META_KEY, model_metadata
+
+    state = {
+        "model": model.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": epoch, "num_updates": num_updates, "rng": rng, "config": cfg.to_dict(),
+        "history": [{k: v for k, v in r.items()} for r in history], META_KEY: model_metadata(model),
+    }
+    save_training_state(path, state)
+    _write_json(path.parent / "config.json", cfg.to_dict())
+
+
+def _export(out: Path, cfg: TrainConfig, model, ema, metrics, epochs: int, track_batch) -> tuple[Path, dict]:
+    """final.safetensors: raw or EMA weights, whichever has the better validation top-1 (recorded as "weights")."""
+    which = "ema" if "ema" in metrics and metrics["ema"]["top1"] > metrics["raw"]["top1"] else "raw"
+    chosen = ema.module if which == "ema" else model
+    ev = {"top1": metrics[which]["top1"], "top5": metrics[which]["top5"], "loss": metrics[which]["loss"],
+          "epochs": epochs, "dataset": cfg.dataset, "weights": which, "val_images": metrics[which]["images"]}
+    extra: dict[str, Any] = {"eval": ev, "train_config": cfg.to_dict()}
+    if track_batch is not None:
+        tracked = track_collapse(chosen, track_batch.to(next(chosen.parameters()).device), cfg.track_threshold)
+        extra["collapse"] = {"kind": tracked["kind"], "similar_blocks": tracked["similar_blocks"],
+                             "similar_ratio": tracked["similar_ratio"], "threshold": cfg.track_threshold,
+                             "similar_blocks_probs": tracked["similar_blocks_probs"],
+                             "neighbor": tracked[tracked["kind"]]["neighbor"],
+                             "images": int(track_batch.shape[0])}
+        ev["similar_blocks"] = tracked["similar_blocks"]
+    path = out / "final.safetensors"
+    save_checkpoint(chosen, path, extra=extra)
+    return path, ev

@@ -1,0 +1,178 @@
+"""``collapse-probe audit`` / ``compare``: random-init checkpoints of every family, saved in the layouts and formats we
+read, are audited into complete, self-contained reports; bad input gives one line, an exit code and no output.
+
+    PYTHONPATH=. pytest tests/test_audit.py -q
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from html import escape
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from collapse_probe import __version__
+from collapse_probe.audit import FIGURES, audit, compare, verdict
+from collapse_probe.checkpoints import save_checkpoint
+from collapse_probe.cli import main
+from collapse_probe.errors import MalformedFileError
+from collapse_probe.results import AttentionStats, ProbeResult
+
+from .family_models import FAMILIES, FLAT_LAYOUTS, INFERRED, LAYOUTS, TIMM_FOLDER, make, save_folder, save_weights
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FAST = dict(num_images=2, batch_size=2, progress=False, device="cpu")
+
+
+def _checkpoint(name: str, tmp: pathlib.Path, index: int) -> tuple[pathlib.Path, dict]:
+    """Save family ``name`` the way its users would; inferred families rotate through every layout and format."""
+    model = make(name)
+    if name == "ours":
+        path = tmp / "ours.safetensors"
+        save_checkpoint(model, path)
+        return path, {}
+    if name.startswith("hf-") or name in TIMM_FOLDER:
+        return save_folder(name, model, tmp / name, ("model.safetensors", "pytorch_model.bin")[index % 2]), {}
+    layout = list(LAYOUTS)[index % len(LAYOUTS)]
+    fmt = "safetensors" if layout in FLAT_LAYOUTS and index % 2 else "torch"
+    return save_weights(model.state_dict(), tmp / f"{name}.ckpt", layout, fmt), {"num_heads": INFERRED[name][1]}
+
+
+def _similar_from_matrix(sim: list[list[float]], threshold: float) -> list[int]:
+    """Independent of AttentionStats.neighbor: block i is collapsed when sim[i][i-1] > threshold."""
+    return [i for i in range(1, len(sim)) if sim[i][i - 1] is not None and sim[i][i - 1] > threshold]
+
+
+@pytest.mark.parametrize("index,name", list(enumerate(FAMILIES)))
+def test_audit_every_family_writes_a_complete_report(tmp_path, index, name):
+    path, kw = _checkpoint(name, tmp_path, index)
+    out = tmp_path / "report"
+    metrics = audit(path, out, threshold=0.5, **kw, **FAST)
+    files = {p.name for p in out.iterdir()}
+    assert files == {"report.md", "report.html", "metrics.json", *(f"{f}.png" for f in FIGURES)}
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["tool"]["version"] == __version__ and on_disk["config"]["threshold"] == 0.5
+    assert on_disk["heads_source"] and on_disk["heads_source"] == on_disk["model"]["heads_source"]
+    probs = on_disk["attention"]["probs"]
+    assert len(probs["blocks"]) == on_disk["model"]["depth"] == on_disk["verdict"]["depth"]
+    assert on_disk["verdict"]["collapsed_blocks"] == _similar_from_matrix(probs["similarity"], 0.5)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(FIGURES) and "src='http" not in html
+    assert (out / "report.md").read_text().count("](data:image/png;base64,") == len(FIGURES)
+    for f in FIGURES:
+        assert (out / f"{f}.png").read_bytes().startswith(PNG)
+    assert str(on_disk["model"]["num_heads"]) in html and escape(on_disk["heads_source"]) in html
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.")]  # no temp folder left
+
+
+def _stats(sim: np.ndarray, cross: list[float]) -> AttentionStats:
+    n = len(sim)
+    return AttentionStats(kind="probs", blocks=list(range(n)), names=[f"blocks.{i}.attn.probs" for i in range(n)],
+                          threshold=0.9, similarity=sim, ratio=sim, head_similarity=np.zeros((n, 2, 2)),
+                          cross_head=np.array(cross), effective_rank=np.ones(n), energy_rank=np.ones(n))
+
+
+def test_verdict_names_collapsed_blocks_onset_and_redundant_heads():
+    sim = np.eye(6)
+    for i, v in enumerate([0.2, 0.95, 0.3, 0.92, 0.97], start=1):  # block i vs block i-1
+        sim[i, i - 1] = sim[i - 1, i] = v
+    result = ProbeResult({"probs": _stats(sim, [0.1, 0.1, 0.95, 0.96, 0.2, 0.1])},
+                         images={"count": 3, "source": "test"}, model={"depth": 6})
+    vd = verdict(result, threshold=0.9)
+    assert vd["collapsed_blocks"] == [2, 4, 5] and vd["collapse_onset"] == 4
+    assert vd["redundant_head_blocks"] == [2, 3]
+    text = " ".join(vd["text"])
+    assert "3 of 6 blocks are collapsed" in text and "From block 4" in text and "reuse block 3's" in text
+    assert "Blocks 2 repeat" in text and "In blocks 2-3 all heads" in text
+    none = verdict(ProbeResult({"probs": _stats(np.eye(3), [0.0] * 3)}, images={}, model={"depth": 3}), 0.9)
+    assert none["collapsed_blocks"] == [] and none["collapse_onset"] is None and "No collapsed block" in none["text"][0]
+
+
+def test_failed_audit_leaves_no_output_and_reports_replace_atomically(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint at all" * 10)
+    out = tmp_path / "out"
+    with pytest.raises(MalformedFileError):
+        audit(bad, out, **FAST)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["garbage.pt"]
+    good = tmp_path / "m.safetensors"
+    save_checkpoint(make("ours"), good)
+    audit(good, out, **FAST)
+    (out / "stale.txt").write_text("from an older run")
+    audit(good, out, threshold=0.5, **FAST)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "metrics.json").read_text())["config"]["threshold"] == 0.5
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(Exception, match="not a collapse-probe report"):
+        audit(good, foreign, **FAST)
+    assert [p.name for p in foreign.iterdir()] == ["holiday.jpg"]
+
+
+def test_compare_side_by_side(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.pt"
+    save_checkpoint(make("ours"), a)
+    save_weights(make("timm-beit").state_dict(), b, "state_dict_ema", "torch")
+    table, results = compare([a, b], tmp_path / "cmp", **FAST)
+    lines = table.splitlines()
+    assert lines[0].startswith("| checkpoint |") and "a.safetensors" in lines[2] and "b.pt" in lines[3]
+    assert "relative-position table" in lines[3]
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.md", "compare.html", "curves.png",
+                                                              "metrics.json"}
+    saved = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
+    assert set(saved["checkpoints"]) == {"a.safetensors", "b.pt"}
+    assert saved["checkpoints"]["b.pt"]["model"]["key"] == "state_dict_ema"
+    depth_a = saved["checkpoints"]["a.safetensors"]["model"]["depth"]
+    assert f"| {depth_a} |" in lines[2] and len(results) == 2
+
+
+class _Payload:
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_exit_codes_and_one_line_errors(tmp_path):
+    garbage, truncated, evil = tmp_path / "g.bin", tmp_path / "t.safetensors", tmp_path / "evil.pt"
+    garbage.write_bytes(b"\x13\x37" * 64)
+    full = save_weights(make("timm-vit").state_dict(), tmp_path / "full.safetensors", "bare", "safetensors")
+    truncated.write_bytes(full.read_bytes()[:1000])
+    marker = tmp_path / "payload_ran"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Payload(marker)}, evil)
+    out = tmp_path / "out"
+    for path, code in ((garbage, 4), (truncated, 4), (evil, 3), (tmp_path / "missing.pt", 2)):
+        r = _cli("audit", str(path), "-o", str(out), "--no-progress")
+        assert r.exit_code == code, r.output
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.output
+        assert not out.exists()
+    assert not marker.exists()
+    r = _cli("audit", str(full), "-o", str(out), "--mean", "0.5,x", "--std", "1,1,1")
+    assert r.exit_code == 2 and not out.exists()
+
+
+def test_cli_audit_and_compare(tmp_path):
+    m = tmp_path / "m.safetensors"
+    save_checkpoint(make("ours"), m)
+    v = save_weights(make("vit-pytorch-deepvit").state_dict(), tmp_path / "v.pt", "model_ema", "torch")
+    r = _cli("audit", str(v), "-o", str(tmp_path / "rep"), "--num-images", "2", "--no-progress", "--mean",
+             "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert saved["model"]["data_source"] == "--mean/--std" and "re-attention matrix" in r.stderr
+    assert "mixed" in saved["attention"] and not math.isnan(saved["attention"]["probs"]["cross_head"][0])
+    r = _cli("compare", str(m), str(v), "--num-images", "2", "--no-progress")
+    assert r.exit_code == 0 and "m.safetensors" in r.stdout and "v.pt" in r.stdout
+    r = _cli("compare", str(m), "--no-progress")
+    assert r.exit_code == 2 and "at least two" in r.stderr
