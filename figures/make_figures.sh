@@ -9,5 +9,6 @@
 # they were evaluated on (builtin:digits), not with photographs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+# the project virtualenv (make demo / make test create it) if there is one, else the python on PATH
+if [ -x .venv/bin/python ]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
 exec "$PYTHON" -m collapse_probe figures --checkpoints checkpoints --output figures --images builtin:digits "$@"
