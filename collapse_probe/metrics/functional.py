@@ -9,7 +9,9 @@ A zero column has no direction; its cosine with anything is defined as 0.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,13 +78,30 @@ def cross_head_similarity(attn: torch.Tensor) -> float:
     return mean_off_diagonal(head_similarity_matrix(attn))
 
 
+@contextlib.contextmanager
+def _single_thread(active: bool = True) -> Iterator[None]:
+    """Run the body with one intra-op thread. MKL's threaded SVD of many small (~200 x 200) matrices is ~10x slower
+    than the sequential one when the cores are shared (measured 89 vs 7.4 ms per 197 x 197 map on the 2-core dev box;
+    benchmarks/README.md)."""
+    n = torch.get_num_threads()
+    if not active or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def singular_value_ranks(attn: torch.Tensor, energy: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., N, N] -> (effective rank, energy rank), both [...].
 
     Effective rank (Roy & Vetterli 2007): exp of the entropy of sigma / sum(sigma). Energy rank: the number of
     singular values needed for ``energy`` of sum(sigma^2). Uniform attention (all rows equal) has rank 1 in both.
     """
-    s = torch.linalg.svdvals(attn.float())
+    with _single_thread(attn.device.type == "cpu"):
+        s = torch.linalg.svdvals(attn.float())
     p = s / s.sum(-1, keepdim=True).clamp_min(EPS)
     entropy = -(p * torch.log(p.clamp_min(EPS))).sum(-1)
     e = s.square()
