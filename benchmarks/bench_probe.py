@@ -93,8 +93,8 @@ def _naive(model, batches, kinds, rank_images: int, device):
 
 
 def child(args) -> dict:
-    import torch
     import timm
+    import torch
 
     import collapse_probe  # noqa: F401  (registers our models)
     from collapse_probe.probe import STORAGE_DTYPES, probe
@@ -198,8 +198,8 @@ def print_table(summary: dict, args) -> None:
     mem_key = "peak_cuda" if args.device.startswith("cuda") else "peak_rss"
     print(f"\n{args.images} images at the model's input size, batch {args.batch}, device {args.device}, "
           f"rank on first {args.rank_images} images, storage {args.storage}, kinds {args.kinds}")
-    print(f"| model | mode | images | median s (min-max) | images/s | peak {'GPU' if mem_key == 'peak_cuda' else 'RSS'} "
-          "GiB | RSS before GiB |")
+    peak = "GPU" if mem_key == "peak_cuda" else "RSS"
+    print(f"| model | mode | images | median s (min-max) | images/s | peak {peak} GiB | RSS before GiB |")
     print("|---|---|---|---|---|---|---|")
     for model, s in summary.items():
         for mode, r in s["modes"].items():

@@ -208,7 +208,8 @@ def probe(
     num_heads = getattr(attns[0][1], "num_heads", None) if attns else None
     rank_cap = rank_images
     if rank_images is not None and distributed.active():
-        rank_cap = distributed.shard_count(rank_images, torch.distributed.get_rank(), torch.distributed.get_world_size())
+        dist = torch.distributed
+        rank_cap = distributed.shard_count(rank_images, dist.get_rank(), dist.get_world_size())
     collector = CollapseCollector([h.site for h in hooks], threshold, rank_cap, storage_dtype, num_heads)
     was_training = model.training
     model.eval()
