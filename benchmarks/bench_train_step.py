@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_train_step.py                     # CPU fp32, 32 blocks, 224 px, batch 8
     PYTHONPATH=. python benchmarks/bench_train_step.py --quick             # 8 blocks, 112 px, batch 4
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cuda --bf16 --compile --batch 64
+    PYTHONPATH=. python benchmarks/bench_train_step.py --unfused      # ViT also builds its maps (no fused SDPA)
 
 One step = forward + cross-entropy + backward + AdamW step (timm's ``create_optimizer_v2``, weight decay 0.05, not on
 norms/biases), on random images and labels. Both models are built from our presets (``vit_32b`` / ``deepvit_32b``,
@@ -36,6 +37,10 @@ def build(name: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     overrides = {k: v for k, v in (("depth", args.depth), ("img_size", args.img_size)) if v is not None}
     model = timm.create_model(name, **overrides).to(args.device).train()
+    if args.unfused:  # every attention builds its [B, H, N, N] map, as Re-attention must (same as TIMM_FUSED_ATTN=0)
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
     opt = create_optimizer_v2(model, "adamw", lr=5e-4, weight_decay=0.05)
     if args.compile:
         model = torch.compile(model)
@@ -61,6 +66,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     ap.add_argument("--compile", action="store_true", help="torch.compile the models")
+    ap.add_argument("--unfused", action="store_true", help="no fused SDPA anywhere (baseline ViT materialises maps)")
     ap.add_argument("--quick", action="store_true", help="depth 8, 112 px, batch 4, 2 rounds")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_train_step.json")
     args = ap.parse_args(argv)
@@ -89,7 +95,9 @@ def main(argv=None) -> None:
     base, cand = names[0], names[-1]
     ratio = rows[cand]["median_s"] / rows[base]["median_s"]
     cfg = (f"depth {args.depth or 'preset'}, {size} px, batch {args.batch}, device {args.device}, "
-           f"{'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}, {args.steps} steps x "
+           f"{'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}"
+           f"{', unfused attention' if args.unfused or os.environ.get('TIMM_FUSED_ATTN') == '0' else ''}, "
+           f"{args.steps} steps x "
            f"{args.rounds} rounds, load {os.getloadavg()[0]:.1f}")
     print(f"\ntrain step (forward + backward + AdamW): {cfg}")
     print("| model | s/step median (min-max) | images/s |")
