@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/bench_train_step.py --quick             # 8 blocks, 112 px, batch 4
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cuda --bf16 --compile --batch 64
     PYTHONPATH=. python benchmarks/bench_train_step.py --unfused      # ViT also builds its maps (no fused SDPA)
+    PYTHONPATH=. python benchmarks/bench_train_step.py --theta-einsum # Re-attention's Theta as an einsum, not Conv2d
 
 One step = forward + cross-entropy + backward + AdamW step (timm's ``create_optimizer_v2``, weight decay 0.05, not on
 norms/biases), on random images and labels. Both models are built from our presets (``vit_32b`` / ``deepvit_32b``,
@@ -33,6 +34,21 @@ import collapse_probe  # noqa: F401  (registers the presets)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def einsum_theta(model: torch.nn.Module) -> int:
+    """Run each Re-attention head-mixing 1x1 Conv2d as the equivalent einsum over the head axis (same parameters),
+    to measure what the convolution kernel costs; returns how many were replaced."""
+    count = 0
+    for m in model.modules():
+        conv = getattr(m, "theta", None)
+        if isinstance(conv, torch.nn.Conv2d):
+            def forward(x: torch.Tensor, conv: torch.nn.Conv2d = conv) -> torch.Tensor:
+                y = torch.einsum("gh,bhij->bgij", conv.weight[:, :, 0, 0], x)  # [B, H, N, N]
+                return y if conv.bias is None else y + conv.bias.view(1, -1, 1, 1)
+            conv.forward = forward
+            count += 1
+    return count
+
+
 def build(name: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     overrides = {k: v for k, v in (("depth", args.depth), ("img_size", args.img_size)) if v is not None}
@@ -41,6 +57,8 @@ def build(name: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         for m in model.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False
+    if args.theta_einsum:
+        einsum_theta(model)
     opt = create_optimizer_v2(model, "adamw", lr=5e-4, weight_decay=0.05)
     if args.compile:
         model = torch.compile(model)
@@ -67,6 +85,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     ap.add_argument("--compile", action="store_true", help="torch.compile the models")
     ap.add_argument("--unfused", action="store_true", help="no fused SDPA anywhere (baseline ViT materialises maps)")
+    ap.add_argument("--theta-einsum", action="store_true", help="Re-attention's Theta as an einsum, not a Conv2d")
     ap.add_argument("--quick", action="store_true", help="depth 8, 112 px, batch 4, 2 rounds")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_train_step.json")
     args = ap.parse_args(argv)
@@ -96,7 +115,8 @@ def main(argv=None) -> None:
     ratio = rows[cand]["median_s"] / rows[base]["median_s"]
     cfg = (f"depth {args.depth or 'preset'}, {size} px, batch {args.batch}, device {args.device}, "
            f"{'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}"
-           f"{', unfused attention' if args.unfused or os.environ.get('TIMM_FUSED_ATTN') == '0' else ''}, "
+           f"{', unfused attention' if args.unfused or os.environ.get('TIMM_FUSED_ATTN') == '0' else ''}"
+           f"{', Theta as einsum' if args.theta_einsum else ''}, "
            f"{args.steps} steps x "
            f"{args.rounds} rounds, load {os.getloadavg()[0]:.1f}")
     print(f"\ntrain step (forward + backward + AdamW): {cfg}")
