@@ -23,3 +23,5 @@ timeout 90 $PY benchmarks/bench_train_step.py --device cuda --bf16 --batch 64 --
     --out "$OUT/bench_train_step_cuda_bf16.json" 2>&1 | tee "$OUT/bench_train_step_cuda_bf16.txt"
 timeout 180 $PY benchmarks/bench_train_step.py --device cuda --bf16 --compile --batch 64 --steps 5 --rounds 3 \
     --out "$OUT/bench_train_step_cuda_bf16_compile.json" 2>&1 | tee "$OUT/bench_train_step_cuda_bf16_compile.txt"
+timeout 90 $PY benchmarks/bench_train_step.py --device cuda --bf16 --unfused --theta-einsum --batch 64 --steps 5 \
+    --rounds 3 --out "$OUT/bench_train_step_cuda_bf16_unfused_einsum.json" 2>&1 | tee "$OUT/bench_train_step_einsum.txt"
