@@ -17,8 +17,8 @@ for f, name in ((torch.linalg.svdvals, "svdvals"),):
     f(a); torch.cuda.synchronize(); t = time.perf_counter(); f(a); torch.cuda.synchronize()
     print(f"{name}: {(time.perf_counter() - t) / 384 * 1e3:.3f} ms per 197x197 map (batch of 384)")
 PYEOF
-timeout 330 $PY benchmarks/bench_probe.py --device cuda --images 256 --batch 64 --repeats 2 --timeout 150 \
-    --out "$OUT/bench_probe_cuda.json" 2>&1 | tee "$OUT/bench_probe_cuda.txt"
+timeout 150 $PY benchmarks/bench_probe.py --device cuda --images 256 --batch 64 --repeats 1 --rank-images 2 \
+    --modes forward,probe,norank,naive --timeout 60 --out "$OUT/bench_probe_cuda.json" 2>&1 | tee "$OUT/bench_probe_cuda.txt"
 timeout 90 $PY benchmarks/bench_train_step.py --device cuda --bf16 --batch 64 --steps 5 --rounds 3 \
     --out "$OUT/bench_train_step_cuda_bf16.json" 2>&1 | tee "$OUT/bench_train_step_cuda_bf16.txt"
 timeout 180 $PY benchmarks/bench_train_step.py --device cuda --bf16 --compile --batch 64 --steps 5 --rounds 3 \
