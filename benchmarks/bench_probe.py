@@ -236,7 +236,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.models, args.images, args.repeats, args.batch = "vit_micro,deepvit_micro", 16, 1, 8
     models, modes = args.models.split(","), args.modes.split(",")
-    runs = []
+    runs, load_before = [], os.getloadavg()
     for rep in range(args.repeats):
         for model in models:
             for mode in modes:
@@ -252,7 +252,8 @@ def main(argv=None) -> None:
 
     info = {"args": {k: str(v) for k, v in vars(args).items()}, "python": platform.python_version(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_before": os.getloadavg(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "load_before": load_before, "load_after": os.getloadavg(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"info": info, "summary": summary, "runs": runs}, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)
