@@ -129,8 +129,13 @@ def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
               help="Heads, when the file cannot show them (see the heads rule in the README).")
 @click.option("--mean", callback=_floats, metavar="M,M,M", help="Input mean (with --std).")
 @click.option("--std", callback=_floats, metavar="S,S,S", help="Input std (with --mean).")
+@click.option("--max-memory", metavar="SIZE", help="Split batches so the probe's tensors fit, e.g. 2GiB (estimate: "
+              "params + per-image maps of every block; see benchmarks/README.md).")
+@click.option("--storage", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Precision of the per-batch maps kept for the all-pairs similarity (float16: half the memory, "
+              "cosine error < 1e-3).")
 def similarity(checkpoint, model_name, threshold, images, num_images, batch_size, reduction, neighbors, fmt, output,
-               device, rank_images, key, trust_pickle, progress, num_heads, mean, std):
+               device, rank_images, key, trust_pickle, progress, num_heads, mean, std, max_memory, storage):
     """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
 
     \b
@@ -138,14 +143,17 @@ def similarity(checkpoint, model_name, threshold, images, num_images, batch_size
       collapse-probe similarity checkpoints/deepvit_micro_d16.safetensors
       collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --threshold 0.9
       collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 --format json -o sim.json
+      torchrun --nproc-per-node 2 -m collapse_probe similarity ckpt.pt --max-memory 2GiB -o sim.json
     """
+    from .distributed import is_main
     from .probe import probe_checkpoint
     from .report import render
 
     result = probe_checkpoint(checkpoint, model_name, images, num_images, batch_size, threshold, reduction, neighbors,
                               device, trust_pickle, key, rank_images, progress=progress, num_heads=num_heads,
-                              mean=mean, std=std)
-    emit(render(result, fmt, threshold, neighbors, reduction), output)
+                              mean=mean, std=std, max_memory=max_memory, storage=storage)
+    if is_main():  # under torchrun every rank holds the all-reduced result; one writes it
+        emit(render(result, fmt, threshold, neighbors, reduction), output)
 
 
 def _probe_options(f):

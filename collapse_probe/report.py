@@ -74,6 +74,9 @@ def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str
         listed = ", ".join(map(str, s["similar_blocks"])) or "none"
         foot.append(f"{kind}: {s['count']} similar blocks of {result.depth} (ratio {s['ratio']:.3f}; {reduction} "
                     f"similarity with previous {k} > {threshold}): {listed}")
+    for f in result.findings:
+        foot.append(f"WARNING {f['name']} ({f['kind']}, block {f['block']}): {f['nonfinite_values']} {f['problem']} "
+                    f"in {f['images']} image(s); {f['action']}")
     return "\n".join(head + lines + foot)
 
 

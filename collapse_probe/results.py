@@ -105,13 +105,19 @@ class FeatureStats:
 
 @dataclass
 class ProbeResult:
-    """Everything one probe run measured, plus what it ran on (``model``, ``images``) and the settings used."""
+    """Everything one probe run measured, plus what it ran on (``model``, ``images``) and the settings used.
+
+    ``findings``: problems seen per site, e.g. ``{"name": "blocks.5.attn.probs", "kind": "probs", "block": 5,
+    "problem": "non-finite values", "nonfinite_values": 2352, "images": 2, "action": ...}``; those images are left out
+    of that block's numbers rather than averaged in.
+    """
 
     attention: dict[str, AttentionStats]
     features: FeatureStats | None = None
     model: dict[str, Any] = field(default_factory=dict)
     images: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def depth(self) -> int:
@@ -132,6 +138,7 @@ class ProbeResult:
                         for k in self.attention},
             "attention": {k: v.to_dict() for k, v in self.attention.items()},
             "features": self.features.to_dict() if self.features else None,
+            "findings": self.findings,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -143,6 +150,7 @@ class ProbeResult:
             attention={k: AttentionStats.from_dict(v) for k, v in d["attention"].items()},
             features=FeatureStats.from_dict(d["features"]) if d.get("features") else None,
             model=d.get("model", {}), images=d.get("images", {}), settings=d.get("settings", {}),
+            findings=list(d.get("findings") or []),
         )
 
     @classmethod
