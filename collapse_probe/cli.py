@@ -99,65 +99,8 @@ def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--model", "model_name", metavar="NAME",
-              help="timm architecture name; needed for timm/third-party state dicts, optional for ours.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
-              help="A block is similar when its similarity with the previous block(s) exceeds this.")
-@click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
-              help="Folder of images (recursive), or builtin:photos (default: scikit-image's photographs) or "
-              "builtin:digits (scikit-learn digits).")
-@click.option("--num-images", type=click.IntRange(min=1), metavar="N",
-              help="Images to use (default: all in DIR, or the 17 bundled photos; more adds seeded crops).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--reduction", type=click.Choice(["mean", "ratio"]), default="mean", show_default=True,
-              help="mean: mean column cosine; ratio: fraction of column cosines above the threshold.")
-@click.option("--neighbors", "-k", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Compare each block with the mean over this many previous blocks.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--rank-images", type=click.IntRange(min=1), metavar="N",
-              help="Cap the images used for the (SVD-based) attention rank; default all.")
-@click.option("--key", help="Entry of a training checkpoint that holds the weights (default: first of state_dict, "
-              "model, ...).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow full pickle for this run. Unpickling can execute arbitrary code: only for files you trust.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-@click.option("--num-heads", type=click.IntRange(min=1), metavar="N",
-              help="Heads, when the file cannot show them (see the heads rule in the README).")
-@click.option("--mean", callback=_floats, metavar="M,M,M", help="Input mean (with --std).")
-@click.option("--std", callback=_floats, metavar="S,S,S", help="Input std (with --mean).")
-@click.option("--max-memory", metavar="SIZE", help="Split batches so the probe's tensors fit, e.g. 2GiB (estimate: "
-              "params + per-image maps of every block; see benchmarks/README.md).")
-@click.option("--storage", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Precision of the per-batch maps kept for the all-pairs similarity (float16: half the memory, "
-              "cosine error < 1e-3).")
-def similarity(checkpoint, model_name, threshold, images, num_images, batch_size, reduction, neighbors, fmt, output,
-               device, rank_images, key, trust_pickle, progress, num_heads, mean, std, max_memory, storage):
-    """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
-
-    \b
-    Examples:
-      collapse-probe similarity checkpoints/deepvit_micro_d16.safetensors
-      collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --threshold 0.9
-      collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 --format json -o sim.json
-      torchrun --nproc-per-node 2 -m collapse_probe similarity ckpt.pt --max-memory 2GiB -o sim.json
-    """
-    from .distributed import is_main
-    from .probe import probe_checkpoint
-    from .report import render
-
-    result = probe_checkpoint(checkpoint, model_name, images, num_images, batch_size, threshold, reduction, neighbors,
-                              device, trust_pickle, key, rank_images, progress=progress, num_heads=num_heads,
-                              mean=mean, std=std, max_memory=max_memory, storage=storage)
-    if is_main():  # under torchrun every rank holds the all-reduced result; one writes it
-        emit(render(result, fmt, threshold, neighbors, reduction), output)
-
-
 def _probe_options(f):
-    """Options shared by ``audit`` and ``compare``: how to read the checkpoint(s) and what to run them on."""
+    """Options shared by ``similarity``, ``audit`` and ``compare``: how to read checkpoints and what to run them on."""
     options = [
         click.option("--model", "model_name", metavar="NAME", help="timm architecture name; wins over anything in "
                      "the file. Default: the file's metadata, else inferred from the weight shapes."),
@@ -165,25 +108,62 @@ def _probe_options(f):
                      help="Heads, when the file cannot show them (see the heads rule in the README)."),
         click.option("--mean", callback=_floats, metavar="M,M,M", help="Input normalisation mean (with --std)."),
         click.option("--std", callback=_floats, metavar="S,S,S", help="Input normalisation std (with --mean)."),
-        click.option("--key", help="Entry of a training checkpoint that holds the weights (e.g. state_dict_ema)."),
+        click.option("--key", help="Entry of a training checkpoint that holds the weights (default: the first of "
+                     "state_dict, model, module, state_dict_ema, model_ema, teacher, student)."),
         click.option("--trust-pickle", is_flag=True, help="Allow full pickle for this run. Unpickling can execute "
                      "arbitrary code: only for files you trust."),
         click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
-                     help="Folder of images (recursive), or builtin:photos (default: scikit-image's "
-                     "photographs) or builtin:digits (scikit-learn digits)."),
-        click.option("--num-images", type=click.IntRange(min=1), metavar="N", help="Images to use."),
+                     help="Folder of images (recursive), or builtin:photos (default: scikit-image's photographs) "
+                     "or builtin:digits (scikit-learn digits)."),
+        click.option("--num-images", type=click.IntRange(min=1), metavar="N",
+                     help="Images to use (default: all in DIR or the set; for photos, more adds seeded crops)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
-                     help="A block is collapsed when its similarity with the previous block(s) exceeds this."),
-        click.option("--neighbors", "-k", type=click.IntRange(min=1), default=1, show_default=True),
-        click.option("--reduction", type=click.Choice(["mean", "ratio"]), default="mean", show_default=True),
-        click.option("--rank-images", type=click.IntRange(min=1), metavar="N", help="Cap the images used for rank."),
+                     help="A block is similar (collapsed) when its similarity with the previous block(s) exceeds "
+                     "this."),
+        click.option("--neighbors", "-k", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Compare each block with the mean over this many previous blocks."),
+        click.option("--reduction", type=click.Choice(["mean", "ratio"]), default="mean", show_default=True,
+                     help="mean: mean column cosine; ratio: fraction of column cosines above the threshold."),
+        click.option("--rank-images", type=click.IntRange(min=1), metavar="N",
+                     help="Cap the images used for the (SVD-based) attention rank; default all."),
+        click.option("--max-memory", metavar="SIZE", help="Split batches so the probe's tensors fit, e.g. 2GiB "
+                     "(estimate: params + per-image maps of every block; see benchmarks/README.md)."),
+        click.option("--storage", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+                     show_default=True, help="Precision of the per-batch maps kept for the all-pairs similarity "
+                     "(float16: half the memory, cosine error < 1e-3)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")
+@_probe_options
+def similarity(checkpoint, fmt, output, **kwargs):
+    """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
+
+    CHECKPOINT is a safetensors or torch file, or a HuggingFace / timm model folder. Under
+    `torchrun --nproc-per-node N -m collapse_probe similarity ...` the images are sharded across ranks.
+
+    \b
+    Examples:
+      collapse-probe similarity checkpoints/vit_micro_d32.safetensors --images builtin:digits
+      collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --threshold 0.9
+      collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 --format json -o sim.json
+    """
+    from .distributed import is_main
+    from .probe import probe_checkpoint
+    from .report import render
+
+    result = probe_checkpoint(checkpoint, **kwargs)
+    if is_main():  # under torchrun every rank holds the all-reduced result; one writes it
+        emit(render(result, fmt, kwargs["threshold"], kwargs["neighbors"], kwargs["reduction"]), output)
 
 
 @main.command(context_settings=CONTEXT)
