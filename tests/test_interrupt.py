@@ -77,7 +77,21 @@ def _torch_ok(path: Path) -> bool:
         return False
 
 
+def _figures(tmp: Path) -> tuple[list[str], list[Path]]:
+    ckpts = tmp / "ckpts"
+    for name, depth in (("vit_micro", 2), ("deepvit_micro", 3)):
+        save_checkpoint(create_model(name, depth=depth), ckpts / f"{name}_d{depth}.safetensors")
+    out = tmp / "figs"
+    return ["figures", "-c", str(ckpts), "--num-images", "5000", "--batch-size", "8", "--no-pdf", "-o", str(out)], \
+        [out]
+
+
+def _figures_ok(path: Path) -> bool:
+    return path.is_dir() and (path / "summary.csv").is_file() and any(path.glob("*.png"))
+
+
 COMMANDS: dict[str, Command] = {
+    "figures": Command(_figures, busy="probing", complete=_figures_ok),
     "similarity": Command(_similarity, busy="probing", complete=_json_ok),
     "audit": Command(_audit, busy="probing", complete=_report_ok),
     "train": Command(_train, busy="epoch 2/", complete=_torch_ok),
@@ -118,6 +132,7 @@ def test_interrupt_leaves_complete_output_or_none(command: str, sig: signal.Sign
         assert not out.exists() or spec.complete(out), f"partial output {out}"
         if out.parent.exists():
             assert [p for p in out.parent.iterdir() if p.name.endswith(".tmp")] == [], "temporary file left"
+            assert [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == [], "staging left"
 
 
 def test_atomic_write_interrupted_leaves_nothing(tmp_path: Path) -> None:
