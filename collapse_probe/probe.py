@@ -194,20 +194,23 @@ def probe(
     storage_dtype: torch.dtype = torch.float32,
     progress: bool = True,
     max_memory: int | str | None = None,
+    all_reduce: bool = False,
 ) -> ProbeResult:
     """Measure collapse of ``model`` over ``loader`` (batches of images [B, 3, H, W], or (images, labels)).
 
     The model is switched to eval mode (dropout and BatchNorm statistics frozen) and restored afterwards.
     ``max_memory`` (bytes or "2GiB"): split each loader batch into chunks that fit (``fit_batch``).
-    Under torchrun (``distributed.init`` called, loader sharded) the sums are all-reduced over the ranks at the end and
-    ``rank_images`` stays a global cap (each rank takes its share of the first ``rank_images`` images).
+    ``all_reduce``: every rank of an initialised process group probes its shard of the images and the sums are
+    all-reduced at the end (every rank must call); ``rank_images`` stays a global cap (each rank takes its share of the
+    first ``rank_images`` images). Off by default, so one rank can probe alone (e.g. the trainer's collapse tracking).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     hooks, _ = find_sites(model, kinds)
     attns = attention_modules(model)
     num_heads = getattr(attns[0][1], "num_heads", None) if attns else None
     rank_cap = rank_images
-    if rank_images is not None and distributed.active():
+    all_reduce = all_reduce and distributed.active()
+    if rank_images is not None and all_reduce:
         dist = torch.distributed
         rank_cap = distributed.shard_count(rank_images, dist.get_rank(), dist.get_world_size())
     collector = CollapseCollector([h.site for h in hooks], threshold, rank_cap, storage_dtype, num_heads)
@@ -226,7 +229,8 @@ def probe(
                     collector.end_batch()
     finally:
         model.train(was_training)
-    distributed.all_reduce_sums(collector.accumulators(), device)
+    if all_reduce:
+        distributed.all_reduce_sums(collector.accumulators(), device)
     result = collector.result()
     result.settings = {"threshold": threshold, "rank_images": rank_images, "storage_dtype": str(storage_dtype),
                        "max_memory": max_memory, "max_batch": max_batch}
@@ -290,7 +294,7 @@ def probe_checkpoint(
     loader, image_info = image_loader(model, images, num_images, batch_size, workers)
     result = probe(model.to(dev), distributed.shard_loader(loader), threshold=threshold, device=dev,
                    rank_images=rank_images, storage_dtype=STORAGE_DTYPES[storage],
-                   progress=progress and distributed.is_main(), max_memory=max_memory)
+                   progress=progress and distributed.is_main(), max_memory=max_memory, all_reduce=True)
     result.model, result.images = info, image_info
     result.settings.update(reduction=reduction, neighbors=neighbors, batch_size=batch_size, device=str(dev),
                            storage_dtype=storage, world_size=world)
