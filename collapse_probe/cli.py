@@ -125,8 +125,9 @@ def _probe_options(f):
                      help="Compare each block with the mean over this many previous blocks."),
         click.option("--reduction", type=click.Choice(["mean", "ratio"]), default="mean", show_default=True,
                      help="mean: mean column cosine; ratio: fraction of column cosines above the threshold."),
-        click.option("--rank-images", type=click.IntRange(min=1), metavar="N",
-                     help="Cap the images used for the (SVD-based) attention rank; default all."),
+        click.option("--rank-images", type=click.IntRange(min=0), default=16, show_default=True, metavar="N",
+                     callback=lambda _c, _p, v: v or None,
+                     help="Images whose maps enter the (SVD-based) attention rank, the costly metric; 0: all."),
         click.option("--max-memory", metavar="SIZE", help="Split batches so the probe's tensors fit, e.g. 2GiB "
                      "(estimate: params + per-image maps of every block; see benchmarks/README.md)."),
         click.option("--storage", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",

@@ -54,6 +54,7 @@ def test_deepvit_reports_probs_and_mixed_as_json(deepvit_ckpt):
     assert len(sim) == 3 and all(len(r) == 3 for r in sim)
     assert data["model"]["architecture"] == "deepvit_micro" and data["images"]["count"] == 3
     assert "summary" in data and data["summary"]["probs"]["depth"] == 3
+    assert data["settings"]["rank_images"] == 16  # the costly SVD rank is capped by default on the command line
 
 
 def test_csv_to_output_file(tmp_path, deepvit_ckpt):
