@@ -102,11 +102,11 @@ def verdict(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: 
 
 
 def _figures(result: ProbeResult, threshold: float, k: int, reduction: str) -> dict[str, bytes]:
-    from .report_figures import block_curves, cross_head_plot, figure_png, rank_plot, similarity_heatmap
+    from .plots.report import figure_png, plot_block_curves, plot_cross_head_bars, plot_heatmap, plot_rank
 
-    st = result.attention["probs"]
-    axes = {"similarity_heatmap": similarity_heatmap(st, reduction), "block_curves": block_curves(
-        result, threshold, k, reduction), "rank": rank_plot(st), "cross_head": cross_head_plot(st)}
+    axes = {"similarity_heatmap": plot_heatmap(result, "probs", reduction),
+            "block_curves": plot_block_curves(result, threshold, k, reduction),
+            "rank": plot_rank(result, "probs"), "cross_head": plot_cross_head_bars(result, "probs")}
     return {name: figure_png(ax.figure) for name, ax in axes.items()}
 
 
@@ -283,9 +283,9 @@ def compare(
     table = _md_table(head, rows) + (f"\n\ncollapsed: attention similarity with the previous {neighbors} block(s) > "
                                      f"{threshold} ({reduction})\n")
     if output is not None:
-        from .report_figures import figure_png, overlay_curves
+        from .plots.report import figure_png, plot_relative_depth
 
-        png = figure_png(overlay_curves(results, "probs", neighbors, reduction, threshold).figure)
+        png = figure_png(plot_relative_depth(results, "probs", neighbors, reduction, threshold).figure)
         uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
         md = f"# Attention-collapse comparison\n\n{table}\n![curves]({uri})\n"
         page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>comparison</title><style>{_CSS}</style>"

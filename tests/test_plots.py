@@ -379,3 +379,33 @@ def test_plan_featured_models_and_per_model():
     assert [n for n in names if n.startswith("fig8 d")] == ["fig8 d4", "fig8 d8"]
     _, notes = plan_figures([_run("d4", "deepvit", 4)])
     assert len(notes) == 2  # no accuracy, no ViT/DeepViT pair
+
+
+def test_report_figures_plot_their_inputs():
+    from collapse_probe.plots.report import (
+        figure_png,
+        plot_block_curves,
+        plot_cross_head_bars,
+        plot_heatmap,
+        plot_rank,
+        plot_relative_depth,
+    )
+
+    res = make_result([0.5, 0.95, 0.97])
+    st = res.attention["probs"]
+    ax = plot_block_curves(res, threshold=0.9)
+    np.testing.assert_allclose(ax.lines[0].get_ydata()[1:], [0.5, 0.95, 0.97])  # similarity with the previous block
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), st.cross_head)
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [0, 1, 2, 3])  # blocks numbered as the modules, from 0
+    np.testing.assert_allclose(plot_heatmap(res).images[0].get_array(), st.similarity)
+    np.testing.assert_allclose([p.get_height() for p in plot_cross_head_bars(res).patches], st.cross_head)
+    ax = plot_rank(res)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), st.effective_rank)
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), st.energy_rank)
+    deep = make_result([0.9] * 7, seed=1)
+    ax = plot_relative_depth({"a": res, "b": deep}, threshold=0.9)
+    assert [line.get_label() for line in ax.lines[:2]] == ["a", "b"]
+    np.testing.assert_allclose(ax.lines[1].get_xdata(), np.arange(8) / 7)  # 0 = first block, 1 = last
+    given = Figure().add_subplot()
+    assert plot_rank(res, ax=given) is given
+    assert figure_png(given.figure)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,117 @@
+"""The figures of the ``audit`` and ``compare`` reports, in the shared plot style (PNG bytes to embed in HTML).
+
+    from collapse_probe.plots.report import plot_block_curves, figure_png
+    png = figure_png(plot_block_curves(result, threshold=0.9).figure)
+
+Like every plot function here they take results, accept ``ax=None`` and return the axes. Blocks are numbered from 0
+as the modules are (``blocks.0`` ...), like the reports' text and tables; the paper figures (``plots.similarity`` ...)
+number them from 1, as the paper does.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..results import ProbeResult
+from .data import pick_kind
+from .style import DPI, STYLE, axes_or_new, styled, threshold_line, unit_ylim
+
+
+@styled
+def plot_heatmap(result: ProbeResult, kind: str = "auto", reduction: str = "mean", ax: Axes | None = None) -> Axes:
+    """[L, L] cross-layer attention similarity (mean column cosine, or fraction above the threshold)."""
+    ax = axes_or_new(ax, (5.0, 4.2))
+    st = result.attention[pick_kind(result, kind)]
+    m = st.matrix(reduction)
+    low = min(0.0, float(np.nanmin(m))) if np.isfinite(m).any() else 0.0
+    im = ax.imshow(m, vmin=low, vmax=1, origin="upper", interpolation="nearest")
+    step = max(1, len(st.blocks) // 12)
+    ticks = list(range(len(st.blocks)))[::step]
+    ax.set_xticks(ticks, [str(st.blocks[i]) for i in ticks])
+    ax.set_yticks(ticks, [str(st.blocks[i]) for i in ticks])
+    ax.grid(False)
+    ax.set(xlabel="block", ylabel="block")
+    ax.set_title(f"Cross-layer similarity ({st.kind}, {reduction})")
+    ax.figure.colorbar(im, ax=ax, shrink=0.85, label="similarity")
+    return ax
+
+
+@styled
+def plot_cross_head_bars(result: ProbeResult, kind: str = "auto", ax: Axes | None = None) -> Axes:
+    """Mean similarity between different heads of each block (1 = all heads attend alike)."""
+    ax = axes_or_new(ax, (6.0, 3.4))
+    st = result.attention[pick_kind(result, kind)]
+    ax.bar(st.blocks, st.cross_head, color="tab:orange")
+    ax.set_ylim(min(0.0, float(np.nanmin(st.cross_head))) if np.isfinite(st.cross_head).any() else 0.0, 1.0)
+    ax.set(xlabel="block", ylabel="mean cross-head cosine")
+    ax.set_title(f"Cross-head similarity ({st.kind})")
+    return ax
+
+
+@styled
+def plot_block_curves(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: str = "mean",
+                      ax: Axes | None = None) -> Axes:
+    """Per block: similarity with the previous k blocks and cross-head similarity (each map kind), and the token
+    features' similarity with the previous block, against the threshold."""
+    ax = axes_or_new(ax, (6.0, 3.6))
+    for kind, st in result.attention.items():
+        blocks = np.asarray(st.blocks)
+        ax.plot(blocks, st.neighbor(k, reduction), marker="o", ms=3, label=f"{kind}: similarity with previous {k}")
+        ax.plot(blocks, st.cross_head, ls="--", marker=".", label=f"{kind}: cross-head similarity")
+    if result.features is not None:
+        f = result.features
+        prev = [np.nan] + np.diag(np.asarray(f.similarity), -1).tolist()
+        ax.plot(np.asarray(f.blocks), prev, ls=":", label="tokens: similarity with previous")
+    threshold_line(ax, threshold)
+    unit_ylim(ax)
+    ax.set(xlabel="block", ylabel="cosine similarity")
+    ax.set_title("Per-block collapse curves")
+    ax.legend(fontsize=7, loc="lower right")
+    return ax
+
+
+@styled
+def plot_rank(result: ProbeResult, kind: str = "auto", ax: Axes | None = None) -> Axes:
+    """Effective rank and 99%-energy rank of the attention maps per block."""
+    ax = axes_or_new(ax, (6.0, 3.4))
+    st = result.attention[pick_kind(result, kind)]
+    blocks = np.asarray(st.blocks)
+    ax.plot(blocks, st.effective_rank, marker="o", ms=3, label="effective rank")
+    ax.plot(blocks, st.energy_rank, marker="s", ms=3, label="rank (99% energy)")
+    ax.set(xlabel="block", ylabel="rank")
+    ax.set_title(f"Attention rank per block ({st.kind})")
+    ax.legend()
+    return ax
+
+
+@styled
+def plot_relative_depth(results: dict[str, ProbeResult], kind: str = "probs", k: int = 1, reduction: str = "mean",
+                        threshold: float | None = None, ax: Axes | None = None) -> Axes:
+    """Similarity with the previous k blocks of several models against relative depth (0 = first, 1 = last block)."""
+    ax = axes_or_new(ax, (6.5, 3.8))
+    for name, res in results.items():
+        st = res.attention.get(kind)
+        if st is None:
+            continue
+        depth = max(len(st.blocks) - 1, 1)
+        ax.plot([b / depth for b in st.blocks], st.neighbor(k, reduction), marker="o", ms=3, label=name)
+    if threshold is not None:
+        threshold_line(ax, threshold)
+    unit_ylim(ax)
+    ax.set(xlabel="relative depth", ylabel=f"similarity with previous {k}")
+    ax.set_title(f"Cross-layer similarity ({kind})")
+    ax.legend()
+    return ax
+
+
+def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
+    """The figure as PNG bytes (for embedding in a report)."""
+    import matplotlib as mpl
+
+    buf = io.BytesIO()
+    with mpl.rc_context(STYLE):
+        fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
