@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import Site, capture, find_sites
+from .capture import Site
 from .checkpoints import build_model, read_checkpoint
 from .errors import BadArgumentError
 from .images import image_loader
@@ -43,7 +43,7 @@ from .plots import maps as pmaps
 from .plots import similarity as psim
 from .plots.data import MeanMaps, ThetaWeights, pick_kind
 from .plots.style import STYLE, family_color, family_of, new_figure, save_figure, styled, write_csv
-from .probe import CollapseCollector, resolve_device
+from .probe import probe, resolve_device
 from .results import ProbeResult
 
 log = logging.getLogger(__name__)
@@ -79,33 +79,11 @@ class MapAccumulator:
         return out
 
 
-@torch.inference_mode()
 def probe_with_maps(model: nn.Module, loader: Iterable, threshold: float = 0.9, device: torch.device | None = None,
                     progress: bool = True) -> tuple[ProbeResult, dict[str, MeanMaps]]:
-    """Like ``probe.probe`` (same collector and settings) plus the mean attention map of each block and kind."""
-    device = device if device is not None else next(model.parameters()).device
-    kinds = ("probs", "mixed", "out")
-    hooks, _ = find_sites(model, kinds)
-    collector = CollapseCollector([h.site for h in hooks], threshold)
+    """``probe.probe`` plus the mean attention map of each block and kind, from the same forward passes."""
     maps = MapAccumulator()
-
-    def tee(site: Site, t: torch.Tensor) -> None:
-        collector(site, t)
-        maps(site, t)
-
-    was_training = model.training
-    model.eval()
-    try:
-        with capture(model, kinds, callback=tee):
-            total = len(loader) if hasattr(loader, "__len__") else None
-            for batch in tqdm(loader, total=total, desc="probing", unit="batch", disable=not progress, leave=False):
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                model(x.to(device))
-                collector.end_batch()
-    finally:
-        model.train(was_training)
-    result = collector.result()
-    result.settings = {"threshold": threshold, "rank_images": None, "storage_dtype": str(torch.float32)}
+    result = probe(model, loader, threshold, device=device, progress=progress, observers=[maps])
     return result, maps.result()
 
 

@@ -13,7 +13,7 @@ Maps or features holding NaN/Inf are excluded image by image and reported in ``P
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -195,6 +195,7 @@ def probe(
     progress: bool = True,
     max_memory: int | str | None = None,
     all_reduce: bool = False,
+    observers: Sequence[Callable[[Site, torch.Tensor], None]] = (),
 ) -> ProbeResult:
     """Measure collapse of ``model`` over ``loader`` (batches of images [B, 3, H, W], or (images, labels)).
 
@@ -203,6 +204,8 @@ def probe(
     ``all_reduce``: every rank of an initialised process group probes its shard of the images and the sums are
     all-reduced at the end (every rank must call); ``rank_images`` stays a global cap (each rank takes its share of the
     first ``rank_images`` images). Off by default, so one rank can probe alone (e.g. the trainer's collapse tracking).
+    ``observers``: extra ``fn(site, tensor)`` callbacks that see every captured tensor in the same forward passes
+    (e.g. the figures' mean attention maps).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     hooks, _ = find_sites(model, kinds)
@@ -214,6 +217,12 @@ def probe(
         dist = torch.distributed
         rank_cap = distributed.shard_count(rank_images, dist.get_rank(), dist.get_world_size())
     collector = CollapseCollector([h.site for h in hooks], threshold, rank_cap, storage_dtype, num_heads)
+    callback = collector
+    if observers:
+        def callback(site: Site, t: torch.Tensor) -> None:
+            collector(site, t)
+            for fn in observers:
+                fn(site, t)
     was_training = model.training
     model.eval()
     max_batch = None
@@ -223,7 +232,7 @@ def probe(
             x = _images(batch).to(device)
             if max_memory is not None and max_batch is None:
                 max_batch = fit_batch(model, x, kinds, max_memory, storage_dtype)
-            with capture(model, kinds, callback=collector):
+            with capture(model, kinds, callback=callback):
                 for chunk in x.split(max_batch) if max_batch else (x,):
                     model(chunk)
                     collector.end_batch()

@@ -109,3 +109,16 @@ def test_builtin_image_sets(model_and_images):
     assert torch.equal(photos, next(iter(image_loader(model, None, num_images=2, batch_size=2)[0])))
     with pytest.raises(BadArgumentError, match="unknown built-in"):
         image_loader(model, "builtin:cifar")
+
+
+def test_observers_see_every_capture_without_changing_results(model_and_images):
+    model, x = model_and_images
+    seen = []
+    loader = DataLoader(TensorDataset(x), batch_size=4)
+    with_obs = probe(model, loader, progress=False, observers=[lambda site, t: seen.append((site.name, t.shape[0]))])
+    plain = probe(model, loader, progress=False)
+    np.testing.assert_array_equal(with_obs.attention["probs"].similarity, plain.attention["probs"].similarity)
+    names = {n for n, _ in seen}
+    assert names == {f"blocks.{i}.attn.{k}" for i in range(4) for k in ("probs", "mixed")} | \
+        {f"blocks.{i}.out" for i in range(4)}
+    assert sum(b for n, b in seen if n == "blocks.0.attn.probs") == 10  # every image, once
