@@ -1,20 +1,26 @@
-"""Distributed probing with torchrun: each rank probes a shard of the images, the accumulators are all-reduced.
+"""torchrun processes: joining the process group, this process's device, and sharded probing.
 
     torchrun --nproc-per-node 2 -m collapse_probe similarity ckpt.safetensors --format json -o out.json
+    torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --data-dir /data/imagenet
+
+Without torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE) everything runs in one process (rank 0 of 1).
 
 Rank r takes images r, r + W, r + 2W, ... (like ``DistributedSampler`` with ``shuffle=False`` but without the padding
 duplicates, which would count some images twice and bias the means). Every accumulator holds sums and counts, so the
 all-reduced state equals the single-process state up to float rounding; only rank 0 writes output.
-Backend: NCCL when the probe runs on CUDA, gloo on the CPU.
+Backend: NCCL on CUDA, gloo on the CPU. The trainer (``collapse_probe.train``) uses the same setup.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
+
+from .errors import BadArgumentError
 
 
 def env_world() -> tuple[int, int, int]:
@@ -22,13 +28,52 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init(device: torch.device) -> bool:
-    """Join the torchrun process group (once); False when running as a single process."""
-    if env_world()[2] <= 1:
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str | None = "auto", local_rank: int | None = None) -> torch.device:
+    """"auto" picks CUDA when available, else the CPU; a bare "cuda" becomes cuda:``local_rank`` when one is given."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BadArgumentError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadArgumentError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def init_distributed(device: str | None = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (once); pick this process's device (cuda:LOCAL_RANK)."""
+    rank, local_rank, world = env_world()
+    dev = resolve_device(device, local_rank if world > 1 else None)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:
@@ -74,3 +119,12 @@ def all_reduce_sums(accumulators: Sequence, device: torch.device) -> None:
             new[name] = flat[offset:offset + t.numel()].view(t.shape)
             offset += t.numel()
         acc.load_state(new)
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``t`` over ranks (on a copy); a no-op in one process."""
+    if not info.distributed:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .capture import Site
 from .checkpoints import build_model, read_checkpoint
+from .distributed import resolve_device
 from .errors import BadArgumentError
 from .images import image_loader
 from .plots import depth as pdepth
@@ -43,7 +44,7 @@ from .plots import maps as pmaps
 from .plots import similarity as psim
 from .plots.data import MeanMaps, ThetaWeights, pick_kind
 from .plots.style import STYLE, family_color, family_of, new_figure, save_figure, styled, write_csv
-from .probe import probe, resolve_device
+from .probe import probe
 from .results import ProbeResult
 
 log = logging.getLogger(__name__)

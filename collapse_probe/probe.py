@@ -246,19 +246,6 @@ def probe(
     return result
 
 
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """"auto" picks CUDA when available, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BadArgumentError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadArgumentError(f"device '{device}' requested but CUDA is not available; use --device cpu")
-    return dev
-
-
 def probe_checkpoint(
     checkpoint: str | Path,
     model_name: str | None = None,
@@ -293,11 +280,8 @@ def probe_checkpoint(
         raise BadArgumentError(f"--storage must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
     if max_memory is not None:
         parse_bytes(max_memory)  # a bad size fails before the model is loaded
-    dev = resolve_device(device)
-    _, local_rank, world = distributed.env_world()
-    if world > 1 and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    distributed.init(dev)
+    dist_info = distributed.init_distributed(device)
+    dev, world = dist_info.device, dist_info.world
     model, info = build_model(read_checkpoint(checkpoint, trust_pickle=trust_pickle, key=key), model_name,
                               num_heads=num_heads, mean=mean, std=std)
     loader, image_info = image_loader(model, images, num_images, batch_size, workers)

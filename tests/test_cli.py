@@ -90,6 +90,7 @@ def bad_inputs(tmp_path, deepvit_ckpt):
     (["similarity", "{garbage}"], 4, "neither a safetensors"),
     (["similarity"], 2, "Missing argument"),
     (["no-such-command"], 2, "No such command"),
+    (["train", "--preset", "smoke", "--device", "nope"], 2, "unknown device"),
 ])
 def test_errors_are_one_line_with_exit_codes(bad_inputs, args, code, message):
     res = CliRunner().invoke(main, [*[a.format(**bad_inputs) for a in args], "--no-progress", "-o",

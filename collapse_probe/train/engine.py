@@ -33,11 +33,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoints import atomic_write, create_model, save_checkpoint
+from ..distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from ..errors import BadArgumentError
 from .baselines import CosineRegularizer, baseline_model_args
 from .config import TrainConfig
 from .data import build_datasets, eval_loader, fixed_batch, train_loader
-from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .state import load_training_state, rng_state, save_training_state, seed_everything, set_rng_state
 
 LOG_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "ema_top1", "ema_top5", "lr", "images_per_s",
