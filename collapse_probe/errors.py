@@ -36,3 +36,8 @@ class UnsupportedLayoutError(CollapseProbeError):
 
 class UnsupportedModelError(UnsupportedLayoutError):
     """The model has no attention module we know how to probe."""
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """A foreign exception's message as one line of at most ``limit`` characters (its type name if it has none)."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__

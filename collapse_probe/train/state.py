@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import atomic_write
-from ..errors import MalformedFileError
+from ..errors import MalformedFileError, one_line
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,5 +57,4 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
-        msg = " ".join(str(e).split())[:200]
-        raise MalformedFileError(f"cannot resume from {path}: {msg}; delete it to start over") from None
+        raise MalformedFileError(f"cannot resume from {path}: {one_line(e, 200)}; delete it to start over") from None
