@@ -5,9 +5,8 @@
     table, _ = compare(["a.safetensors", "b.pt"], output=None)     # side-by-side markdown table
 
 CLI: ``collapse-probe audit CKPT --output DIR`` and ``collapse-probe compare CKPT1 CKPT2 ... [--output DIR]``.
-The folder is written atomically: everything is computed and rendered first, then written to a temporary sibling
-folder that is renamed into place, so an error leaves no partial report (an earlier report there is replaced only
-on success).
+The folder is written by ``outputs.write_folder``: everything is computed and rendered first, then the folder is
+swapped into place in one atomic step; an existing folder is replaced only if collapse-probe wrote all of it.
 """
 from __future__ import annotations
 
@@ -15,15 +14,13 @@ import base64
 import html
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import BadArgumentError
+from .outputs import check_replaceable, write_folder
 from .probe import probe_checkpoint
 from .report import block_rows
 from .results import ProbeResult
@@ -188,35 +185,6 @@ def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, byte
             f"reduction {html.escape(reduction)}. All numbers: metrics.json.</p></body></html>\n")
 
 
-def write_folder(output: str | Path, files: dict[str, bytes]) -> Path:
-    """Write ``files`` into folder ``output`` atomically (temp sibling, then rename; an old report is replaced)."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise BadArgumentError(f"--output {output} is a file; give a folder")
-    if output.is_dir() and any(output.iterdir()) and not (output / "metrics.json").is_file():
-        raise BadArgumentError(f"--output {output} is a non-empty folder that is not a collapse-probe report; "
-                               "choose a new or empty folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a report folder is an ordinary folder
-    try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
-            os.replace(output, old / "report")
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
-
-
 def audit(
     checkpoint: str | Path,
     output: str | Path,
@@ -230,6 +198,7 @@ def audit(
     ``probe_kwargs`` go to ``probe.probe_checkpoint`` (model_name, images, num_images, batch_size, device,
     trust_pickle, key, rank_images, num_heads, mean, std, progress).
     """
+    check_replaceable(output)  # before minutes of probing, not after
     result = probe_checkpoint(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors,
                               **probe_kwargs)
     vd = verdict(result, threshold, neighbors, reduction)
@@ -266,6 +235,8 @@ def compare(
     """
     if len(checkpoints) < 2:
         raise BadArgumentError("compare needs at least two checkpoints")
+    if output is not None:
+        check_replaceable(output)
     results = {n: probe_checkpoint(c, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
                for n, c in zip(_names(checkpoints), checkpoints)}
     head = ["checkpoint", "architecture", "depth", "heads (source)", "collapsed blocks", "ratio", "onset",

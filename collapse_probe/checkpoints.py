@@ -17,10 +17,8 @@ config, ``collapse_probe.infer`` reads the architecture from the weight shapes (
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError
+from .outputs import write_file
 from .safety import check_finite, check_model_args, check_safetensors, check_torch_file
 
 META_KEY = "collapse_probe"  # safetensors metadata key / torch dict key holding our model config
@@ -437,29 +436,10 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
     return {**args, "pretrained_cfg": pre}
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never a partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)  # mkstemp creates 0600; give the result the permissions a plain open() would
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write ``model``'s weights as safetensors with our config (and ``extra``, e.g. accuracy) in the metadata."""
     from safetensors.torch import save_file
 
     meta = {**model_metadata(model), **(extra or {})}
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={META_KEY: json.dumps(meta)}))
+    write_file(path, lambda tmp: save_file(sd, tmp, metadata={META_KEY: json.dumps(meta)}))

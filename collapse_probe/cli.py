@@ -22,7 +22,7 @@ CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=120, termin
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``atomic_write`` cleanup runs."""
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``outputs`` clean-up runs."""
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -51,7 +51,11 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
-            click.echo("interrupted: no output written", err=True)
+            from .outputs import committed
+
+            done = (f"{len(set(committed))} output(s) complete, the last {committed[-1]}; nothing partial left"
+                    if committed else "no output written")
+            click.echo(f"interrupted: {done}", err=True)
             sys.exit(143 if isinstance(e, _Terminated) else 130)
         except click.UsageError as e:  # bad arguments: one line too, exit code 2 as click does
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
@@ -79,13 +83,13 @@ def main() -> None:
 
 
 def emit(text: str, output: Path | None) -> None:
-    """Write ``text`` to stdout, or atomically to ``output`` (never a half-written file)."""
-    if output is None:
+    """Write ``text`` to stdout (no ``output``, or ``-``), or atomically to ``output`` (never a half-written file)."""
+    from .outputs import is_stdout, write_file
+
+    if output is None or is_stdout(output):
         click.echo(text)
         return
-    from .checkpoints import atomic_write
-
-    atomic_write(output, lambda tmp: Path(tmp).write_text(text if text.endswith("\n") else text + "\n"))
+    write_file(output, lambda tmp: Path(tmp).write_text(text if text.endswith("\n") else text + "\n"))
     click.echo(f"wrote {output}", err=True)
 
 
@@ -159,9 +163,12 @@ def similarity(checkpoint, fmt, output, **kwargs):
       collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 --format json -o sim.json
     """
     from .distributed import is_main
+    from .outputs import file_target, is_stdout
     from .probe import probe_checkpoint
     from .report import render
 
+    if output is not None and not is_stdout(output):
+        file_target(output)  # refuse a device node or folder before the probe, not after
     result = probe_checkpoint(checkpoint, **kwargs)
     if is_main():  # under torchrun every rank holds the all-reduced result; one writes it
         emit(render(result, fmt, kwargs["threshold"], kwargs["neighbors"], kwargs["reduction"]), output)

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +35,7 @@ from .checkpoints import build_model, read_checkpoint
 from .distributed import resolve_device
 from .errors import BadArgumentError
 from .images import image_loader
+from .outputs import MANIFEST, check_replaceable, write_folder
 from .plots import depth as pdepth
 from .plots import features as pfeat
 from .plots import maps as pmaps
@@ -365,16 +363,6 @@ def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bo
     return jobs, notes
 
 
-def _move_into(tmp: Path, output: Path) -> list[Path]:
-    moved = []
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        target = output / f.relative_to(tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(f, target)
-        moved.append(target)
-    return moved
-
-
 def make_figures(
     checkpoints: Sequence[str | Path],
     output: str | Path = "figures",
@@ -399,28 +387,25 @@ def make_figures(
     if bad or not formats:
         raise BadArgumentError(f"figure formats must be png, pdf or svg, got {list(formats)}")
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise BadArgumentError(f"--output {output} is a file; pass a folder")
+    check_replaceable(output)  # before minutes of probing, not after
     paths = resolve_checkpoints(checkpoints)
     dev = resolve_device(device)
     report = FigureReport(output)
     for path, label in tqdm(list(zip(paths, _labels(paths))), desc="checkpoints", unit="ckpt", disable=not progress):
         report.runs.append(measure_checkpoint(path, label, images, num_images, batch_size, threshold, dev, progress))
     jobs, report.notes = plan_figures(report.runs, threshold, per_model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+
+    def fill(staging: Path) -> None:
         if save_results:
             for r in report.runs:
-                (tmp / "results").mkdir(exist_ok=True)
-                (tmp / "results" / f"{r.label}.json").write_text(r.result.to_json() + "\n")
+                (staging / "results").mkdir(exist_ok=True)
+                (staging / "results" / f"{r.label}.json").write_text(r.result.to_json() + "\n")
         for name, job in tqdm(jobs, desc="figures", unit="fig", disable=not progress):
             with mpl.rc_context(STYLE):  # titles and legends added after the plot functions share their style
-                job(tmp, tuple(formats))
-        output.mkdir(parents=True, exist_ok=True)
-        report.written = _move_into(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                job(staging, tuple(formats))
+
+    written = write_folder(output, fill=fill)
+    report.written = sorted(p for p in written.rglob("*") if p.is_file() and p.name != MANIFEST)
     for n in report.notes:
         log.info(n)
     return report

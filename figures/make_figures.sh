@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate figures/ from the bundled checkpoints with one command (from anywhere):
 #
-#   bash figures/make_figures.sh                 # checkpoints/*.safetensors -> figures/ (PNG, PDF, CSV)
+#   bash figures/make_figures.sh                 # checkpoints/*.safetensors -> figures/digits/ (PNG, PDF, CSV)
 #   bash figures/make_figures.sh --no-pdf        # extra arguments go to `collapse-probe figures`
 #   PYTHON=/path/to/python bash figures/make_figures.sh
 #
@@ -11,4 +11,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # the project virtualenv (make demo / make test create it) if there is one, else the python on PATH
 if [ -x .venv/bin/python ]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
-exec "$PYTHON" -m collapse_probe figures --checkpoints checkpoints --output figures --images builtin:digits "$@"
+exec "$PYTHON" -m collapse_probe figures --checkpoints checkpoints --output figures/digits --images builtin:digits "$@"

@@ -18,6 +18,8 @@ from click.testing import CliRunner
 from collapse_probe import __version__
 from collapse_probe.audit import FIGURES, audit, compare, verdict
 from collapse_probe.checkpoints import save_checkpoint
+from collapse_probe.errors import BadArgumentError
+from collapse_probe.outputs import MANIFEST
 from collapse_probe.cli import main
 from collapse_probe.errors import MalformedFileError
 from collapse_probe.results import AttentionStats, ProbeResult
@@ -53,7 +55,7 @@ def test_audit_every_family_writes_a_complete_report(tmp_path, index, name):
     out = tmp_path / "report"
     metrics = audit(path, out, threshold=0.5, **kw, **FAST)
     files = {p.name for p in out.iterdir()}
-    assert files == {"report.md", "report.html", "metrics.json", *(f"{f}.png" for f in FIGURES)}
+    assert files == {"report.md", "report.html", "metrics.json", MANIFEST, *(f"{f}.png" for f in FIGURES)}
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["tool"]["version"] == __version__ and on_disk["config"]["threshold"] == 0.5
@@ -103,14 +105,17 @@ def test_failed_audit_leaves_no_output_and_reports_replace_atomically(tmp_path):
     good = tmp_path / "m.safetensors"
     save_checkpoint(make("ours"), good)
     audit(good, out, **FAST)
-    (out / "stale.txt").write_text("from an older run")
-    audit(good, out, threshold=0.5, **FAST)
-    assert not (out / "stale.txt").exists()
+    audit(good, out, threshold=0.5, **FAST)  # our own report: replaced
+    assert json.loads((out / "metrics.json").read_text())["config"]["threshold"] == 0.5
+    (out / "notes.txt").write_text("the user's own notes")  # a file we did not write: the folder is no longer ours
+    with pytest.raises(BadArgumentError, match="did not write .*notes.txt"):
+        audit(good, out, threshold=0.7, **FAST)
+    assert (out / "notes.txt").read_text() == "the user's own notes"
     assert json.loads((out / "metrics.json").read_text())["config"]["threshold"] == 0.5
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"x")
-    with pytest.raises(Exception, match="not a collapse-probe report"):
+    with pytest.raises(BadArgumentError, match="did not write"):
         audit(good, foreign, **FAST)
     assert [p.name for p in foreign.iterdir()] == ["holiday.jpg"]
 
@@ -124,7 +129,7 @@ def test_compare_side_by_side(tmp_path):
     assert lines[0].startswith("| checkpoint |") and "a.safetensors" in lines[2] and "b.pt" in lines[3]
     assert "relative-position table" in lines[3]
     assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.md", "compare.html", "curves.png",
-                                                              "metrics.json"}
+                                                              "metrics.json", MANIFEST}
     saved = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
     assert set(saved["checkpoints"]) == {"a.safetensors", "b.pt"}
     assert saved["checkpoints"]["b.pt"]["model"]["key"] == "state_dict_ema"

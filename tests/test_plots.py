@@ -338,20 +338,31 @@ def test_figures_bad_input_is_one_line_and_leaves_nothing(tmp_path):
 def test_interrupted_rendering_keeps_previous_files(tiny_checkpoints, tmp_path, monkeypatch):
     import collapse_probe.figures as figures
 
+    ckpt = tiny_checkpoints / "deepvit_micro_d2.safetensors"
     out = tmp_path / "figs"
-    out.mkdir()
-    (out / "README.md").write_text("keep me")
-    (out / "fig3c_cross_head_similarity.png").write_bytes(b"old")
+    figures.make_figures([ckpt], out, num_images=2, progress=False, formats=("png",))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(figures, "_fig3c", boom)
     with pytest.raises(KeyboardInterrupt):
-        figures.make_figures([tiny_checkpoints / "deepvit_micro_d2.safetensors"], out, num_images=2, progress=False)
+        figures.make_figures([ckpt], out, num_images=2, progress=False, formats=("png",))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figs"]  # staging folder removed
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "fig3c_cross_head_similarity.png"]
-    assert (out / "fig3c_cross_head_similarity.png").read_bytes() == b"old"
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_figures_refuse_a_folder_they_did_not_write(tiny_checkpoints, tmp_path):
+    from collapse_probe.errors import BadArgumentError
+    from collapse_probe.figures import make_figures
+
+    out = tmp_path / "figs"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+    with pytest.raises(BadArgumentError, match="did not write .*README.md"):
+        make_figures([tiny_checkpoints / "deepvit_micro_d2.safetensors"], out, num_images=2, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "keep me"
 
 
 def _run(label: str, family: str, depth: int, top1: float | None = None):

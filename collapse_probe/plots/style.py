@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..checkpoints import atomic_write
+from ..outputs import write_file
 
 DPI = 110  # small committed PNGs that stay legible
 STYLE: dict[str, Any] = {
@@ -93,7 +93,7 @@ def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png", 
     for fmt in formats:
         target = path.with_suffix(f".{fmt}")
         with mpl.rc_context(STYLE):
-            atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi))
+            write_file(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi))
         out.append(target)
     return out
 
@@ -116,7 +116,7 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[A
             w.writerow(header)
             w.writerows([_cell(v) for v in row] for row in rows)
 
-    atomic_write(path, write)
+    write_file(path, write)
     return path
 
 

@@ -32,7 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoints import atomic_write, create_model, save_checkpoint
+from ..checkpoints import create_model, save_checkpoint
+from ..outputs import write_file
 from ..distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from ..errors import BadArgumentError
 from .baselines import CosineRegularizer, baseline_model_args
@@ -208,7 +209,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def _truncate_csv(path: Path, start_epoch: int) -> None:
@@ -224,7 +225,7 @@ def _truncate_csv(path: Path, start_epoch: int) -> None:
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(keep)
-    atomic_write(path, write)
+    write_file(path, write)
 
 
 def _append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoints import atomic_write
+from ..outputs import write_file
 from ..errors import MalformedFileError, one_line
 
 
@@ -50,7 +50,7 @@ def seed_everything(seed: int) -> None:
 
 
 def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    write_file(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
