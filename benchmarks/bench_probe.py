@@ -43,7 +43,7 @@ def _photo_pool(model):
     import torch
     from timm.data import create_transform, resolve_model_data_config
 
-    from collapse_probe.images import sample_photographs
+    from collapse_probe.loading.images import sample_photographs
 
     tf = create_transform(**resolve_model_data_config(model), is_training=False)
     return torch.stack([tf(img) for _, img in sample_photographs()])
@@ -96,8 +96,8 @@ def child(args) -> dict:
     import timm
     import torch
 
-    import collapse_probe  # noqa: F401  (registers our models)
-    from collapse_probe.probe import STORAGE_DTYPES, probe
+    import collapse_probe.models  # noqa: F401  (registers our models with timm)
+    from collapse_probe.probing.run import probe
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -116,7 +116,7 @@ def child(args) -> dict:
         elif args.mode in ("probe", "norank", "probe2x"):
             probe(model, batches, kinds=kinds, device=device, progress=False,
                   rank_images=0 if args.mode == "norank" else args.rank_images,
-                  storage_dtype=STORAGE_DTYPES[args.storage], max_memory=args.max_memory)
+                  storage=args.storage, max_memory=args.max_memory)
         else:
             with torch.inference_mode():
                 _naive(model, batches, tuple(k for k in kinds if k != "out"), args.rank_images, device)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-import collapse_probe  # noqa: F401  (registers the presets)
+import collapse_probe.models  # noqa: F401  (registers our models with timm)
 
 ROOT = Path(__file__).resolve().parents[1]
 

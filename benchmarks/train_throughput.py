@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from collapse_probe.checkpoints import create_model
+from collapse_probe.loading.build import create_model
 
 
 def measure(name: str, batch_size: int, steps: int, warmup: int, device: torch.device, amp: str, compile_: bool,

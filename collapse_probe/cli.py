@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import CollapseProbeError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=120, terminal_width=120)
@@ -43,6 +43,9 @@ class _Group(click.Group):
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     def _invoke(self, ctx: click.Context):
+        from .outputs import committed
+
+        committed.clear()  # what this invocation writes (an embedding process may run several)
         if os.environ.get("COLLAPSE_PROBE_DEBUG"):
             return super().invoke(ctx)
         try:
@@ -51,8 +54,6 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
-            from .outputs import committed
-
             done = (f"{len(set(committed))} output(s) complete, the last {committed[-1]}; nothing partial left"
                     if committed else "no output written")
             click.echo(f"interrupted: {done}", err=True)
@@ -164,14 +165,14 @@ def similarity(checkpoint, fmt, output, **kwargs):
     """
     from .distributed import is_main
     from .outputs import file_target, is_stdout
-    from .probe import probe_checkpoint
-    from .report import render
+    from .probing.run import probe
+    from .reports.text import render
 
     if output is not None and not is_stdout(output):
         file_target(output)  # refuse a device node or folder before the probe, not after
-    result = probe_checkpoint(checkpoint, **kwargs)
+    result = probe(checkpoint, **kwargs)
     if is_main():  # under torchrun every rank holds the all-reduced result; one writes it
-        emit(render(result, fmt, kwargs["threshold"], kwargs["neighbors"], kwargs["reduction"]), output)
+        emit(render(result, fmt), output)
 
 
 @main.command(context_settings=CONTEXT)
@@ -190,7 +191,7 @@ def audit(checkpoint, output, **kwargs):
       collapse-probe audit train_ckpt.pt --key state_dict_ema --num-heads 6 -o out/ema
       collapse-probe audit hf_vit_folder/ --images ~/val_subset --num-images 64 -o out/hf
     """
-    from .audit import audit as run_audit
+    from .reports.audit import audit as run_audit
 
     metrics = run_audit(checkpoint, output, **kwargs)
     click.echo("\n".join(metrics["verdict"]["text"]))
@@ -210,7 +211,7 @@ def compare(checkpoints, output, **kwargs):
       collapse-probe compare vit_d12.safetensors deepvit_d12.safetensors
       collapse-probe compare a.pt b.pt c.pt --num-images 64 --output out/compare
     """
-    from .audit import compare as run_compare
+    from .reports.audit import compare as run_compare
 
     table, _ = run_compare(list(checkpoints), output, **kwargs)
     click.echo(table)
@@ -260,33 +261,24 @@ def train(preset, model, depth, data_dir, epochs, batch_size, lr, output, device
               "arguments).")
 @click.argument("more", nargs=-1, type=click.Path(path_type=Path), metavar="[CKPT]...")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("figures"),
-              show_default=True, help="Folder for the figures (PNG + PDF) and their CSV numbers.")
-@click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
-              help="Folder of images (recursive), or builtin:photos (default: scikit-image's photographs) or "
-              "builtin:digits (the bundled checkpoints' validation digits).")
-@click.option("--num-images", type=click.IntRange(min=1), metavar="N",
-              help="Images per model (default: all in DIR or the set; for photos, more adds seeded crops).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
-              help="A block is similar when its similarity with the previous block exceeds this.")
+              show_default=True, help="Folder for the figures (PNG + PDF) and their CSV numbers; replaced as a whole, "
+              "and only if collapse-probe wrote all of it.")
 @click.option("--per-model", is_flag=True, help="Per-model figures for every checkpoint, not only the deepest ViT "
               "and DeepViT.")
 @click.option("--pdf/--no-pdf", default=True, show_default=True, help="Also write each figure as PDF.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
-def figures(checkpoints, more, output, images, num_images, batch_size, threshold, per_model, pdf, device, progress):
+@_probe_options
+def figures(checkpoints, more, output, per_model, pdf, **kwargs):
     """Regenerate the paper's Fig. 1, 3, 4 and 8 analyses from checkpoints, with the numbers as CSV.
 
     \b
     Examples:
-      collapse-probe figures --checkpoints checkpoints/ --output figures/
+      collapse-probe figures --checkpoints checkpoints/ --images builtin:digits --output figures/digits
       collapse-probe figures -c vit_micro_d16.safetensors deepvit_micro_d16.safetensors -o out/figs --no-pdf
       collapse-probe figures -c checkpoints/ --images ~/val_subset --num-images 256 --per-model
     """
-    from .figures import make_figures
+    from .reports.figures import make_figures
 
-    report = make_figures([*checkpoints, *more], output, images, num_images, batch_size, threshold, device, per_model,
-                          ("png", "pdf") if pdf else ("png",), progress=progress)
+    report = make_figures([*checkpoints, *more], output, per_model, ("png", "pdf") if pdf else ("png",), **kwargs)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {len(report.written)} files to {output} from {len(report.runs)} checkpoints", err=True)

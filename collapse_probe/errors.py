@@ -41,3 +41,9 @@ class UnsupportedModelError(UnsupportedLayoutError):
 def one_line(e: BaseException, limit: int = 160) -> str:
     """A foreign exception's message as one line of at most ``limit`` characters (its type name if it has none)."""
     return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of a foreign exception's message (its type name if it has none)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(e).__name__

@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 
-import collapse_probe  # noqa: F401
-from collapse_probe.checkpoints import save_checkpoint
+import collapse_probe.models  # noqa: F401  (registers our models with timm)
+from collapse_probe.loading.save import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

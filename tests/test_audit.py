@@ -16,13 +16,12 @@ import torch
 from click.testing import CliRunner
 
 from collapse_probe import __version__
-from collapse_probe.audit import FIGURES, audit, compare, verdict
-from collapse_probe.checkpoints import save_checkpoint
-from collapse_probe.errors import BadArgumentError
-from collapse_probe.outputs import MANIFEST
 from collapse_probe.cli import main
-from collapse_probe.errors import MalformedFileError
-from collapse_probe.results import AttentionStats, ProbeResult
+from collapse_probe.errors import BadArgumentError, MalformedFileError
+from collapse_probe.loading.save import save_checkpoint
+from collapse_probe.outputs import MANIFEST
+from collapse_probe.probing.result import AttentionStats, ProbeResult
+from collapse_probe.reports.audit import FIGURES, audit, compare, verdict
 
 from .family_models import FAMILIES, FLAT_LAYOUTS, INFERRED, LAYOUTS, TIMM_FOLDER, make, save_folder, save_weights
 
@@ -60,9 +59,11 @@ def test_audit_every_family_writes_a_complete_report(tmp_path, index, name):
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["tool"]["version"] == __version__ and on_disk["config"]["threshold"] == 0.5
     assert on_disk["heads_source"] and on_disk["heads_source"] == on_disk["model"]["heads_source"]
-    probs = on_disk["attention"]["probs"]
-    assert len(probs["blocks"]) == on_disk["model"]["depth"] == on_disk["verdict"]["depth"]
-    assert on_disk["verdict"]["collapsed_blocks"] == _similar_from_matrix(probs["similarity"], 0.5)
+    applied = on_disk["attention"][on_disk["verdict"]["kind"]]  # the verdict judges the maps that multiply V
+    assert on_disk["verdict"]["kind"] == on_disk["applied_kind"] == ("mixed" if "mixed" in on_disk["attention"]
+                                                                    else "probs")
+    assert len(applied["blocks"]) == on_disk["model"]["depth"] == on_disk["verdict"]["depth"]
+    assert on_disk["verdict"]["collapsed_blocks"] == _similar_from_matrix(applied["similarity"], 0.5)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(FIGURES) and "src='http" not in html
     assert (out / "report.md").read_text().count("](data:image/png;base64,") == len(FIGURES)

@@ -6,9 +6,9 @@ import timm
 import torch
 from torch import nn
 
-import collapse_probe  # noqa: F401
-from collapse_probe.capture import capture
+import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.errors import UnsupportedModelError
+from collapse_probe.hooks.capture import capture
 
 
 def n_hooks(model: nn.Module) -> int:

@@ -15,8 +15,8 @@ import torchvision
 from torch import nn
 
 import collapse_probe.models  # noqa: F401  (registers our presets)
-from collapse_probe.capture import capture, find_sites
 from collapse_probe.errors import UnsupportedModelError
+from collapse_probe.hooks.capture import capture, find_sites
 
 torch.manual_seed(0)
 X32 = torch.randn(2, 3, 32, 32)

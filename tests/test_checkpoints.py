@@ -8,9 +8,11 @@ import pytest
 import timm
 import torch
 
-import collapse_probe  # noqa: F401
-from collapse_probe.checkpoints import build_model, extract_state_dict, read_checkpoint, save_checkpoint, strip_prefixes
+import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError
+from collapse_probe.loading.build import build_model
+from collapse_probe.loading.read import extract_state_dict, read_checkpoint, strip_prefixes
+from collapse_probe.loading.save import save_checkpoint
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -24,8 +26,8 @@ def test_safetensors_round_trip_carries_config(tmp_path):
     ckpt = read_checkpoint(tmp_path / "m.bin")
     assert ckpt.format == "safetensors" and ckpt.metadata["eval"] == {"top1": 0.5}
     loaded, info = build_model(ckpt)
-    assert info["architecture"] == "deepvit_micro" and info["architecture_source"] == "checkpoint metadata"
-    assert info["depth"] == 2 and info["reattn_blocks"] == [0, 1]
+    assert info.architecture == "deepvit_micro" and info.architecture_source == "checkpoint metadata"
+    assert info.depth == 2 and info.reattn_blocks == [0, 1]
     assert same_weights(model, loaded)
     assert not loaded.training
 
@@ -45,7 +47,7 @@ def test_torch_layouts(tmp_path, layout):
     ckpt = read_checkpoint(tmp_path / "m.pt")
     assert ckpt.format == "torch-zip"
     loaded, info = build_model(ckpt, "vit_micro")
-    assert info["architecture_source"] == "--model"
+    assert info.architecture_source == "--model"
     assert set(loaded.state_dict()) == set(sd) and all(torch.equal(loaded.state_dict()[k], sd[k]) for k in sd)
 
 

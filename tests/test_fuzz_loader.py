@@ -23,9 +23,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collapse_probe import safety
-from collapse_probe.checkpoints import read_checkpoint
 from collapse_probe.errors import CollapseProbeError, MalformedFileError
+from collapse_probe.loading import safety
+from collapse_probe.loading.read import read_checkpoint
 
 from . import hostile
 

@@ -11,9 +11,11 @@ import pathlib
 import pytest
 import torch
 
-from collapse_probe.checkpoints import build_model, model_metadata, read_checkpoint, save_checkpoint
 from collapse_probe.errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError
-from collapse_probe.infer import decide_heads, infer_architecture
+from collapse_probe.loading.build import build_model
+from collapse_probe.loading.infer import decide_heads, infer_architecture
+from collapse_probe.loading.read import read_checkpoint
+from collapse_probe.loading.save import model_metadata, save_checkpoint
 
 from .family_models import FLAT_LAYOUTS, INFERRED, LAYOUTS, example_input, logits, make, save_folder, save_weights
 
@@ -39,7 +41,7 @@ def test_layouts_and_formats_round_trip(tmp_path, layout, fmt):
     rebuilt, info = build_model(ckpt)
     x = example_input("timm-vit-reg-qknorm-ls")
     torch.testing.assert_close(logits(rebuilt, x), logits(model, x))
-    assert info["architecture_source"] == "inferred from weight shapes"
+    assert info.architecture_source == "inferred from weight shapes"
 
 
 def test_key_chooses_the_entry(tmp_path):
@@ -49,7 +51,7 @@ def test_key_chooses_the_entry(tmp_path):
     teacher, _ = _load(path)
     student, info = _load(path, key="student")
     torch.testing.assert_close(logits(teacher, x), logits(model, x))
-    assert info["key"] == "student" and not torch.allclose(logits(student, x), logits(model, x))
+    assert info.key == "student" and not torch.allclose(logits(student, x), logits(model, x))
     with pytest.raises(UnsupportedLayoutError, match="no entry 'ema'.*teacher"):
         read_checkpoint(path, key="ema")
 
@@ -60,11 +62,11 @@ def test_architecture_inferred_from_shapes_with_heads_source(tmp_path, name):
     path = save_weights(model.state_dict(), tmp_path / "w.pt", "state_dict", "torch")
     source, num_heads = INFERRED[name]
     rebuilt, info = _load(path, num_heads=num_heads)
-    assert source in info["heads_source"]
-    assert info["num_heads"] == (3 if "width->heads" in source else 4)  # the families use width 192 or 4 heads
+    assert source in info.heads_source
+    assert info.num_heads == (3 if "width->heads" in source else 4)  # the families use width 192 or 4 heads
     x = example_input(name)
     torch.testing.assert_close(logits(rebuilt, x), logits(model, x))
-    assert info["input_size"] == [3, 32, 32]
+    assert info.input_size == [3, 32, 32]
 
 
 def test_heads_rule_order():
@@ -95,9 +97,9 @@ def test_huggingface_folder(tmp_path, name, weights):
     ckpt = read_checkpoint(folder)
     assert ckpt.format == "hf-folder"
     rebuilt, info = build_model(ckpt)
-    assert info["architecture"] == f"transformers:{type(model).__name__}"
-    assert info["mean"] == [0.5] * 3 and info["input_size"] == [3, 32, 32]
-    assert info["family"] == "transformers" and info["num_heads"] == 4
+    assert info.architecture == f"transformers:{type(model).__name__}"
+    assert info.mean == [0.5] * 3 and info.input_size == [3, 32, 32]
+    assert info.family == "transformers" and info.num_heads == 4
     x = example_input(name)
     torch.testing.assert_close(logits(rebuilt, x), logits(model, x))
 
@@ -107,8 +109,8 @@ def test_timm_folder(tmp_path, name):
     model = make(name)
     folder = save_folder(name, model, tmp_path / "timm")
     rebuilt, info = build_model(read_checkpoint(folder))
-    assert info["format"] == "timm-folder" and info["architecture_source"] == "timm config.json"
-    assert info["mean"] == [0.5] * 3 and info["std"] == [0.25] * 3 and info["data_source"] == "checkpoint metadata"
+    assert info.format == "timm-folder" and info.architecture_source == "timm config.json"
+    assert info.mean == [0.5] * 3 and info.std == [0.25] * 3 and info.data_source == "checkpoint metadata"
     x = example_input(name)
     torch.testing.assert_close(logits(rebuilt, x), logits(model, x))
 
@@ -130,7 +132,7 @@ def test_ours_in_a_torch_training_checkpoint_and_precedence_of_model_flag(tmp_pa
     path = tmp_path / "train.pt"
     torch.save({"state_dict": sd, "collapse_probe": model_metadata(model), "arch": "vit_micro"}, path)
     rebuilt, info = _load(path)
-    assert info["architecture"] == "deepvit_micro" and info["architecture_source"] == "checkpoint metadata"
+    assert info.architecture == "deepvit_micro" and info.architecture_source == "checkpoint metadata"
     x = example_input("ours")
     torch.testing.assert_close(logits(rebuilt, x), logits(model, x))
     # --model wins over the metadata: vit_micro has no re-attention weights, so the mismatch is reported
@@ -145,7 +147,7 @@ def test_timm_arch_entry(tmp_path):
     path = tmp_path / "timm_train.pth.tar"
     torch.save({"arch": "vit_micro", "state_dict": model.state_dict(), "epoch": 2}, path)
     rebuilt, info = _load(path)
-    assert info["architecture_source"] == "timm checkpoint 'arch' entry"
+    assert info.architecture_source == "timm checkpoint 'arch' entry"
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(logits(rebuilt, x), logits(model, x))
 
@@ -173,7 +175,7 @@ def test_mean_std_override_and_validation(tmp_path):
     path = tmp_path / "m.safetensors"
     save_checkpoint(make("ours"), path)
     _, info = _load(path, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
-    assert info["mean"] == [0.1, 0.2, 0.3] and info["std"] == [0.4, 0.5, 0.6] and info["data_source"] == "--mean/--std"
+    assert info.mean == [0.1, 0.2, 0.3] and info.std == [0.4, 0.5, 0.6] and info.data_source == "--mean/--std"
     with pytest.raises(BadArgumentError, match="together"):
         _load(path, mean=(0.1, 0.2, 0.3))
 

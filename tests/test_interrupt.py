@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from collapse_probe.checkpoints import create_model, save_checkpoint
+from collapse_probe.loading.build import create_model
+from collapse_probe.loading.save import save_checkpoint
 from collapse_probe.outputs import write_file as atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def _train(tmp: Path) -> tuple[list[str], list[Path]]:
 
 
 def _torch_ok(path: Path) -> bool:
-    from collapse_probe.checkpoints import read_checkpoint
+    from collapse_probe.loading.read import read_checkpoint
 
     try:
         read_checkpoint(path)
@@ -178,13 +179,13 @@ def test_cli_exit_codes_for_signals(monkeypatch, tmp_path: Path) -> None:
     """In process: a KeyboardInterrupt during the command -> 130, our SIGTERM exception -> 143, one line each."""
     from click.testing import CliRunner
 
-    import collapse_probe.probe as probe_mod
+    import collapse_probe.probing.run as probe_mod
     from collapse_probe.cli import _Terminated, main
 
     for exc, code in ((KeyboardInterrupt(), 130), (_Terminated(), 143)):
         def boom(*a, _e=exc, **k):
             raise _e
-        monkeypatch.setattr(probe_mod, "probe_checkpoint", boom)
+        monkeypatch.setattr(probe_mod, "probe", boom)
         result = CliRunner().invoke(main, ["similarity", "x.safetensors", "-o", str(tmp_path / "o.json")])
         assert result.exit_code == code
         assert result.stderr.strip() == "interrupted: no output written"

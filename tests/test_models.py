@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-import collapse_probe  # noqa: F401  (registers the presets with timm)
+import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.models.attention import Attention
 from collapse_probe.models.vit import resolve_reattn_blocks
 

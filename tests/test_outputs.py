@@ -23,9 +23,10 @@ import pytest
 from click.testing import CliRunner
 
 from collapse_probe import outputs
-from collapse_probe.checkpoints import create_model, save_checkpoint
 from collapse_probe.cli import main
 from collapse_probe.errors import BadArgumentError
+from collapse_probe.loading.build import create_model
+from collapse_probe.loading.save import save_checkpoint
 from collapse_probe.outputs import MANIFEST, write_file, write_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from collapse_probe.capture import capture  # noqa: E402
-from collapse_probe.checkpoints import save_checkpoint  # noqa: E402
 from collapse_probe.cli import main  # noqa: E402
+from collapse_probe.hooks.capture import capture  # noqa: E402
+from collapse_probe.loading.save import save_checkpoint  # noqa: E402
 from collapse_probe.plots import (  # noqa: E402
     MeanMaps,
     ThetaWeights,
@@ -41,7 +41,7 @@ from collapse_probe.plots import (  # noqa: E402
     write_csv,
 )
 from collapse_probe.plots.style import read_csv  # noqa: E402
-from collapse_probe.results import AttentionStats, FeatureStats, ProbeResult  # noqa: E402
+from collapse_probe.probing.result import AttentionStats, FeatureStats, ProbeResult  # noqa: E402
 
 
 def _sim_from_neighbors(nb: list[float]) -> np.ndarray:
@@ -231,7 +231,7 @@ def test_csv_round_trip(tmp_path):
 
 
 def test_map_accumulator_equals_mean_of_captured_maps():
-    from collapse_probe.figures import MapAccumulator
+    from collapse_probe.reports.figures import MapAccumulator
 
     torch.manual_seed(0)
     model = timm.create_model("deepvit_micro", depth=2).eval()
@@ -336,7 +336,7 @@ def test_figures_bad_input_is_one_line_and_leaves_nothing(tmp_path):
 
 
 def test_interrupted_rendering_keeps_previous_files(tiny_checkpoints, tmp_path, monkeypatch):
-    import collapse_probe.figures as figures
+    import collapse_probe.reports.figures as figures
 
     ckpt = tiny_checkpoints / "deepvit_micro_d2.safetensors"
     out = tmp_path / "figs"
@@ -355,7 +355,7 @@ def test_interrupted_rendering_keeps_previous_files(tiny_checkpoints, tmp_path, 
 
 def test_figures_refuse_a_folder_they_did_not_write(tiny_checkpoints, tmp_path):
     from collapse_probe.errors import BadArgumentError
-    from collapse_probe.figures import make_figures
+    from collapse_probe.reports.figures import make_figures
 
     out = tmp_path / "figs"
     out.mkdir()
@@ -366,7 +366,7 @@ def test_figures_refuse_a_folder_they_did_not_write(tiny_checkpoints, tmp_path):
 
 
 def _run(label: str, family: str, depth: int, top1: float | None = None):
-    from collapse_probe.figures import ModelRun
+    from collapse_probe.reports.figures import ModelRun
 
     res = make_result([0.5] * (depth - 1), kind="mixed" if family == "deepvit" else "probs", depth=depth)
     maps = {"probs": MeanMaps("probs", list(range(depth)), np.ones((depth, 3, 3)) / 3, 1)}
@@ -375,7 +375,7 @@ def _run(label: str, family: str, depth: int, top1: float | None = None):
 
 
 def test_plan_featured_models_and_per_model():
-    from collapse_probe.figures import plan_figures
+    from collapse_probe.reports.figures import plan_figures
 
     runs = [_run("v4", "vit", 4, 80.0), _run("v8", "vit", 8), _run("d4", "deepvit", 4), _run("d8", "deepvit", 8),
             _run("d16", "deepvit", 16)]
@@ -415,7 +415,7 @@ def test_report_figures_plot_their_inputs():
     np.testing.assert_allclose(ax.lines[1].get_ydata(), st.energy_rank)
     deep = make_result([0.9] * 7, seed=1)
     ax = plot_relative_depth({"a": res, "b": deep}, threshold=0.9)
-    assert [line.get_label() for line in ax.lines[:2]] == ["a", "b"]
+    assert [line.get_label() for line in ax.lines[:2]] == ["a (probs)", "b (probs)"]  # each names its map kind
     np.testing.assert_allclose(ax.lines[1].get_xdata(), np.arange(8) / 7)  # 0 = first block, 1 = last
     given = Figure().add_subplot()
     assert plot_rank(res, ax=given) is given

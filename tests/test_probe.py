@@ -8,13 +8,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-import collapse_probe  # noqa: F401
-from collapse_probe.capture import capture
+import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.errors import BadArgumentError
-from collapse_probe.images import image_loader, list_images, sample_photographs
+from collapse_probe.hooks.capture import capture
+from collapse_probe.loading.images import image_loader, list_images, sample_photographs
 from collapse_probe.metrics import functional as MF
-from collapse_probe.probe import probe
-from collapse_probe.results import ProbeResult
+from collapse_probe.probing.result import ProbeResult
+from collapse_probe.probing.run import probe
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_image_loader_uses_model_preprocessing_and_crops(model_and_images):
     loader, info = image_loader(model, num_images=20, batch_size=8)
     batches = list(loader)
     assert [b.shape[0] for b in batches] == [8, 8, 4] and batches[0].shape[1:] == (3, 32, 32)
-    assert info["count"] == 20 and "crops" in info["source"] and info["mean"] == [0.5, 0.5, 0.5]
+    assert info.count == 20 and "crops" in info.source and info.mean == [0.5, 0.5, 0.5]
     # mean = std = 0.5 maps [0, 1] pixels to [-1, 1]
     assert batches[0].min() >= -1.0 - 1e-6 and batches[0].max() <= 1.0 + 1e-6
     again = list(image_loader(model, num_images=20, batch_size=8)[0])
@@ -92,7 +92,7 @@ def test_image_folder_errors(tmp_path, model_and_images):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     Image.new("RGB", (40, 40), "red").save(tmp_path / "sub_ok.png")
     loader, info = image_loader(model, tmp_path, batch_size=1)
-    assert info["count"] == 2
+    assert info.count == 2
     with pytest.raises(BadArgumentError, match="cannot read image .*bad.png"):
         list(loader)
 
@@ -100,11 +100,11 @@ def test_image_folder_errors(tmp_path, model_and_images):
 def test_builtin_image_sets(model_and_images):
     model, _ = model_and_images
     loader, info = image_loader(model, "builtin:digits", num_images=5, batch_size=5)
-    assert info["count"] == 5 and "digits" in info["source"]
+    assert info.count == 5 and "digits" in info.source
     batch = next(iter(loader))
     assert batch.shape == (5, 3, 32, 32)
     assert torch.equal(batch[:, 0], batch[:, 1])  # grey digits as RGB
-    assert image_loader(model, "builtin:digits")[1]["count"] == 360  # the 20 % validation split
+    assert image_loader(model, "builtin:digits")[1].count == 360  # the 20 % validation split
     photos = next(iter(image_loader(model, "builtin:photos", num_images=2, batch_size=2)[0]))
     assert torch.equal(photos, next(iter(image_loader(model, None, num_images=2, batch_size=2)[0])))
     with pytest.raises(BadArgumentError, match="unknown built-in"):

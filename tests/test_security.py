@@ -25,10 +25,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from collapse_probe import safety
-from collapse_probe.checkpoints import build_model, create_model, read_checkpoint, save_checkpoint
 from collapse_probe.cli import main
 from collapse_probe.errors import CollapseProbeError, MalformedFileError, RefusedContentError
+from collapse_probe.loading import safety
+from collapse_probe.loading.build import build_model, create_model
+from collapse_probe.loading.read import read_checkpoint
+from collapse_probe.loading.save import save_checkpoint
 
 from . import hostile
 
@@ -487,14 +489,14 @@ def test_legitimate_files_still_load(ws: Workspace, tmp_path: Path) -> None:
     sd = read_checkpoint(ws.file(hostile.safetensors_bytes(h, b))).state_dict
     assert sd["a"].tolist() == [[0, 1, 2], [3, 4, 5]] and sd["b"].tolist() == [0, 1, 2, 3]
     model, info = build_model(read_checkpoint(ws.good))
-    assert info["architecture"] == "deepvit_micro"
+    assert info.architecture == "deepvit_micro"
 
 
 def test_nonfinite_weights_opt_in(ws: Workspace) -> None:
     path = ws.with_weights(lambda sd: sd["head.bias"].fill_(float("nan")))
     with pytest.raises(MalformedFileError, match="head.bias: 10 NaN, 0 Inf"):
         build_model(read_checkpoint(path))
-    model, _ = build_model(read_checkpoint(path), allow_nonfinite=True)
+    model, _ = build_model(read_checkpoint(path, allow_nonfinite=True))
     assert torch.isnan(model.head.bias).all()
 
 
@@ -539,7 +541,7 @@ def test_cli_output_is_complete_json_on_success(ws: Workspace, tmp_path: Path) -
 def test_stored_config_is_checked_on_meta_before_allocating(ws: Workspace, monkeypatch) -> None:
     """A config that does not fit its weights is only ever built on the meta device (no memory), then rejected; a
     fitting one is built for real once its shapes were checked."""
-    import collapse_probe.checkpoints as ck
+    import collapse_probe.loading.build as ck
 
     devices = []
     real = ck.create_model

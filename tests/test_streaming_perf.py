@@ -9,14 +9,15 @@ import pytest
 import timm
 import torch
 
-import collapse_probe  # noqa: F401
-from collapse_probe.capture import capture
+import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.errors import BadArgumentError
+from collapse_probe.hooks.capture import capture
 from collapse_probe.metrics import functional as MF
 from collapse_probe.metrics.streaming import CrossLayerAccumulator, FeatureAccumulator, unit_columns
-from collapse_probe.probe import estimate_bytes_per_image, fit_batch, parse_bytes, probe
-from collapse_probe.report import render
-from collapse_probe.results import ProbeResult
+from collapse_probe.probing.result import ProbeResult
+from collapse_probe.probing.memory import estimate_bytes_per_image, fit_batch, parse_bytes
+from collapse_probe.probing.run import probe
+from collapse_probe.reports.text import render
 
 KINDS = ("probs", "mixed", "out")
 

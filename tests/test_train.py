@@ -17,10 +17,11 @@ import timm
 import torch
 from click.testing import CliRunner
 
-import collapse_probe  # noqa: F401  (registers the presets with timm)
-from collapse_probe.capture import capture
-from collapse_probe.checkpoints import build_model, read_checkpoint
+import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.cli import main
+from collapse_probe.hooks.capture import capture
+from collapse_probe.loading.build import build_model
+from collapse_probe.loading.read import read_checkpoint
 from collapse_probe.train import recalibrate_bn, resolve_config, train
 from collapse_probe.train.baselines import CosineRegularizer
 from collapse_probe.train.engine import build_model as engine_build_model

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -53,10 +53,31 @@ def neighbor_similarity(sim: torch.Tensor, k: int = 1) -> torch.Tensor:
     return out
 
 
+def blocks_above(values: Sequence[float], threshold: float, blocks: Sequence[int] | None = None) -> list[int]:
+    """The one "similar block" rule: blocks whose value (similarity with earlier blocks) exceeds ``threshold``.
+
+    ``values[i]`` belongs to ``blocks[i]`` (default 0, 1, ...); NaN (no earlier block to compare with) never counts.
+    """
+    blocks = range(len(values)) if blocks is None else blocks
+    return [b for b, v in zip(blocks, values) if not math.isnan(float(v)) and float(v) > threshold]
+
+
+def collapse_onset(values: Sequence[float], threshold: float, blocks: Sequence[int] | None = None) -> int | None:
+    """The first block from which every later block is similar (the paper's "after block 17"), or None when the last
+    block is not similar. A block with nothing to compare with (the first) cannot be the onset."""
+    blocks = list(range(len(values)) if blocks is None else blocks)
+    similar = set(blocks_above(values, threshold, blocks))
+    onset = None
+    for b in reversed(blocks):
+        if b not in similar:
+            break
+        onset = b
+    return onset
+
+
 def similar_blocks(sim: torch.Tensor, threshold: float = 0.9, k: int = 1) -> list[int]:
     """0-based blocks l >= k whose mean similarity with the previous k blocks exceeds ``threshold``."""
-    nb = neighbor_similarity(sim, k)
-    return [b for b in range(sim.shape[0]) if not math.isnan(nb[b]) and nb[b] > threshold]
+    return blocks_above(neighbor_similarity(sim, k).tolist(), threshold)
 
 
 def head_similarity_matrix(attn: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..results import _array, _list
+from ..probing.result import _array, _list
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _numpy(t: Any) -> np.ndarray:
 def pick_kind(result: Any, kind: str = "auto") -> str:
     """The attention kind a figure shows: "auto" = the maps that multiply V ("mixed" for Re-attention, else "probs")."""
     if kind == "auto":
-        return "mixed" if "mixed" in result.attention else "probs"
+        return result.applied_kind
     if kind not in result.attention:
         raise KeyError(f"result has no '{kind}' attention (has {sorted(result.attention)})")
     return kind

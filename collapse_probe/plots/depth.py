@@ -10,7 +10,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 
-from ..results import ProbeResult
+from ..probing.result import ProbeResult
 from .data import pick_kind
 from .style import axes_or_new, family_color, styled
 

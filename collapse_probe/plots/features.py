@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.axes import Axes
 
-from ..results import ProbeResult
+from ..probing.result import ProbeResult
 from .data import pick_kind
 from .style import axes_or_new, new_figure, styled, threshold_line, unit_ylim
 

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..results import ProbeResult
+from ..probing.result import ProbeResult
 from .data import pick_kind
 from .style import DPI, STYLE, axes_or_new, styled, threshold_line, unit_ylim
 
@@ -88,21 +88,23 @@ def plot_rank(result: ProbeResult, kind: str = "auto", ax: Axes | None = None) -
 
 
 @styled
-def plot_relative_depth(results: dict[str, ProbeResult], kind: str = "probs", k: int = 1, reduction: str = "mean",
+def plot_relative_depth(results: dict[str, ProbeResult], kind: str = "auto", k: int = 1, reduction: str = "mean",
                         threshold: float | None = None, ax: Axes | None = None) -> Axes:
-    """Similarity with the previous k blocks of several models against relative depth (0 = first, 1 = last block)."""
+    """Similarity with the previous k blocks of several models against relative depth (0 = first, 1 = last block);
+    ``kind="auto"``: each model's maps that multiply V (``ProbeResult.applied_kind``), named in the legend."""
     ax = axes_or_new(ax, (6.5, 3.8))
     for name, res in results.items():
-        st = res.attention.get(kind)
+        st = res.attention.get(pick_kind(res, kind) if kind == "auto" or kind in res.attention else kind)
         if st is None:
             continue
         depth = max(len(st.blocks) - 1, 1)
-        ax.plot([b / depth for b in st.blocks], st.neighbor(k, reduction), marker="o", ms=3, label=name)
+        ax.plot([b / depth for b in st.blocks], st.neighbor(k, reduction), marker="o", ms=3,
+                label=f"{name} ({st.kind})" if kind == "auto" else name)
     if threshold is not None:
         threshold_line(ax, threshold)
     unit_ylim(ax)
     ax.set(xlabel="relative depth", ylabel=f"similarity with previous {k}")
-    ax.set_title(f"Cross-layer similarity ({kind})")
+    ax.set_title(f"Cross-layer similarity ({'maps that multiply V' if kind == 'auto' else kind})")
     ax.legend()
     return ax
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 
-from ..results import ProbeResult
+from ..probing.result import ProbeResult
 from .data import pick_kind
 from .style import K_STYLES, axes_or_new, styled, threshold_line, unit_ylim
 

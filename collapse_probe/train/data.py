@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..errors import BadArgumentError
+from ..loading.images import digits_arrays
 from .config import TrainConfig
 
 
@@ -34,18 +35,6 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         img = Image.fromarray(self.images[i]).convert("RGB")
         return (self.transform(img) if self.transform else img), int(self.labels[i])
-
-
-def digits_arrays(val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's digits (1797 images, bundled with scikit-learn) split into train / val, uint8 [N, 8, 8]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    xtr, xva, ytr, yva = train_test_split(images, d.target, test_size=val_fraction, random_state=0,
-                                          stratify=d.target)
-    return xtr, ytr, xva, yva
 
 
 def synthetic_arrays(n: int, size: int = 32, num_classes: int = 10, seed: int = 0):

@@ -32,10 +32,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoints import create_model, save_checkpoint
-from ..outputs import write_file
 from ..distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from ..errors import BadArgumentError
+from ..loading.build import create_model
+from ..loading.save import save_checkpoint
+from ..outputs import write_file
 from .baselines import CosineRegularizer, baseline_model_args
 from .config import TrainConfig
 from .data import build_datasets, eval_loader, fixed_batch, train_loader
@@ -183,7 +184,7 @@ def track_collapse(model: nn.Module, images: torch.Tensor, threshold: float = 0.
 
     Uses the maps that multiply V ("mixed" in Re-attention blocks, else "probs"); both kinds are returned.
     """
-    from ..probe import probe
+    from ..probing.run import probe
 
     res = probe(model, [images], kinds=("probs", "mixed"), progress=False)
     out: dict[str, Any] = {}
@@ -191,7 +192,7 @@ def track_collapse(model: nn.Module, images: torch.Tensor, threshold: float = 0.
         nb = st.neighbor(1)
         out[kind] = {"blocks": list(st.blocks), "neighbor": [None if math.isnan(v) else float(v) for v in nb],
                      "similar_blocks": st.similar_blocks(threshold), "cross_head": [float(v) for v in st.cross_head]}
-    main_kind = "mixed" if "mixed" in out and len(out["mixed"]["blocks"]) == len(out["probs"]["blocks"]) else "probs"
+    main_kind = res.applied_kind
     out["kind"] = main_kind
     out["similar_blocks"] = len(out[main_kind]["similar_blocks"])
     out["similar_ratio"] = out["similar_blocks"] / max(len(out[main_kind]["blocks"]), 1)
@@ -421,7 +422,8 @@ def _save(path: Path, cfg: TrainConfig, info: DistInfo, model, ema, optimizer, s
         dist.all_gather_object(rng, rng_state())
     if not info.main:
         return
-    from ..checkpoints import META_KEY, model_metadata
+    from ..loading.read import META_KEY
+    from ..loading.save import model_metadata
 
     state = {
         "model": model.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,

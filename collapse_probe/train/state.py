@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..outputs import write_file
 from ..errors import MalformedFileError, one_line
+from ..outputs import write_file
 
 
 def rng_state() -> dict[str, Any]:

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from .errors import BadArgumentError, UnsupportedLayoutError
+from ..errors import BadArgumentError, UnsupportedLayoutError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # width -> heads of published ViT/DeiT/BEiT/EVA/SigLIP/DINOv2 sizes (tiny, small, base, large, so400m, huge, giant, ...)
@@ -222,23 +221,3 @@ def infer_architecture(sd: SD, num_heads: int | None = None) -> ArchSpec:
     some = ", ".join(list(sd)[:4])
     raise UnsupportedLayoutError(f"cannot infer the architecture from the weights (keys like {some}); pass "
                                  "--model NAME (a timm name, e.g. vit_small_patch16_224)")
-
-
-def instantiate(spec: ArchSpec) -> nn.Module:
-    """A randomly initialised model for ``spec`` (timm via ``checkpoints.create_model``; never downloads)."""
-    if spec.family == "timm":
-        from .checkpoints import create_model
-
-        return create_model(spec.name, **spec.kwargs)
-    if spec.family == "torchvision":
-        from torchvision.models import VisionTransformer
-
-        return VisionTransformer(**spec.kwargs)
-    if spec.family == "vit-pytorch":
-        import vit_pytorch
-        from vit_pytorch.cait import CaiT
-        from vit_pytorch.deepvit import DeepViT
-
-        cls = {"ViT": vit_pytorch.ViT, "DeepViT": DeepViT, "CaiT": CaiT}[spec.name]
-        return cls(**spec.kwargs)
-    raise ValueError(f"unknown family {spec.family!r}")

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .capture_adapters import LOOKED_FOR, Getter, HfEager, Patch, Plan, _hf_root, match
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
+from .adapters import LOOKED_FOR, Getter, HfEager, Patch, Plan, _hf_root, match
 
 KINDS = ("probs", "mixed", "out")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -53,9 +53,7 @@ class Capture:
 
     sites: list[Site]
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.maps[name]
+    num_heads: int | None = None  # heads of the first attention module, as its family's adapter reads them
 
     def kind(self, kind: str) -> list[torch.Tensor]:
         """The recorded tensors of one kind, in block order."""
@@ -120,6 +118,11 @@ def attention_plans(model: nn.Module) -> list[tuple[str, nn.Module, Plan]]:
 
 def find_sites(model: nn.Module, kinds: Sequence[str] = ("probs",)) -> tuple[list[_Hook], list[Patch]]:
     """Plan the hooks for ``kinds``; returns the hooks and the patches (unfusing, weight requests) to apply."""
+    hooks, patches, _ = _plan(model, kinds)
+    return hooks, patches
+
+
+def _plan(model: nn.Module, kinds: Sequence[str]) -> tuple[list[_Hook], list[Patch], int | None]:
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown capture kind(s) {bad}; choose from {KINDS}")
@@ -148,7 +151,7 @@ def find_sites(model: nn.Module, kinds: Sequence[str] = ("probs",)) -> tuple[lis
             if root is not None:
                 hf_roots.setdefault(id(root), root)
     patches.extend(HfEager(r) for r in hf_roots.values())
-    return hooks, patches
+    return hooks, patches, attns[0][2].num_heads
 
 
 def _block_output(_inputs: tuple, output) -> torch.Tensor:
@@ -173,9 +176,9 @@ def capture(
     Hooks are removed and every switched path (``fused_attn``, attention implementation, ``need_weights``)
     restored on exit, also when the body raises.
     """
-    hooks, patches = find_sites(model, kinds)
+    hooks, patches, num_heads = _plan(model, kinds)
     store = callback is None if store is None else store
-    result = Capture(sites=[h.site for h in hooks])
+    result = Capture(sites=[h.site for h in hooks], num_heads=num_heads)
     handles = []
     applied: list[Patch] = []
 

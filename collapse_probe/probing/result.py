@@ -14,6 +14,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .._version import __version__
+from ..loading.info import ImageInfo, ModelInfo
+from ..metrics.functional import blocks_above, collapse_onset
+
 Reduction = Literal["mean", "ratio"]
 REDUCTIONS = ("mean", "ratio")
 
@@ -67,8 +71,11 @@ class AttentionStats:
 
     def similar_blocks(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> list[int]:
         """Model block indices whose similarity with the previous k blocks exceeds ``threshold``."""
-        nb = self.neighbor(k, reduction)
-        return [b for b, v in zip(self.blocks, nb) if not math.isnan(v) and v > threshold]
+        return blocks_above(self.neighbor(k, reduction), threshold, self.blocks)
+
+    def onset(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> int | None:
+        """The block from which every later block is similar (0-based), or None (``metrics.collapse_onset``)."""
+        return collapse_onset(self.neighbor(k, reduction), threshold, self.blocks)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,28 +121,56 @@ class ProbeResult:
 
     attention: dict[str, AttentionStats]
     features: FeatureStats | None = None
-    model: dict[str, Any] = field(default_factory=dict)
-    images: dict[str, Any] = field(default_factory=dict)
+    model: ModelInfo = field(default_factory=ModelInfo)
+    images: ImageInfo = field(default_factory=ImageInfo)
     settings: dict[str, Any] = field(default_factory=dict)
     findings: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:  # plain dicts (JSON, hand-built results) become the typed records
+        if isinstance(self.model, dict):
+            self.model = ModelInfo.from_dict(self.model)
+        if isinstance(self.images, dict):
+            self.images = ImageInfo.from_dict(self.images)
+
     @property
     def depth(self) -> int:
-        return int(self.model.get("depth") or max(len(s.blocks) for s in self.attention.values()))
+        return int(self.model.depth or max(len(s.blocks) for s in self.attention.values()))
 
-    def summary(self, kind: str, threshold: float, k: int = 1, reduction: Reduction = "mean") -> dict[str, Any]:
-        """Similar blocks of one kind, their count and the ratio count / depth."""
-        blocks = self.attention[kind].similar_blocks(threshold, k, reduction)
-        return {"similar_blocks": blocks, "count": len(blocks), "ratio": len(blocks) / self.depth}
+    @property
+    def applied_kind(self) -> str:
+        """The one rule for which maps multiply V: "mixed" when every probed block has Re-attention (its maps after
+        Θ, Norm and scale are what V is multiplied with), else "probs" (plain blocks, or Re-attention in only some
+        blocks: then the softmax maps are the only kind measured in every block, and "mixed" is reported beside)."""
+        mixed, probs = self.attention.get("mixed"), self.attention.get("probs")
+        if mixed is not None and (probs is None or list(mixed.blocks) == list(probs.blocks)):
+            return "mixed"
+        return "probs"
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{k}: {len(v.blocks)} blocks" for k, v in self.attention.items())
+        return (f"ProbeResult({self.model.architecture or 'model'}, depth {self.depth}, {kinds}, "
+                f"{self.images.count} images, applied={self.applied_kind})")
+
+    def summary(self, kind: str, threshold: float | None = None, k: int | None = None,
+                reduction: Reduction | None = None) -> dict[str, Any]:
+        """Similar blocks of one kind, their count, the ratio count / depth and the onset, with the settings used
+        (default: those the result was probed with)."""
+        s = self.settings
+        threshold = s.get("threshold", 0.9) if threshold is None else threshold
+        k = s.get("neighbors", 1) if k is None else k
+        reduction = s.get("reduction", "mean") if reduction is None else reduction
+        st = self.attention[kind]
+        blocks = st.similar_blocks(threshold, k, reduction)
+        return {"similar_blocks": blocks, "count": len(blocks), "ratio": len(blocks) / self.depth,
+                "onset": st.onset(threshold, k, reduction), "depth": self.depth, "threshold": threshold,
+                "neighbors": k, "reduction": reduction}
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
         s = self.settings
         return {
             "tool": {"name": "collapse-probe", "version": __version__},
-            "model": self.model, "images": self.images, "settings": s,
-            "summary": {k: self.summary(k, s.get("threshold", 0.9), s.get("neighbors", 1), s.get("reduction", "mean"))
-                        for k in self.attention},
+            "model": self.model.to_dict(), "images": self.images.to_dict(), "settings": s,
+            "summary": {k: self.summary(k) for k in self.attention}, "applied_kind": self.applied_kind,
             "attention": {k: v.to_dict() for k, v in self.attention.items()},
             "features": self.features.to_dict() if self.features else None,
             "findings": self.findings,
@@ -149,7 +184,8 @@ class ProbeResult:
         return cls(
             attention={k: AttentionStats.from_dict(v) for k, v in d["attention"].items()},
             features=FeatureStats.from_dict(d["features"]) if d.get("features") else None,
-            model=d.get("model", {}), images=d.get("images", {}), settings=d.get("settings", {}),
+            model=ModelInfo.from_dict(d.get("model")), images=ImageInfo.from_dict(d.get("images")),
+            settings=d.get("settings", {}),
             findings=list(d.get("findings") or []),
         )
 

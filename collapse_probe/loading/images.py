@@ -22,7 +22,8 @@ from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import BadArgumentError
+from ..errors import BadArgumentError
+from .info import ImageInfo
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SAMPLE_PHOTOS = (
@@ -49,10 +50,20 @@ def sample_photographs() -> list[tuple[str, Image.Image]]:
 BUILTIN_SETS = ("builtin:photos", "builtin:digits")
 
 
-def digits_validation() -> list[Image.Image]:
-    """The 360 validation digits of the bundled checkpoints' split (``collapse_probe.train.data.digits_arrays``)."""
-    from .train.data import digits_arrays
+def digits_arrays(val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1797 images, bundled with scikit-learn) split into train / val, uint8 [N, 8, 8]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    xtr, xva, ytr, yva = train_test_split(images, d.target, test_size=val_fraction, random_state=0,
+                                          stratify=d.target)
+    return xtr, ytr, xva, yva
+
+
+def digits_validation() -> list[Image.Image]:
+    """The 360 validation digits of the bundled checkpoints' split (``digits_arrays``)."""
     _, _, images, _ = digits_arrays()
     return [Image.fromarray(a).convert("RGB") for a in images]
 
@@ -106,7 +117,7 @@ def image_loader(
     num_images: int | None = None,
     batch_size: int = 16,
     workers: int = 0,
-) -> tuple[DataLoader, dict]:
+) -> tuple[DataLoader, ImageInfo]:
     """A loader of preprocessed images for ``model`` and a description of them (source, count, size).
 
     Preprocessing is timm's eval transform from the model's own pretrained config (resize, centre crop, mean/std).
@@ -133,6 +144,4 @@ def image_loader(
         items, source = items[:total], str(folder)
     ds = ProbeImages(items, transform, total)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-    info = {"source": source, "count": total, "input_size": list(cfg["input_size"]),
-            "mean": list(cfg["mean"]), "std": list(cfg["std"])}
-    return loader, info
+    return loader, ImageInfo(source, total, list(cfg["input_size"]), list(cfg["mean"]), list(cfg["std"]))

@@ -1,16 +1,16 @@
 """Turn a ProbeResult into text: a per-block table for people, CSV rows or JSON for programs.
 
-    print(render(result, "table", threshold=0.9, k=1, reduction="mean"))
+    print(render(result, "table"))     # threshold, neighbours and reduction: the ones in result.settings
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from typing import Any
 
-from .results import ProbeResult
+from ..loading.info import ModelInfo
+from ..probing.result import ProbeResult
 
 
 def block_rows(result: ProbeResult, threshold: float, k: int = 1, reduction: str = "mean") -> list[dict[str, Any]]:
@@ -41,8 +41,8 @@ def _num(v: Any, fmt: str = ".3f") -> str:
     return format(v, fmt)
 
 
-def _heads_source(model: dict[str, Any]) -> str:
-    src = model.get("heads_source")
+def _heads_source(model: ModelInfo) -> str:
+    src = model.heads_source
     return f" (heads from {src})" if src else ""
 
 
@@ -61,10 +61,10 @@ def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
 
     m, im = result.model, result.images
-    head = [f"model    {m.get('architecture', '?')} ({m.get('architecture_source', '?')}): depth {m.get('depth')}, "
-            f"{m.get('num_heads', '?')} heads{_heads_source(m)}, {m.get('tokens', '?')} tokens, "
-            f"{m.get('params', 0) / 1e6:.2f}M params",
-            f"images   {im.get('count')} from {im.get('source')}, input {im.get('input_size')}",
+    head = [f"model    {m.architecture or '?'} ({m.architecture_source or '?'}): depth {m.depth}, "
+            f"{m.num_heads or '?'} heads{_heads_source(m)}, {m.tokens or '?'} tokens, "
+            f"{m.params / 1e6:.2f}M params",
+            f"images   {im.count} from {im.source}, input {im.input_size}",
             f"columns  cos / ratio: mean column cosine with the previous {k} block(s) / fraction above {threshold}",
             "         sim: similar block (*); x-head: cross-head similarity; erank / rank99: attention rank",
             "         feat~last: token-feature similarity with the last block", ""]
@@ -92,15 +92,15 @@ def _csv(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
     return out.getvalue()
 
 
-def render(result: ProbeResult, fmt: str = "table", threshold: float = 0.9, k: int = 1,
-           reduction: str = "mean") -> str:
-    """``fmt`` is "table", "csv" or "json"; the JSON holds every matrix and the settings used."""
+def render(result: ProbeResult, fmt: str = "table") -> str:
+    """``fmt`` is "table", "csv" or "json" (every matrix, the summary and the settings: ``ProbeResult.to_json``).
+
+    Similar blocks are counted with the threshold, neighbours and reduction the result was probed with.
+    """
+    s = result.settings
+    threshold, k, reduction = s.get("threshold", 0.9), s.get("neighbors", 1), s.get("reduction", "mean")
     if fmt == "json":
-        data = result.to_dict()
-        data["summary"] = {kind: {**result.summary(kind, threshold, k, reduction), "depth": result.depth,
-                                  "threshold": threshold, "neighbors": k, "reduction": reduction}
-                           for kind in result.attention}
-        return json.dumps(data, indent=1, allow_nan=False)
+        return result.to_json()
     if fmt == "csv":
         return _csv(result, threshold, k, reduction)
     if fmt == "table":

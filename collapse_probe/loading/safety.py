@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MalformedFileError, RefusedContentError, UnsupportedLayoutError, one_line
+from ..errors import MalformedFileError, RefusedContentError, UnsupportedLayoutError, one_line
 
 MAX_PICKLE_BYTES = 64 << 20  # a state dict's data.pkl is keys + tensor stubs; tensors live in separate entries
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit

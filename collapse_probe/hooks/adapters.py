@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
-from .models.attention import Attention as OurAttention
+from ..errors import UnsupportedModelError
+from ..models.attention import Attention as OurAttention
 
 Getter = Callable[[tuple, Any], torch.Tensor]  # (inputs, output) of the hooked module -> [B, H, N, N]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,23 +27,20 @@ from typing import Any
 import matplotlib as mpl
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import Site
-from .checkpoints import build_model, read_checkpoint
-from .distributed import resolve_device
-from .errors import BadArgumentError
-from .images import image_loader
-from .outputs import MANIFEST, check_replaceable, write_folder
-from .plots import depth as pdepth
-from .plots import features as pfeat
-from .plots import maps as pmaps
-from .plots import similarity as psim
-from .plots.data import MeanMaps, ThetaWeights, pick_kind
-from .plots.style import STYLE, family_color, family_of, new_figure, save_figure, styled, write_csv
-from .probe import probe
-from .results import ProbeResult
+from ..errors import BadArgumentError
+from ..hooks.capture import Site
+from ..loading.build import load_model
+from ..outputs import MANIFEST, check_replaceable, write_folder
+from ..plots import depth as pdepth
+from ..plots import features as pfeat
+from ..plots import maps as pmaps
+from ..plots import similarity as psim
+from ..plots.data import MeanMaps, ThetaWeights, pick_kind
+from ..plots.style import STYLE, family_color, family_of, new_figure, save_figure, styled, write_csv
+from ..probing.result import ProbeResult
+from ..probing.run import LOAD_OPTIONS, probe
 
 log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -76,14 +73,6 @@ class MapAccumulator:
                 maps = np.stack([(self.sums[s] / (self.images[s] * self.heads[s])).numpy() for s in sites])
                 out[kind] = MeanMaps(kind, [s.block for s in sites], maps, self.images[sites[0]])
         return out
-
-
-def probe_with_maps(model: nn.Module, loader: Iterable, threshold: float = 0.9, device: torch.device | None = None,
-                    progress: bool = True) -> tuple[ProbeResult, dict[str, MeanMaps]]:
-    """``probe.probe`` plus the mean attention map of each block and kind, from the same forward passes."""
-    maps = MapAccumulator()
-    result = probe(model, loader, threshold, device=device, progress=progress, observers=[maps])
-    return result, maps.result()
 
 
 @dataclass
@@ -126,20 +115,16 @@ def _top1(meta: dict[str, Any]) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def measure_checkpoint(path: Path, label: str, images: str | Path | None = None, num_images: int | None = None,
-                       batch_size: int = 16, threshold: float = 0.9, device: torch.device | None = None,
-                       progress: bool = True) -> ModelRun:
-    """Load ``path`` safely (no pickle), probe it and pull Theta and accuracy from the file."""
-    ckpt = read_checkpoint(path)
-    model, info = build_model(ckpt)
-    loader, image_info = image_loader(model, images, num_images, batch_size)
-    dev = device or torch.device("cpu")
-    result, maps = probe_with_maps(model.to(dev), loader, threshold, dev, progress)
-    result.model, result.images = info, image_info
-    result.settings.update(reduction="mean", neighbors=1, batch_size=batch_size, device=str(dev))
-    arch = info["architecture"]
-    depth = int(ckpt.metadata.get("model_args", {}).get("depth") or info["depth"])
-    return ModelRun(label, path, arch, family_of(arch), depth, result, maps,
+def measure_checkpoint(path: Path, label: str, **probe_options: Any) -> ModelRun:
+    """Load ``path`` safely, probe it (``probing.run.probe`` with ``probe_options``, the option set every command
+    shares) and pull Theta and accuracy from the file."""
+    load = {k: probe_options.pop(k) for k in LOAD_OPTIONS if k in probe_options}
+    loaded = load_model(path, **load)
+    maps = MapAccumulator()
+    result = probe(loaded, observers=[maps], **probe_options)
+    ckpt, arch = loaded.checkpoint, loaded.info.architecture
+    depth = int(ckpt.metadata.get("model_args", {}).get("depth") or loaded.info.depth)
+    return ModelRun(label, path, arch, family_of(arch), depth, result, maps.result(),
                     ThetaWeights.from_state_dict(ckpt.state_dict), _top1(ckpt.metadata))
 
 
@@ -302,15 +287,12 @@ def _summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
     for r in sorted(runs, key=_family_order):
         kind = pick_kind(r.result)
         st = r.result.attention[kind]
-        s = r.result.summary(kind, threshold)
-        nb = st.neighbor(1)
-        above = [b for b, v in zip(st.blocks, nb) if np.isfinite(v) and v > threshold]
-        # "similar after block X": the first block from which every later block stays above the threshold
-        tail = next((b + 1 for i, b in enumerate(st.blocks) if all(
-            np.isfinite(v) and v > threshold for v in nb[i:]) and i > 0), "")
-        rows.append((r.label, r.architecture, r.family, r.depth, kind, r.result.images.get("count"), r.top1,
-                     s["count"], s["ratio"], " ".join(str(b + 1) for b in above), tail,
-                     r.result.summary("probs", threshold)["count"] if "probs" in r.result.attention else "",
+        s = r.result.summary(kind, threshold, 1, "mean")
+        onset = s["onset"]  # "similar after block X": from here every later block stays above the threshold
+        rows.append((r.label, r.architecture, r.family, r.depth, kind, r.result.images.count, r.top1,
+                     s["count"], s["ratio"], " ".join(str(b + 1) for b in s["similar_blocks"]),
+                     "" if onset is None else onset + 1,
+                     r.result.summary("probs", threshold, 1, "mean")["count"] if "probs" in r.result.attention else "",
                      float(np.nanmax(st.cross_head)), float(np.nanmean(st.cross_head)),
                      pfeat.feature_attention_correlation(r.result, kind) if r.result.features else math.nan))
     write_csv(stem, ["model", "architecture", "family", "depth", "kind", "images", "top1", "similar_blocks", "ratio",
@@ -366,20 +348,19 @@ def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bo
 def make_figures(
     checkpoints: Sequence[str | Path],
     output: str | Path = "figures",
-    images: str | Path | None = None,
-    num_images: int | None = None,
-    batch_size: int = 16,
-    threshold: float = 0.9,
-    device: str | None = "auto",
     per_model: bool = False,
     formats: Sequence[str] = ("png", "pdf"),
     save_results: bool = True,
+    threshold: float = 0.9,
     progress: bool = True,
+    **probe_options: Any,
 ) -> FigureReport:
-    """Probe every checkpoint and write every figure they allow (+ CSV of its numbers) into ``output``.
+    """Probe every checkpoint and write every figure they allow (+ CSV of its numbers) as folder ``output``.
 
     ``per_model``: the per-model figures (3a, heatmap, 4, maps, Θ) for every checkpoint, not only for the deepest
-    of each family; ``save_results``: also write each ``ProbeResult`` as ``results/<model>.json``.
+    of each family; ``save_results``: also write each ``ProbeResult`` as ``results/<model>.json``. ``probe_options``
+    are the options every command shares (images, num_images, batch_size, model_name, num_heads, mean, std, key,
+    trust_pickle, rank_images, neighbors, reduction, max_memory, storage, device; see ``probing.run.probe``).
     """
     if not 0.0 <= threshold <= 1.0:
         raise BadArgumentError(f"--threshold must be between 0 and 1, got {threshold}")
@@ -389,10 +370,9 @@ def make_figures(
     output = Path(output)
     check_replaceable(output)  # before minutes of probing, not after
     paths = resolve_checkpoints(checkpoints)
-    dev = resolve_device(device)
     report = FigureReport(output)
     for path, label in tqdm(list(zip(paths, _labels(paths))), desc="checkpoints", unit="ckpt", disable=not progress):
-        report.runs.append(measure_checkpoint(path, label, images, num_images, batch_size, threshold, dev, progress))
+        report.runs.append(measure_checkpoint(path, label, threshold=threshold, progress=progress, **probe_options))
     jobs, report.notes = plan_figures(report.runs, threshold, per_model)
 
     def fill(staging: Path) -> None:
@@ -411,5 +391,5 @@ def make_figures(
     return report
 
 
-__all__ = ["MapAccumulator", "probe_with_maps", "ModelRun", "resolve_checkpoints", "measure_checkpoint",
+__all__ = ["MapAccumulator", "ModelRun", "resolve_checkpoints", "measure_checkpoint",
            "FigureReport", "plan_figures", "make_figures"]

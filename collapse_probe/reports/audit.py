@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import BadArgumentError
-from .outputs import check_replaceable, write_folder
-from .probe import probe_checkpoint
-from .report import block_rows
-from .results import ProbeResult
+from .._version import __version__
+from ..errors import BadArgumentError
+from ..outputs import check_replaceable, write_folder
+from ..probing.result import ProbeResult
+from ..probing.run import probe
+from .text import block_rows
 
 FIGURES = ("similarity_heatmap", "block_curves", "rank", "cross_head")
 
@@ -54,16 +54,23 @@ def _span(a: int, b: int) -> str:
 
 
 def verdict(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: str = "mean") -> dict[str, Any]:
-    """Which blocks are collapsed and what that suggests, as data plus sentences (0-based block indices)."""
-    st = result.attention["probs"]
+    """Which blocks are collapsed and what that suggests, as data plus sentences (0-based block indices).
+
+    Judged on the maps that multiply V (``ProbeResult.applied_kind``); the softmax maps of Re-attention models are
+    reported beside them.
+    """
+    kind = result.applied_kind
+    st = result.attention[kind]
     depth = len(st.blocks)
     collapsed = st.similar_blocks(threshold, k, reduction)
     runs = _runs(collapsed)
-    tail = runs[-1] if runs and runs[-1][1] == st.blocks[-1] else None
-    onset = tail[0] if tail else None
+    onset = st.onset(threshold, k, reduction)
+    tail = runs[-1] if onset is not None else None
     heads = [b for b, v in zip(st.blocks, st.cross_head) if not math.isnan(v) and v > threshold]
+    reattn = set(result.model.reattn_blocks or [])
     text: list[str] = []
-    crit = f"attention similarity with the previous {k} block(s) > {threshold} ({reduction})"
+    maps = "maps after Re-attention (Θ, Norm, scale)" if kind == "mixed" else "softmax attention maps"
+    crit = f"attention similarity with the previous {k} block(s) > {threshold} ({reduction}, {maps})"
     if not collapsed:
         text.append(f"No collapsed block: at {crit} every block attends differently from the block before it, "
                     "so these maps give no reason to reuse or remove attention.")
@@ -71,66 +78,71 @@ def verdict(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: 
         listed = ", ".join(_span(a, b) for a, b in runs)
         text.append(f"{len(collapsed)} of {depth} blocks are collapsed ({crit}): {listed}.")
         if onset is not None:
+            cure = "" if set(range(onset, st.blocks[-1] + 1)) <= reattn else \
+                ", or for re-attention (DeepViT) when retraining a deeper model"
             text.append(f"From block {onset} to the last block attention barely changes: blocks "
                         f"{onset}-{st.blocks[-1]} could reuse block {onset - 1}'s attention map (attention reuse / "
-                        "sharing), or are candidates for removal, or for re-attention (DeepViT) when retraining a "
-                        "deeper model.")
+                        f"sharing), or are candidates for removal{cure}.")
         inner = [r for r in runs if r is not tail]
         if inner:
             text.append("Blocks " + ", ".join(_span(a, b) for a, b in inner) + " repeat the attention of the block "
                         "just before them: candidates for sharing that block's map.")
     if heads:
+        mix = "" if set(heads) <= reattn else " or for mixing heads (re-attention)"
         text.append(f"In blocks {', '.join(_span(a, b) for a, b in _runs(heads))} all heads attend nearly alike "
-                    f"(cross-head similarity > {threshold}): redundant heads, candidates for head pruning or for "
-                    "mixing heads (re-attention).")
-    if "mixed" in result.attention:
-        mixed = result.attention["mixed"].similar_blocks(threshold, k, reduction)
-        text.append(f"Re-attention: {len(mixed)} blocks are collapsed after head mixing, {len(collapsed)} before.")
+                    f"(cross-head similarity > {threshold}): redundant heads, candidates for head pruning{mix}.")
+    if kind == "mixed" and "probs" in result.attention:
+        before = result.attention["probs"].similar_blocks(threshold, k, reduction)
+        text.append(f"Re-attention: {len(collapsed)} blocks are collapsed after head mixing (the maps that multiply "
+                    f"V), {len(before)} in the softmax maps before it.")
     if result.features is not None:
         low = [b for b, r in zip(result.features.blocks, result.features.residual) if not math.isnan(r) and r < 0.1]
         if low:
             text.append(f"Token features are close to rank one (residual < 0.1, Dong et al. 2021) in blocks "
                         f"{', '.join(_span(a, b) for a, b in _runs(low))}: rank collapse of the representation.")
     im = result.images
-    text.append(f"Measured on {im.get('count')} images ({im.get('source')}); a verdict on untrained or random weights "
+    text.append(f"Measured on {im.count} images ({im.source}); a verdict on untrained or random weights "
                 "describes the initialisation, not a trained model.")
-    return {"collapsed_blocks": collapsed, "collapse_onset": onset, "redundant_head_blocks": heads,
+    return {"kind": kind, "collapsed_blocks": collapsed, "collapse_onset": onset, "redundant_head_blocks": heads,
             "depth": depth, "threshold": threshold, "neighbors": k, "reduction": reduction, "text": text}
 
 
 def _figures(result: ProbeResult, threshold: float, k: int, reduction: str) -> dict[str, bytes]:
-    from .plots.report import figure_png, plot_block_curves, plot_cross_head_bars, plot_heatmap, plot_rank
+    from ..plots.report import figure_png, plot_block_curves, plot_cross_head_bars, plot_heatmap, plot_rank
 
-    axes = {"similarity_heatmap": plot_heatmap(result, "probs", reduction),
+    axes = {"similarity_heatmap": plot_heatmap(result, "auto", reduction),
             "block_curves": plot_block_curves(result, threshold, k, reduction),
-            "rank": plot_rank(result, "probs"), "cross_head": plot_cross_head_bars(result, "probs")}
+            "rank": plot_rank(result, "auto"), "cross_head": plot_cross_head_bars(result, "auto")}
     return {name: figure_png(ax.figure) for name, ax in axes.items()}
 
 
 def _model_rows(result: ProbeResult) -> list[tuple[str, str]]:
     m, im = result.model, result.images
     return [
-        ("checkpoint", str(m.get("checkpoint"))), ("format", f"{m.get('format')}" + (
-            f" (entry '{m['key']}')" if m.get("key") else "")),
-        ("architecture", f"{m.get('architecture')} (source: {m.get('architecture_source')})"),
-        ("family", str(m.get("family"))), ("depth", str(m.get("depth"))),
-        ("heads", f"{m.get('num_heads')} (decided by: {m.get('heads_source')})"),
-        ("tokens", str(m.get("tokens", "-"))), ("parameters", f"{m.get('params', 0) / 1e6:.2f}M"),
-        ("input", f"{m.get('input_size')} mean {m.get('mean')} std {m.get('std')} (source: {m.get('data_source')})"),
-        ("images", f"{im.get('count')} from {im.get('source')}"),
+        ("checkpoint", str(m.checkpoint)), ("format", f"{m.format}" + (f" (entry '{m.key}')" if m.key else "")),
+        ("architecture", f"{m.architecture} (source: {m.architecture_source})"),
+        ("family", str(m.family)), ("depth", str(m.depth)),
+        ("heads", f"{m.num_heads} (decided by: {m.heads_source})"),
+        ("tokens", str(m.tokens or "-")), ("parameters", f"{m.params / 1e6:.2f}M"),
+        ("input", f"{m.input_size} mean {m.mean} std {m.std} (source: {m.data_source})"),
+        ("images", f"{im.count} from {im.source}"),
         ("tool", f"collapse-probe {__version__}"),
     ]
 
 
-_COLUMNS = [("block", "block", "d"), ("probs_sim_prev", "similarity w/ previous", ".3f"),
-            ("probs_similar", "collapsed", ""), ("probs_cross_head", "cross-head", ".3f"),
+_COLUMNS = [("block", "block", "d"), ("probs_sim_prev", "softmax: similarity w/ previous", ".3f"),
+            ("probs_similar", "softmax: similar", ""),
+            ("mixed_sim_prev", "re-attention: similarity w/ previous", ".3f"),
+            ("mixed_similar", "re-attention: similar", ""), ("probs_cross_head", "cross-head", ".3f"),
             ("probs_effective_rank", "effective rank", ".1f"), ("probs_energy_rank", "rank 99%", ".1f"),
-            ("mixed_sim_prev", "re-attn similarity", ".3f"), ("feature_residual", "token residual", ".3f")]
+            ("feature_residual", "token residual", ".3f")]
 
 
 def _table_rows(result: ProbeResult, threshold: float, k: int, reduction: str) -> tuple[list[str], list[list[str]]]:
     rows = block_rows(result, threshold, k, reduction)
-    cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    applied = f"{result.applied_kind}_similar"
+    cols = [(key, "collapsed" if key == applied else head, f) for key, head, f in _COLUMNS
+            if any(key in r for r in rows)]
     return [h for _, h, _ in cols], [[_fmt(r.get(key), f) if f != "d" else str(r[key]) for key, _, f in cols]
                                      for r in rows]
 
@@ -158,7 +170,7 @@ def render_markdown(result: ProbeResult, vd: dict[str, Any], figures: dict[str, 
                     reduction: str) -> str:
     """report.md: figures embedded as PNG data URIs, so the file stands alone."""
     head, rows = _table_rows(result, threshold, k, reduction)
-    parts = [f"# Attention-collapse audit: {Path(str(result.model.get('checkpoint'))).name}", "",
+    parts = [f"# Attention-collapse audit: {Path(str(result.model.checkpoint)).name}", "",
              _md_table(["", ""], [[a, b] for a, b in _model_rows(result)]), "", "## Verdict", ""]
     parts += [f"- {t}" for t in vd["text"]]
     parts += ["", "## Figures", ""]
@@ -174,7 +186,7 @@ def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, byte
                 reduction: str) -> str:
     """report.html: one self-contained page (inline CSS, figures as base64 PNG)."""
     head, rows = _table_rows(result, threshold, k, reduction)
-    title = html.escape(f"Attention-collapse audit: {Path(str(result.model.get('checkpoint'))).name}")
+    title = html.escape(f"Attention-collapse audit: {Path(str(result.model.checkpoint)).name}")
     figs = "".join(f"<h3>{html.escape(_CAPTIONS[n])}</h3><img alt='{n}' src='data:image/png;base64,"
                    f"{base64.b64encode(p).decode()}'>" for n, p in figures.items())
     verdict_html = "".join(f"<li>{html.escape(t)}</li>" for t in vd["text"])
@@ -195,15 +207,14 @@ def audit(
 ) -> dict[str, Any]:
     """Probe ``checkpoint`` and write the report folder; returns the metrics.json content.
 
-    ``probe_kwargs`` go to ``probe.probe_checkpoint`` (model_name, images, num_images, batch_size, device,
-    trust_pickle, key, rank_images, num_heads, mean, std, progress).
+    ``probe_kwargs`` go to ``probing.run.probe`` (model_name, images, num_images, batch_size, device, trust_pickle,
+    key, rank_images, num_heads, mean, std, max_memory, storage, progress).
     """
     check_replaceable(output)  # before minutes of probing, not after
-    result = probe_checkpoint(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors,
-                              **probe_kwargs)
+    result = probe(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
     vd = verdict(result, threshold, neighbors, reduction)
     figures = _figures(result, threshold, neighbors, reduction)
-    metrics = {**result.to_dict(), "verdict": vd, "heads_source": result.model.get("heads_source"),
+    metrics = {**result.to_dict(), "verdict": vd, "heads_source": result.model.heads_source,
                "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                           **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}}}
     files = {"metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode(),
@@ -237,26 +248,25 @@ def compare(
         raise BadArgumentError("compare needs at least two checkpoints")
     if output is not None:
         check_replaceable(output)
-    results = {n: probe_checkpoint(c, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
+    results = {n: probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
                for n, c in zip(_names(checkpoints), checkpoints)}
-    head = ["checkpoint", "architecture", "depth", "heads (source)", "collapsed blocks", "ratio", "onset",
+    head = ["checkpoint", "architecture", "maps", "depth", "heads (source)", "collapsed blocks", "ratio", "onset",
             "mean cross-head", "min effective rank"]
     rows = []
     verdicts = {}
     for name, r in results.items():
         vd = verdicts[name] = verdict(r, threshold, neighbors, reduction)
-        st, m = r.attention["probs"], r.model
-        rows.append([name, str(m.get("architecture")), str(vd["depth"]),
-                     f"{m.get('num_heads')} ({m.get('heads_source')})",
+        st, m = r.attention[vd["kind"]], r.model
+        rows.append([name, str(m.architecture), vd["kind"], str(vd["depth"]), f"{m.num_heads} ({m.heads_source})",
                      ", ".join(map(str, vd["collapsed_blocks"])) or "none",
                      f"{len(vd['collapsed_blocks']) / max(vd['depth'], 1):.3f}", _fmt(vd["collapse_onset"]),
                      _fmt(float(st.cross_head.mean())), _fmt(float(st.effective_rank.min()), ".1f")])
     table = _md_table(head, rows) + (f"\n\ncollapsed: attention similarity with the previous {neighbors} block(s) > "
                                      f"{threshold} ({reduction})\n")
     if output is not None:
-        from .plots.report import figure_png, plot_relative_depth
+        from ..plots.report import figure_png, plot_relative_depth
 
-        png = figure_png(plot_relative_depth(results, "probs", neighbors, reduction, threshold).figure)
+        png = figure_png(plot_relative_depth(results, "auto", neighbors, reduction, threshold).figure)
         uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
         md = f"# Attention-collapse comparison\n\n{table}\n![curves]({uri})\n"
         page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>comparison</title><style>{_CSS}</style>"

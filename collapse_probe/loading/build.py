@@ -1,0 +1,252 @@
+"""Turn a checkpoint into a model: the architecture decided once (name, stored config, folder config, ``arch``, or
+inferred from the weight shapes), shapes compared before loading, and a typed description of what was built.
+
+    ckpt = read_checkpoint("model.safetensors")
+    model, info = build_model(ckpt, model_name=None)     # info: ModelInfo (architecture, heads and who decided them)
+
+``create_model`` is ``timm.create_model`` that never downloads and fails with one line for unknown names.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .. import models  # noqa: F401  (registers our presets with timm)
+from ..errors import BadArgumentError, UnsupportedLayoutError, first_line
+from ..hooks.capture import attention_plans
+from .infer import ArchSpec, infer_architecture
+from .info import LoadedModel, ModelInfo
+from .read import Checkpoint, num_classes, read_checkpoint, timm_folder_args
+
+
+def _compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in sd and sd[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+    if problems:
+        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` without any download, with a clear error for unknown names."""
+    if not timm.is_model(name):
+        raise BadArgumentError(f"unknown model '{name}'; see timm.list_models('vit*') or our presets (deepvit_32b ...)")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UnsupportedLayoutError(f"cannot build {name} with {kwargs}: {first_line(e)}") from None
+
+
+def instantiate(spec: ArchSpec) -> nn.Module:
+    """A randomly initialised model for ``spec`` (timm via ``create_model``; never downloads)."""
+    if spec.family == "timm":
+        return create_model(spec.name, **spec.kwargs)
+    if spec.family == "torchvision":
+        from torchvision.models import VisionTransformer
+
+        return VisionTransformer(**spec.kwargs)
+    if spec.family == "vit-pytorch":
+        import vit_pytorch
+        from vit_pytorch.cait import CaiT
+        from vit_pytorch.deepvit import DeepViT
+
+        cls = {"ViT": vit_pytorch.ViT, "DeepViT": DeepViT, "CaiT": CaiT}[spec.name]
+        return cls(**spec.kwargs)
+    raise ValueError(f"unknown family {spec.family!r}")
+
+
+def load_model(
+    path: str | Path,
+    model_name: str | None = None,
+    *,
+    num_heads: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    allow_nonfinite: bool = False,
+) -> LoadedModel:
+    """The one safe entry point from a file or folder to a model: ``read_checkpoint`` (every check) + ``build_model``.
+
+    >>> loaded = load_model("checkpoints/vit_micro_d4.safetensors")
+    >>> loaded.info.architecture, loaded.info.depth, loaded.info.num_heads
+    ('vit_micro', 4, 4)
+
+    ``trust_pickle`` allows full unpickling for this call (it can execute code: only for files you trust).
+    """
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle, key=key, allow_nonfinite=allow_nonfinite)
+    model, info = build_model(ckpt, model_name, num_heads=num_heads, mean=mean, std=std)
+    return LoadedModel(model, info, ckpt)
+
+
+def build_model(
+    ckpt: Checkpoint,
+    model_name: str | None = None,
+    num_heads: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> tuple[nn.Module, ModelInfo]:
+    """Instantiate the checkpoint's architecture and load its weights (strict, with a readable mismatch error).
+
+    Architecture, first that applies: ``model_name`` (any timm name); our config in the file; a timm folder's
+    config.json; a HuggingFace folder's config.json; a timm training checkpoint's ``arch``; else inferred from the
+    weight shapes (``loading.infer``; ``num_heads`` feeds the heads rule there). ``mean`` / ``std`` override the input
+    normalisation. Every safety check already ran in ``read_checkpoint``. Returns the model in eval mode and a
+    description (incl. ``heads_source``, ``data_source``).
+    """
+    sd, heads_source, data, loaded, inferred_args = ckpt.state_dict, None, {}, False, None
+    n_classes = num_classes(sd)
+    if model_name is not None:
+        model = create_model(model_name, num_classes=n_classes)
+        arch, source = model_name, "--model"
+    elif ckpt.metadata.get("architecture"):
+        arch, source = ckpt.metadata["architecture"], "checkpoint metadata"
+        with torch.device("meta"):  # shapes first, no memory: a config asking for a huge model fails here for free
+            _compare(create_model(arch, **ckpt.metadata.get("model_args", {})), ckpt.state_dict, arch)
+        model = create_model(arch, **ckpt.metadata.get("model_args", {}))
+        data = ckpt.metadata.get("pretrained_cfg", {})
+    elif ckpt.format == "timm-folder":
+        arch, source = ckpt.config["architecture"], "timm config.json"
+        model = create_model(arch, **timm_folder_args(ckpt))
+        data = ckpt.config.get("pretrained_cfg", {})
+    elif ckpt.format == "hf-folder":
+        model, arch = _build_transformers(ckpt)
+        source, data, loaded = "HuggingFace config.json", _hf_data_config(ckpt), True
+    elif ckpt.arch:
+        arch, source = ckpt.arch, "timm checkpoint 'arch' entry"
+        model = create_model(arch, num_classes=n_classes)
+    else:
+        spec = infer_architecture(sd, num_heads)
+        model, arch, source, heads_source = instantiate(spec), spec.architecture, "inferred from weight shapes", \
+            spec.heads_source
+        inferred_args = {"built_from": spec.name, **spec.kwargs}
+        data = {"input_size": spec.input_size} if spec.family != "timm" else {}
+    if not loaded:
+        _compare(model, sd, arch)
+        model.load_state_dict(sd, strict=False)
+    model.eval()
+    info = dataclasses.replace(describe(model), architecture=arch, architecture_source=source,
+                               checkpoint=str(ckpt.path), format=ckpt.format, key=ckpt.key)
+    if num_heads is not None and info.num_heads not in (None, num_heads):
+        raise BadArgumentError(f"--num-heads {num_heads} contradicts the model built from {source} "
+                               f"({info.num_heads} heads)")
+    info.heads_source = heads_source or f"model definition ({source})"
+    info.input_size, info.mean, info.std, info.data_source = _set_data_config(model, data, mean, std)
+    if inferred_args is not None:
+        info.model_args = inferred_args
+        if info.data_source != "--mean/--std":
+            info.data_source += (f" of {inferred_args['built_from']} (a guess for an inferred model; set "
+                                 "--mean/--std if trained otherwise)")
+    return model, info
+
+
+def _build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:
+    """A transformers model from a local folder's config.json and the weights we read safely: no network, no remote
+    code. transformers itself maps older key names (``attention.attention.query`` ...) onto the current modules.
+    """
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True,
+                                                         trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise UnsupportedLayoutError(f"cannot read {ckpt.path}/config.json with transformers: {first_line(e)}") \
+            from None
+    names = [n for n in (config.architectures or []) if isinstance(n, str)]
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        cls = transformers.AutoModel._model_mapping.get(type(config), None) if hasattr(
+            transformers.AutoModel, "_model_mapping") else None
+        if cls is None:
+            raise UnsupportedLayoutError(f"{ckpt.path}/config.json names no transformers model class we can build "
+                                         f"(architectures: {names or 'none'})")
+    what = f"transformers:{cls.__name__}"
+    try:
+        model, loading = cls.from_pretrained(None, config=config, state_dict=ckpt.state_dict,
+                                             output_loading_info=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: {first_line(e)}") from None
+    problems = [f"{len(v)} {k.replace('_', ' ')} (e.g. {', '.join(sorted(map(str, v))[:3])})"
+                for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
+    if problems:
+        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
+    return model, what
+
+
+def _hf_data_config(ckpt: Checkpoint) -> dict[str, Any]:
+    pre, cfg = ckpt.preprocessor, ckpt.config
+    out: dict[str, Any] = {}
+    if pre.get("image_mean") and pre.get("image_std"):
+        out.update(mean=tuple(pre["image_mean"]), std=tuple(pre["image_std"]))
+    size = cfg.get("image_size")
+    if isinstance(size, int):
+        out["input_size"] = (int(cfg.get("num_channels", 3)), size, size)
+    return out
+
+
+def _model_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) the model was built for, where it says so (timm's pretrained_cfg keeps the name's default)."""
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    if img is not None:
+        proj = getattr(pe, "proj", None)
+        chans = int(proj.weight.shape[1]) if isinstance(getattr(proj, "weight", None), torch.Tensor) else 3
+        return (chans, int(img[0]), int(img[1]))
+    if isinstance(getattr(model, "image_size", None), int):  # torchvision
+        return (3, model.image_size, model.image_size)
+    return None
+
+
+def _set_data_config(model: nn.Module, data: dict[str, Any], mean, std) -> tuple[list, list, list, str]:
+    """Attach the preprocessing to ``model.pretrained_cfg`` (read by timm's resolve_model_data_config); returns
+    (input_size, mean, std, where they came from)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    had_norm = "mean" in cfg and "std" in cfg
+    source = "timm pretrained config" if had_norm else "ImageNet default"
+    cfg.setdefault("mean", IMAGENET_DEFAULT_MEAN)
+    cfg.setdefault("std", IMAGENET_DEFAULT_STD)
+    if data.get("mean") is not None and data.get("std") is not None:
+        source = "checkpoint metadata"
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if v is not None})
+    size = _model_input_size(model)
+    if size is not None:
+        cfg["input_size"] = size
+    if mean is not None or std is not None:
+        if mean is None or std is None or len(mean) != len(std):
+            raise BadArgumentError("give --mean and --std together, with the same number of values")
+        cfg.update(mean=tuple(mean), std=tuple(std))
+        source = "--mean/--std"
+    cfg.setdefault("input_size", (3, 224, 224))
+    model.pretrained_cfg = cfg
+    return list(cfg["input_size"]), list(cfg["mean"]), list(cfg["std"]), source
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    """Depth, heads, family, width, tokens and parameter count of a ViT-like model (best effort)."""
+    plans = attention_plans(model)
+    pe = getattr(model, "patch_embed", None)
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    return ModelInfo(
+        params=sum(p.numel() for p in model.parameters()), depth=len(plans),
+        num_heads=plans[0][2].num_heads if plans else None, family=plans[0][2].family if plans else None,
+        embed_dim=int(model.embed_dim) if hasattr(model, "embed_dim") else None,
+        num_prefix_tokens=prefix if hasattr(model, "num_prefix_tokens") else None,
+        tokens=int(pe.num_patches) + prefix if pe is not None and getattr(pe, "num_patches", None) else None,
+        reattn_blocks=list(model.reattn_block_indices) if getattr(model, "reattn_block_indices", None) is not None
+        else None)

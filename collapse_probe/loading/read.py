@@ -1,0 +1,247 @@
+"""Read a checkpoint file or model folder without executing its code, with every safety check applied.
+
+    ckpt = read_checkpoint("model.safetensors")        # or a torch.save file (weights_only=True), or a folder
+    ckpt.state_dict, ckpt.metadata, ckpt.format         # weights, our stored config, what the file was
+
+Formats are recognised by content, not extension: safetensors (8-byte header length, then JSON), torch zip archives
+and legacy torch pickles, and folders: HuggingFace (config.json with model_type + model.safetensors or
+pytorch_model.bin) and timm (config.json with architecture). Torch files are opened with
+``torch.load(weights_only=True)``, which refuses any global that is not a tensor type; full pickle only with
+``trust_pickle=True``, an explicit per-run choice.
+
+Layouts: a bare state dict or one entry of a training checkpoint (``STATE_KEYS``, or ``key``); wrapper prefixes
+(``module.``, ``_orig_mod.``, Lightning's ``model.``) shared by every key are stripped, repeatedly.
+
+Every check lives behind ``read_checkpoint`` (``loading.safety``): the file's structure before torch reads it, stored
+configs that could steer timm's factory or ask for more than the weights hold, and NaN/Inf weights, so a caller of
+this function alone gets nothing unchecked. ``loading.build`` turns the result into a model.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError, first_line
+from .safety import check_finite, check_model_args, check_safetensors, check_torch_file
+
+META_KEY = "collapse_probe"  # safetensors metadata key / torch dict key holding our model config
+
+
+STATE_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema", "teacher", "student")  # first found wins
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str  # "safetensors" | "torch-zip" | "torch-legacy" ("torch-tar" is sniffed but always refused)
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)  # our config if the file carries one
+    key: str | None = None  # which entry of a training checkpoint held the weights
+    # folders have format "hf-folder" or "timm-folder" and keep their config.json here
+    config: dict[str, Any] = field(default_factory=dict)
+    arch: str | None = None  # timm training checkpoints name their architecture in an "arch" entry
+    preprocessor: dict[str, Any] = field(default_factory=dict)  # HF preprocessor_config.json (mean, std, size)
+
+
+def sniff_format(path: Path) -> str:
+    """What a file is, by its first bytes."""
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise BadArgumentError(f"{path} is not a regular file; pass a checkpoint file (.safetensors, .pt, .pth)")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    size = path.stat().st_size
+    if len(head) == 0:
+        raise MalformedFileError(f"{path} is empty; expected a safetensors or torch.save checkpoint")
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if head[257:262] == b"ustar":  # torch < 0.4 tar checkpoints; refused by safety.check_torch_file
+        return "torch-tar"
+    raise MalformedFileError(f"{path} is neither a safetensors file nor a torch.save checkpoint (unknown header)")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    check_safetensors(path)  # header, dtypes and offsets, so every defect is one clean line
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError, or e.g. KeyError for a dtype this torch cannot hold: still one line
+        raise MalformedFileError(f"{path} is a corrupt or truncated safetensors file ({first_line(e)})") from None
+    ours = {}
+    if META_KEY in meta:
+        try:
+            ours = json.loads(meta[META_KEY])
+        except (json.JSONDecodeError, RecursionError):
+            raise MalformedFileError(f"{path} has unreadable '{META_KEY}' metadata; re-save it") from None
+        if not isinstance(ours, dict):
+            raise MalformedFileError(f"{path} has '{META_KEY}' metadata that is not a JSON object; re-save it")
+    return tensors, ours
+
+
+def _unsafe_globals(path: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # legacy format or unreadable: the load error itself says enough
+        names = []
+    return ", ".join(names[:5]) or "non-tensor objects"
+
+
+def _read_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
+    check_torch_file(path, fmt, trust_pickle)  # zip bombs, TorchScript, tar, pickle size and globals, torch version
+    try:
+        with warnings.catch_warnings():  # torch warns on odd pickles; our error line says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
+            why = str(e).split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in str(e) else ""
+            raise RefusedContentError(
+                f"refused {path}: the weights-only loader rejected it ({first_line(ValueError(why)) if why else ''}"
+                f"{'; ' if why else ''}{_unsafe_globals(path)}); convert it to safetensors, or pass --trust-pickle "
+                "for this run only if you trust its author") from None
+        raise MalformedFileError(f"{path} is a corrupt torch checkpoint ({first_line(e)})") from None
+    except Exception as e:  # whatever a damaged archive makes torch raise (found by fuzzing): still one line
+        raise MalformedFileError(f"{path} is a corrupt or truncated torch checkpoint ({first_line(e)})") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DDP / torch.compile / Lightning wrappers (``module.``, ``_orig_mod.``, ``model.``) shared by every key."""
+    changed = True
+    while changed and sd:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if all(k.startswith(p) for k in sd):
+                sd, changed = {k[len(p):]: v for k, v in sd.items()}, True
+    return sd
+
+
+def extract_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The model weights inside a loaded object: a bare state dict, or one of ``STATE_KEYS`` (``key`` to choose)."""
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            keys = list(obj)[:8] if isinstance(obj, dict) else []
+            raise UnsupportedLayoutError(f"no entry '{key}' in the checkpoint (top-level keys: {keys})")
+        if not _is_state_dict(obj[key]):
+            raise UnsupportedLayoutError(f"entry '{key}' is not a dict of tensors")
+        return strip_prefixes(obj[key]), key
+    if isinstance(obj, nn.Module):  # only reachable with --trust-pickle: a whole pickled model
+        return strip_prefixes(obj.state_dict()), None
+    if _is_state_dict(obj):
+        return strip_prefixes(obj), None
+    if isinstance(obj, dict):
+        for k in STATE_KEYS:
+            if _is_state_dict(obj.get(k)):
+                return strip_prefixes(obj[k]), k
+            if isinstance(obj.get(k), nn.Module):
+                return strip_prefixes(obj[k].state_dict()), k
+        raise UnsupportedLayoutError(
+            f"no state dict found: top-level keys are {list(obj)[:8]}; pass --key to say which holds the weights")
+    raise UnsupportedLayoutError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False, key: str | None = None,
+                    allow_nonfinite: bool = False) -> Checkpoint:
+    """Open ``path`` safely; raises a ``CollapseProbeError`` subclass with a one-line message on any problem.
+
+    Stored configs are checked against the weights (no factory options, no sizes beyond what the weights hold), and
+    NaN/Inf weights raise ``MalformedFileError`` unless ``allow_nonfinite``.
+    """
+    ckpt = _read(Path(path), trust_pickle, key)
+    if ckpt.metadata.get("architecture"):
+        check_model_args(ckpt.metadata, ckpt.state_dict, ckpt.path)
+    if ckpt.format == "timm-folder":
+        check_model_args({"architecture": ckpt.config["architecture"], "model_args": timm_folder_args(ckpt)},
+                         ckpt.state_dict, ckpt.path)
+    if not allow_nonfinite:
+        check_finite(ckpt.state_dict, ckpt.path)
+    return ckpt
+
+
+def num_classes(sd: dict[str, torch.Tensor]) -> int:
+    """Classifier size from ``head.weight`` (0: no head)."""
+    w = sd.get("head.weight")
+    # numel > 0: a zero-size [10**9, 0] head costs nothing to store but would make timm allocate a huge classifier
+    return int(w.shape[0]) if w is not None and w.ndim == 2 and w.numel() > 0 else 0
+
+
+def timm_folder_args(ckpt: Checkpoint) -> dict[str, Any]:
+    """The model arguments a timm folder's config.json asks for."""
+    return {"num_classes": ckpt.config.get("num_classes", num_classes(ckpt.state_dict)),
+            **ckpt.config.get("model_args", {})}
+
+
+def _read(path: Path, trust_pickle: bool, key: str | None) -> Checkpoint:
+    if not path.exists():
+        raise BadArgumentError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _read_folder(path, trust_pickle, key)
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        sd, meta = _read_safetensors(path)
+        if key is not None:
+            raise BadArgumentError("--key applies to torch checkpoints; a safetensors file holds one state dict")
+        return Checkpoint(path, fmt, strip_prefixes(sd), meta)
+    obj = _read_torch(path, fmt, trust_pickle)
+    sd, used = extract_state_dict(obj, key)
+    meta = obj.get(META_KEY, {}) if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict) else {}
+    arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
+    return Checkpoint(path, fmt, sd, meta, used, arch=arch)
+
+
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MalformedFileError(f"{path} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise MalformedFileError(f"{path} holds a {type(obj).__name__}, not a JSON object")
+    return obj
+
+
+def _read_folder(path: Path, trust_pickle: bool, key: str | None) -> Checkpoint:
+    """A HuggingFace (config.json with model_type) or timm (config.json with architecture) model folder."""
+    if not (path / "config.json").is_file():
+        raise BadArgumentError(f"{path} is a folder without config.json; pass a checkpoint file (.safetensors, .pt) "
+                               "or a HuggingFace / timm model folder")
+    cfg = _read_json(path / "config.json")
+    if "architecture" in cfg:
+        fmt = "timm-folder"
+    elif "model_type" in cfg:
+        fmt = "hf-folder"
+    else:
+        raise UnsupportedLayoutError(f"{path}/config.json has neither 'architecture' (timm) nor 'model_type' "
+                                     "(HuggingFace transformers)")
+    weights = next((path / n for n in FOLDER_WEIGHTS if (path / n).is_file()), None)
+    if weights is None:
+        sharded = any(path.glob("*.index.json"))
+        raise UnsupportedLayoutError(f"{path} has sharded weights; merge them into one model.safetensors" if sharded
+                                     else f"{path} has no {' or '.join(FOLDER_WEIGHTS)}")
+    inner = _read(weights, trust_pickle, key)
+    pre = path / "preprocessor_config.json"
+    return Checkpoint(path, fmt, inner.state_dict, inner.metadata, inner.key, config=cfg,
+                      preprocessor=_read_json(pre) if pre.is_file() else {})

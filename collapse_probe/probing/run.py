@@ -1,0 +1,200 @@
+"""The one road from a checkpoint or a model to a ``ProbeResult``: load safely, feed images, stream the maps.
+
+    import collapse_probe as cp
+    result = cp.probe("checkpoints/vit_micro_d32.safetensors", "builtin:digits")   # every loading check applies
+    result = cp.probe(model, loader, threshold=0.9)           # a model in memory, batches [B, 3, H, W] (or (x, y))
+    result = cp.probe(model, images, max_memory="2GiB", storage="float16")   # split batches to fit
+
+Every command (``similarity``, ``audit``, ``compare``, ``figures``, the trainer's collapse tracking) calls ``probe``
+with the same options, and the result is assembled only here: metrics from ``CollapseCollector``, ``model`` and
+``images`` as typed records, every setting that shaped the numbers in ``settings``.
+
+Memory per batch: the unit-column maps of every block of that batch (for the all-pairs similarity) and nothing from
+earlier batches; the image count does not matter (``memory.fit_batch`` splits batches for ``max_memory``). Maps or
+features holding NaN/Inf are excluded image by image and reported in ``ProbeResult.findings``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..errors import BadArgumentError
+from ..hooks.capture import Site, capture
+from ..loading.build import describe, load_model
+from ..loading.images import image_loader
+from ..loading.info import ImageInfo, LoadedModel
+from .collector import STORAGE_DTYPES, CollapseCollector
+from .memory import fit_batch, parse_bytes
+from .result import REDUCTIONS, ProbeResult
+
+Observer = Callable[[Site, torch.Tensor], None]
+LOAD_OPTIONS = ("model_name", "num_heads", "mean", "std", "key", "trust_pickle")  # how ``probe`` reads a path
+
+
+def _images(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _storage(storage: str | torch.dtype) -> tuple[torch.dtype, str]:
+    if isinstance(storage, torch.dtype):
+        names = {v: k for k, v in STORAGE_DTYPES.items()}
+        if storage not in names:
+            raise BadArgumentError(f"storage must be one of {', '.join(STORAGE_DTYPES)}, got {storage}")
+        return storage, names[storage]
+    if storage not in STORAGE_DTYPES:
+        raise BadArgumentError(f"--storage must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
+    return STORAGE_DTYPES[storage], storage
+
+
+def _check(threshold: float, neighbors: int, reduction: str, max_memory: int | str | None) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise BadArgumentError(f"--threshold must be between 0 and 1, got {threshold}")
+    if neighbors < 1:
+        raise BadArgumentError(f"--neighbors must be at least 1, got {neighbors}")
+    if reduction not in REDUCTIONS:
+        raise BadArgumentError(f"--reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if max_memory is not None:
+        parse_bytes(max_memory)  # a bad size fails before anything is loaded
+
+
+def _batches(images: Any, model: nn.Module, num_images: int | None, batch_size: int,
+             workers: int) -> tuple[Iterable, ImageInfo]:
+    """Any accepted ``images`` -> (batches, what they are): a folder or builtin:... set, a tensor, or batches."""
+    if images is None or isinstance(images, (str, Path)):
+        return image_loader(model, images, num_images, batch_size, workers)
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise BadArgumentError(f"images must be a batch [B, C, H, W], got shape {tuple(images.shape)}")
+        return images.split(batch_size), ImageInfo("in-memory tensor", int(images.shape[0]),
+                                                   list(images.shape[1:]))
+    return images, ImageInfo("in-memory batches", None)
+
+
+@torch.inference_mode()
+def probe(
+    model_or_path: nn.Module | LoadedModel | str | Path,
+    images: str | Path | torch.Tensor | Iterable | None = None,
+    *,
+    model_name: str | None = None,
+    num_heads: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    num_images: int | None = None,
+    batch_size: int = 16,
+    workers: int = 0,
+    threshold: float = 0.9,
+    neighbors: int = 1,
+    reduction: str = "mean",
+    rank_images: int | None = None,
+    kinds: Sequence[str] = ("probs", "mixed", "out"),
+    storage: str | torch.dtype = "float32",
+    max_memory: int | str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    all_reduce: bool | None = None,
+    observers: Sequence[Observer] = (),
+) -> ProbeResult:
+    """Measure collapse of a checkpoint (path), a ``load_model`` result or a model in memory.
+
+    Args:
+        model_or_path: a checkpoint file or model folder (read with every safety check, see ``load_model``), a
+            ``LoadedModel``, or an ``nn.Module`` of a supported family.
+        images: a folder, ``builtin:photos`` (default) or ``builtin:digits`` (preprocessed with the model's own
+            eval transform), a tensor [B, 3, H, W] already preprocessed, or an iterable of such batches / (x, y).
+        model_name, num_heads, mean, std, key, trust_pickle: how to read a path (``load_model``).
+        num_images, batch_size, workers: how many images of a folder / built-in set, in batches of this size.
+        threshold: the similarity above which a block is similar; also the per-entry cut of the ratio reduction.
+        neighbors, reduction: how ``result.summary`` counts similar blocks (stored in ``settings``).
+        rank_images: images whose maps enter the SVD-based ranks (None: all).
+        storage: precision of the per-batch maps kept for the all-pairs similarity ("float16" halves memory).
+        max_memory: split batches so the probe's tensors fit, e.g. "2GiB".
+        device: "auto", "cpu", "cuda:N" (default: "auto" for a path, the model's own device otherwise).
+        all_reduce: shard the images over torchrun ranks and all-reduce the sums (default: for paths only, so a lone
+            rank such as the trainer's collapse tracking can probe a model alone).
+        observers: extra ``fn(site, tensor)`` callbacks that see every captured tensor in the same forward passes.
+
+    The model is switched to eval mode (dropout and BatchNorm statistics frozen) and restored afterwards.
+    """
+    _check(threshold, neighbors, reduction, max_memory)
+    storage_dtype, storage_name = _storage(storage)
+    from_file = isinstance(model_or_path, (str, Path))
+    given = {k: v for k, v in zip(LOAD_OPTIONS, (model_name, num_heads, mean, std, key, trust_pickle))
+             if v is not None and v is not False}
+    if given and not from_file:
+        raise BadArgumentError(f"{', '.join(given)} apply to checkpoint paths, not to a model already built")
+    all_reduce = from_file if all_reduce is None else all_reduce
+    world = 1
+    if from_file:
+        info = distributed.init_distributed(device or "auto")
+        dev, world = info.device, info.world
+        model_or_path = load_model(model_or_path, **given)
+    if isinstance(model_or_path, LoadedModel):
+        model, model_info = model_or_path.model, model_or_path.info
+    else:
+        model, model_info = model_or_path, describe(model_or_path)
+    if not from_file:
+        dev = distributed.resolve_device(device) if isinstance(device, str) else (
+            torch.device(device) if device is not None else next(model.parameters()).device)
+    model.to(dev)
+    batches, image_info = _batches(images, model, num_images, batch_size, workers)
+    all_reduce = all_reduce and distributed.active()
+    if all_reduce:
+        if not isinstance(batches, DataLoader):
+            raise BadArgumentError("all_reduce shards a folder or built-in image set over the ranks; pass one")
+        batches = distributed.shard_loader(batches)
+    result, max_batch = _measure(model, batches, kinds, threshold, rank_images, storage_dtype, max_memory, dev,
+                                 progress and distributed.is_main(), all_reduce, observers)
+    result.model, result.images = model_info, image_info
+    result.settings = {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
+                       "rank_images": rank_images, "storage_dtype": storage_name, "max_memory": max_memory,
+                       "max_batch": max_batch, "batch_size": batch_size, "device": str(dev), "world_size": world}
+    return result
+
+
+def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshold: float, rank_images: int | None,
+             storage_dtype: torch.dtype, max_memory: int | str | None, device: torch.device, progress: bool,
+             all_reduce: bool, observers: Sequence[Observer]) -> tuple[ProbeResult, int | None]:
+    """The probe loop: hooks planned once, every batch streamed into one collector; (result, max batch used)."""
+    rank_cap = rank_images
+    if rank_images is not None and all_reduce:
+        dist = torch.distributed
+        rank_cap = distributed.shard_count(rank_images, dist.get_rank(), dist.get_world_size())
+    collector: CollapseCollector | None = None
+
+    def callback(site: Site, t: torch.Tensor) -> None:
+        collector(site, t)
+        for fn in observers:
+            fn(site, t)
+
+    was_training = model.training
+    model.eval()
+    max_batch = None
+    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        it = iter(tqdm(batches, total=total, desc="probing", unit="batch", disable=not progress, leave=False))
+        first = next(it, None)
+        if first is not None and max_memory is not None:  # sized with its own 1-image forward, before the hooks
+            max_batch = fit_batch(model, _images(first).to(device), kinds, max_memory, storage_dtype)
+        with capture(model, kinds, callback=callback) as cap:
+            collector = CollapseCollector(cap.sites, threshold, rank_cap, storage_dtype, cap.num_heads)
+            batch = first
+            while batch is not None:
+                x = _images(batch).to(device)
+                for chunk in x.split(max_batch) if max_batch else (x,):
+                    model(chunk)
+                    collector.end_batch()
+                batch = next(it, None)
+    finally:
+        model.train(was_training)
+    if all_reduce:
+        distributed.all_reduce_sums(collector.accumulators(), device)
+    return collector.result(), max_batch

@@ -1,0 +1,2 @@
+"""What the commands write: ``text`` (table / JSON / CSV), ``audit`` (report folders and verdict), ``figures``
+(the paper's analyses)."""
