@@ -1,6 +1,6 @@
 """Train ViT / DeepViT models: timm's recipe pieces, one GPU or many (torchrun + DDP), exact resume, collapse tracking.
 
-    python -m collapse_probe.train --preset digits --model deepvit_micro --depth 8 --output runs/deepvit8
+    python -m collapse_probe train --preset digits --model deepvit_micro --depth 8 --output runs/deepvit8
     torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --model deepvit_16b --data-dir /data/imagenet
 
 Modules: config (dataclass + presets), data (datasets, loaders), engine (loop, evaluation, checkpoints),
