@@ -100,8 +100,8 @@ def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
         return None
     try:
         return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from e
 
 
 def _probe_options(f):

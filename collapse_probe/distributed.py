@@ -50,8 +50,8 @@ def resolve_device(device: str | None = "auto", local_rank: int | None = None) -
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise BadArgumentError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    except RuntimeError as e:
+        raise BadArgumentError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadArgumentError(f"device '{device}' requested but CUDA is not available; use --device cpu")
     if dev.type == "cuda" and dev.index is None and local_rank is not None:

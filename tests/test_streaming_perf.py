@@ -14,8 +14,8 @@ from collapse_probe.errors import BadArgumentError
 from collapse_probe.hooks.capture import capture
 from collapse_probe.metrics import functional as MF
 from collapse_probe.metrics.streaming import CrossLayerAccumulator, FeatureAccumulator, unit_columns
-from collapse_probe.probing.result import ProbeResult
 from collapse_probe.probing.memory import estimate_bytes_per_image, fit_batch, parse_bytes
+from collapse_probe.probing.result import ProbeResult
 from collapse_probe.probing.run import probe
 from collapse_probe.reports.text import render
 

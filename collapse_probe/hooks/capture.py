@@ -1,10 +1,16 @@
 """Record per-head attention maps (and block outputs) from a ViT with hooks that are always removed.
 
+    >>> import timm, torch, collapse_probe.models
+    >>> model, images = timm.create_model("vit_micro", depth=4), torch.randn(2, 3, 32, 32)
     >>> with capture(model) as cap:                       # store the maps of the last forward
-    ...     model(images)
+    ...     _ = model(images)
     >>> cap.maps["blocks.3.attn.probs"].shape            # [B, H, N, N], rows sum to 1
-    >>> with capture(model, kinds=("probs", "out"), callback=fn):   # stream: fn(site, tensor) per block, nothing kept
-    ...     model(images)
+    torch.Size([2, 4, 65, 65])
+    >>> seen = []
+    >>> with capture(model, kinds=("probs", "out"), callback=lambda site, t: seen.append(site.name)):  # stream
+    ...     _ = model(images)
+    >>> seen[:3]                                          # fn(site, tensor) per block, nothing kept
+    ['blocks.0.attn.probs', 'blocks.0.out', 'blocks.1.attn.probs']
 
 Site names follow the module path of the attention module plus a kind, TransformerLens style:
     ``<attn path>.probs``  post-softmax map [B, H, N, N]

@@ -48,7 +48,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
-        raise UnsupportedLayoutError(f"cannot build {name} with {kwargs}: {first_line(e)}") from None
+        raise UnsupportedLayoutError(f"cannot build {name} with {kwargs}: {first_line(e)}") from e
 
 
 def instantiate(spec: ArchSpec) -> nn.Module:
@@ -165,7 +165,7 @@ def _build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:
                                                          trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise UnsupportedLayoutError(f"cannot read {ckpt.path}/config.json with transformers: {first_line(e)}") \
-            from None
+            from e
     names = [n for n in (config.architectures or []) if isinstance(n, str)]
     cls = getattr(transformers, names[0], None) if names else None
     if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
@@ -179,7 +179,7 @@ def _build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:
         model, loading = cls.from_pretrained(None, config=config, state_dict=ckpt.state_dict,
                                              output_loading_info=True)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: {first_line(e)}") from None
+        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: {first_line(e)}") from e
     problems = [f"{len(v)} {k.replace('_', ' ')} (e.g. {', '.join(sorted(map(str, v))[:3])})"
                 for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
     if problems:

@@ -98,7 +98,7 @@ class ProbeImages(Dataset):
             with Image.open(item) as im:
                 return im.convert("RGB")
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-            raise BadArgumentError(f"cannot read image {item}: {e}; remove or replace the file") from None
+            raise BadArgumentError(f"cannot read image {item}: {e}; remove or replace the file") from e
 
     def __getitem__(self, i: int) -> torch.Tensor:
         img = self._open(self.images[i % len(self.images)])

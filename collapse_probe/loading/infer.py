@@ -214,7 +214,7 @@ def infer_architecture(sd: SD, num_heads: int | None = None) -> ArchSpec:
         if "to_patch_embedding.2.weight" in sd and "pos_embedding" in sd:
             return _vit_pytorch(sd, num_heads)
     except KeyError as e:
-        raise UnsupportedLayoutError(f"partly recognised layout, but key {e} is missing; pass --model NAME") from None
+        raise UnsupportedLayoutError(f"partly recognised layout, but key {e} is missing; pass --model NAME") from e
     if any(k.startswith(("embeddings.patch_embeddings", "vit.", "deit.", "dinov2.")) for k in sd):
         raise UnsupportedLayoutError("this looks like a HuggingFace transformers state dict: pass the model folder "
                                      "(config.json + model.safetensors) instead of the weights file")

@@ -83,13 +83,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # SafetensorError, or e.g. KeyError for a dtype this torch cannot hold: still one line
-        raise MalformedFileError(f"{path} is a corrupt or truncated safetensors file ({first_line(e)})") from None
+        raise MalformedFileError(f"{path} is a corrupt or truncated safetensors file ({first_line(e)})") from e
     ours = {}
     if META_KEY in meta:
         try:
             ours = json.loads(meta[META_KEY])
-        except (json.JSONDecodeError, RecursionError):
-            raise MalformedFileError(f"{path} has unreadable '{META_KEY}' metadata; re-save it") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise MalformedFileError(f"{path} has unreadable '{META_KEY}' metadata; re-save it") from e
         if not isinstance(ours, dict):
             raise MalformedFileError(f"{path} has '{META_KEY}' metadata that is not a JSON object; re-save it")
     return tensors, ours
@@ -115,10 +115,10 @@ def _read_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
             raise RefusedContentError(
                 f"refused {path}: the weights-only loader rejected it ({first_line(ValueError(why)) if why else ''}"
                 f"{'; ' if why else ''}{_unsafe_globals(path)}); convert it to safetensors, or pass --trust-pickle "
-                "for this run only if you trust its author") from None
-        raise MalformedFileError(f"{path} is a corrupt torch checkpoint ({first_line(e)})") from None
+                "for this run only if you trust its author") from e
+        raise MalformedFileError(f"{path} is a corrupt torch checkpoint ({first_line(e)})") from e
     except Exception as e:  # whatever a damaged archive makes torch raise (found by fuzzing): still one line
-        raise MalformedFileError(f"{path} is a corrupt or truncated torch checkpoint ({first_line(e)})") from None
+        raise MalformedFileError(f"{path} is a corrupt or truncated torch checkpoint ({first_line(e)})") from e
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -217,7 +217,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MalformedFileError(f"{path} is not valid JSON ({first_line(e)})") from None
+        raise MalformedFileError(f"{path} is not valid JSON ({first_line(e)})") from e
     if not isinstance(obj, dict):
         raise MalformedFileError(f"{path} holds a {type(obj).__name__}, not a JSON object")
     return obj

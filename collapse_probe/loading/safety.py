@@ -205,9 +205,9 @@ def _scan(path: Path, data: bytes, count: int, truncated_ok: bool = True) -> tup
         return pickle_globals(f, count)
     except Exception as e:  # genops: ValueError on bad opcodes / short reads; nothing was executed
         if not truncated_ok and f.tell() >= len(data):  # ran into the end of the capped read: too big
-            raise _too_big(path, len(data) - 1, len(data) - 1, more=True) from None
+            raise _too_big(path, len(data) - 1, len(data) - 1, more=True) from e
         raise MalformedFileError(f"{path} holds a corrupt pickle ({one_line(e)}); the file is damaged or not a "
-                                 "torch checkpoint") from None
+                                 "torch checkpoint") from e
 
 
 def _check_zip(path: Path, cap: int) -> bytes:
@@ -216,7 +216,7 @@ def _check_zip(path: Path, cap: int) -> bytes:
         return _check_zip_layout(path, cap)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, OverflowError, struct.error, EOFError,
             NotImplementedError, UnicodeError) as e:  # whatever else a damaged directory makes zipfile raise
-        raise MalformedFileError(f"{path} is a corrupt zip archive ({one_line(e)})") from None
+        raise MalformedFileError(f"{path} is a corrupt zip archive ({one_line(e)})") from e
 
 
 def _check_zip_layout(path: Path, cap: int) -> bytes:
@@ -238,7 +238,7 @@ def _check_zip_layout(path: Path, cap: int) -> bytes:
             infos = zf.infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, struct.error, EOFError,
                 NotImplementedError, UnicodeDecodeError) as e:
-            raise MalformedFileError(f"{path} is a corrupt zip archive ({one_line(e)})") from None
+            raise MalformedFileError(f"{path} is a corrupt zip archive ({one_line(e)})") from e
         if not infos:
             raise MalformedFileError(f"{path} is an empty zip archive, not a torch checkpoint")
         prefix = infos[0].filename.split("/", 1)[0] + "/"
@@ -294,7 +294,7 @@ def _check_zip_layout(path: Path, cap: int) -> bytes:
         try:
             return zf.read(info)  # STORED: a plain copy of at most `cap` bytes, CRC-checked
         except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError) as e:
-            raise MalformedFileError(f"{path}: cannot read {pkl} ({one_line(e)})") from None
+            raise MalformedFileError(f"{path}: cannot read {pkl} ({one_line(e)})") from e
 
 
 # ------------------------------------------------------------------------------------------------- safetensors
@@ -314,7 +314,7 @@ def check_safetensors(path: Path, max_header: int = MAX_SAFETENSORS_HEADER) -> N
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise MalformedFileError(f"{path}: {bad} is not valid JSON ({one_line(e)}); the file is corrupt") from None
+        raise MalformedFileError(f"{path}: {bad} is not valid JSON ({one_line(e)}); the file is corrupt") from e
     if not isinstance(header, dict):
         raise MalformedFileError(f"{path}: {bad} is not a JSON object")
     meta = header.pop("__metadata__", {})

@@ -1,8 +1,11 @@
 """ViT and DeepViT built on timm's VisionTransformer, registered in timm's model registry.
 
-    >>> import timm, collapse_probe
-    >>> model = timm.create_model("deepvit_32b")            # 32 blocks, all with Re-attention
-    >>> model = timm.create_model("deepvit_micro", depth=16)  # 32 px CPU preset (scikit-learn digits)
+    >>> import timm, collapse_probe.models                 # importing the package registers the presets
+    >>> with torch.device("meta"):                          # shapes only: no memory for 48M parameters
+    ...     len(timm.create_model("deepvit_32b").reattn_block_indices)    # 32 blocks, all with Re-attention
+    32
+    >>> timm.create_model("deepvit_micro", depth=16).patch_embed.num_patches   # 32 px CPU preset (digits)
+    64
 
 Only the blocks, the optional convolutional stem and the Re-attention options are ours; patch/position embeddings,
 pooling, heads, weight init, ``no_weight_decay`` and ``forward_intermediates`` are timm's. Parameter names match timm's
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import VisionTransformer
+from timm.models.vision_transformer import Attention as TimmAttention
 from torch import nn
 
 from .attention import Attention, AttentionShare, MixNorm, ThetaInit
@@ -26,8 +30,9 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + s * attn(norm1(x / s)), then the same for the MLP.
 
     ``res_scale`` s = 2 reproduces DeepViT-S/L, whose official code multiplies the block input by 0.5 before the norm
-    and divides the branch output by 0.5. Accepts (and ignores) the extra keyword arguments timm's VisionTransformer
-    passes.
+    and divides the branch output by 0.5. Takes exactly the arguments timm's VisionTransformer passes; the ones this
+    block does not implement (q/k norm, scale norms, projection without bias, another attention layer) are accepted
+    only at their default values and otherwise fail loudly, so a model never claims an option it ignores.
     """
 
     def __init__(
@@ -44,9 +49,23 @@ class Block(nn.Module):
         norm_layer: type[nn.Module] = nn.LayerNorm,
         mlp_layer: type[nn.Module] = Mlp,
         res_scale: float = 1.0,
-        **_: Any,
+        qk_norm: bool = False,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        attn_layer: Any = None,
+        depth: int | None = None,  # the block's index, which timm passes for its own blocks; unused here
+        device: Any = None,
+        dtype: Any = None,
     ) -> None:
         super().__init__()
+        unsupported = {k: v for k, v in dict(qk_norm=qk_norm, scale_attn_norm=scale_attn_norm,
+                                               scale_mlp_norm=scale_mlp_norm, proj_bias=not proj_bias).items() if v}
+        if attn_layer not in (None, "attn", TimmAttention):
+            unsupported["attn_layer"] = attn_layer
+        if unsupported:
+            names = ", ".join(f"{k}={v if k != 'proj_bias' else False}" for k, v in unsupported.items())
+            raise ValueError(f"collapse_probe's ViT/DeepViT block does not implement {names}; leave the default")
         self.res_scale = res_scale
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
@@ -56,8 +75,12 @@ class Block(nn.Module):
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, **_: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("collapse_probe's attention takes no mask (every token attends to every token)")
         s = self.res_scale
         if s == 1.0:
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))

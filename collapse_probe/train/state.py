@@ -57,4 +57,4 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
-        raise MalformedFileError(f"cannot resume from {path}: {one_line(e, 200)}; delete it to start over") from None
+        raise MalformedFileError(f"cannot resume from {path}: {one_line(e, 200)}; delete it to start over") from e
