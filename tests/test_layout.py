@@ -142,7 +142,8 @@ def test_docstring_examples_run(module: str, monkeypatch) -> None:
     mod = importlib.import_module(module.removesuffix(".__init__"))
     import torch
 
-    result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=flags)
     assert result.attempted > 0 and result.failed == 0
 
 
