@@ -120,9 +120,9 @@ def _probe_options(f):
         click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
                      help="Folder of images (recursive), or builtin:photos (default: scikit-image's photographs) "
                      "or builtin:digits (scikit-learn digits)."),
-        click.option("--num-images", type=click.IntRange(min=1), metavar="N",
+        click.option("--num-images", type=click.IntRange(1, 1 << 24), metavar="N",
                      help="Images to use (default: all in DIR or the set; for photos, more adds seeded crops)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--batch-size", type=click.IntRange(1, 1 << 16), default=16, show_default=True),
         click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
                      help="A block is similar (collapsed) when its similarity with the previous block(s) exceeds "
                      "this."),

@@ -52,6 +52,8 @@ def resolve_device(device: str | None = "auto", local_rank: int | None = None) -
         dev = torch.device(device)
     except RuntimeError as e:
         raise BadArgumentError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: nothing to compute maps with
+        raise BadArgumentError(f"device '{device}' cannot run a probe; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadArgumentError(f"device '{device}' requested but CUDA is not available; use --device cpu")
     if dev.type == "cuda" and dev.index is None and local_rank is not None:

@@ -8,7 +8,11 @@ inferred from the weight shapes), shapes compared before loading, and a typed de
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +21,12 @@ import torch
 from torch import nn
 
 from .. import models  # noqa: F401  (registers our presets with timm)
-from ..errors import BadArgumentError, UnsupportedLayoutError, first_line
+from ..errors import BadArgumentError, RefusedContentError, UnsupportedLayoutError, first_line
 from ..hooks.capture import attention_plans
 from .infer import ArchSpec, infer_architecture
 from .info import LoadedModel, ModelInfo
 from .read import Checkpoint, num_classes, read_checkpoint, timm_folder_args
+from .safety import FACTORY_OPTIONS
 
 
 def _compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -41,13 +46,40 @@ def _compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
         raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
 
 
+def real_elements(sd: dict[str, torch.Tensor]) -> int:
+    """How many values the file's tensors really hold: each storage counted once, by its bytes."""
+    storages: dict[tuple[int, int], float] = {}
+    for t in sd.values():
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        storages[key] = max(storages.get(key, 0.0), st.nbytes() / max(t.element_size(), 1))
+    return int(sum(storages.values()))
+
+
+def within_weights(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str, strict: bool = True
+                   ) -> nn.Module:
+    """``make()`` for real only after its meta-device twin fits ``sd``: every shape (``strict``) and no more
+    parameters than the file's tensors really hold, so a few bytes of config cannot make us allocate gigabytes."""
+    with torch.device("meta"):  # shapes only, no memory
+        meta = make()
+    if strict:
+        _compare(meta, sd, what)
+    need, have = sum(p.numel() for p in meta.parameters()), real_elements(sd)
+    if need > have * 1.01 + 100_000:  # slack: a few buffers or tied copies a file may legitimately omit
+        raise RefusedContentError(f"refused: {what} needs {need:,} parameters but the file's tensors hold only "
+                                  f"{have:,} values; pass --model NAME matching the weights")
+    del meta
+    return make()
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` without any download, with a clear error for unknown names."""
     if not timm.is_model(name):
         raise BadArgumentError(f"unknown model '{name}'; see timm.list_models('vit*') or our presets (deepvit_32b ...)")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:
+    except (TypeError, ValueError, AssertionError, KeyError, AttributeError, NotImplementedError) as e:
+        # arguments that came from a file (an unknown act_layer, a wrong type): the file's problem, one line
         raise UnsupportedLayoutError(f"cannot build {name} with {kwargs}: {first_line(e)}") from e
 
 
@@ -111,28 +143,26 @@ def build_model(
     sd, heads_source, data, loaded, inferred_args = ckpt.state_dict, None, {}, False, None
     n_classes = num_classes(sd)
     if model_name is not None:
-        model = create_model(model_name, num_classes=n_classes)
         arch, source = model_name, "--model"
+        model = within_weights(lambda: create_model(model_name, num_classes=n_classes), sd, arch)
     elif ckpt.metadata.get("architecture"):
         arch, source = ckpt.metadata["architecture"], "checkpoint metadata"
-        with torch.device("meta"):  # shapes first, no memory: a config asking for a huge model fails here for free
-            _compare(create_model(arch, **ckpt.metadata.get("model_args", {})), ckpt.state_dict, arch)
-        model = create_model(arch, **ckpt.metadata.get("model_args", {}))
+        model = within_weights(lambda: create_model(arch, **ckpt.metadata.get("model_args", {})), sd, arch)
         data = ckpt.metadata.get("pretrained_cfg", {})
     elif ckpt.format == "timm-folder":
         arch, source = ckpt.config["architecture"], "timm config.json"
-        model = create_model(arch, **timm_folder_args(ckpt))
+        model = within_weights(lambda: create_model(arch, **timm_folder_args(ckpt)), sd, arch)
         data = ckpt.config.get("pretrained_cfg", {})
     elif ckpt.format == "hf-folder":
         model, arch = _build_transformers(ckpt)
         source, data, loaded = "HuggingFace config.json", _hf_data_config(ckpt), True
     elif ckpt.arch:
         arch, source = ckpt.arch, "timm checkpoint 'arch' entry"
-        model = create_model(arch, num_classes=n_classes)
+        model = within_weights(lambda: create_model(arch, num_classes=n_classes), sd, arch)
     else:
         spec = infer_architecture(sd, num_heads)
-        model, arch, source, heads_source = instantiate(spec), spec.architecture, "inferred from weight shapes", \
-            spec.heads_source
+        arch, source, heads_source = spec.architecture, "inferred from weight shapes", spec.heads_source
+        model = within_weights(lambda: instantiate(spec), sd, arch)
         inferred_args = {"built_from": spec.name, **spec.kwargs}
         data = {"input_size": spec.input_size} if spec.family != "timm" else {}
     if not loaded:
@@ -166,25 +196,64 @@ def _build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:
     except (OSError, ValueError, KeyError) as e:
         raise UnsupportedLayoutError(f"cannot read {ckpt.path}/config.json with transformers: {first_line(e)}") \
             from e
+    _refuse_steering_hf_config(ckpt.path, config)
     names = [n for n in (config.architectures or []) if isinstance(n, str)]
     cls = getattr(transformers, names[0], None) if names else None
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
-        cls = transformers.AutoModel._model_mapping.get(type(config), None) if hasattr(
-            transformers.AutoModel, "_model_mapping") else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+            and isinstance(config, cls.config_class)):  # a class of another model type would misread the config
+        mapping = getattr(transformers.AutoModel, "_model_mapping", None)
+        cls = mapping.get(type(config), None) if mapping is not None else None
         if cls is None:
             raise UnsupportedLayoutError(f"{ckpt.path}/config.json names no transformers model class we can build "
                                          f"(architectures: {names or 'none'})")
     what = f"transformers:{cls.__name__}"
-    try:
-        model, loading = cls.from_pretrained(None, config=config, state_dict=ckpt.state_dict,
-                                             output_loading_info=True)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: {first_line(e)}") from e
+    with _quiet_transformers():
+        within_weights(lambda: cls(config), ckpt.state_dict, what, strict=False)
+        try:
+            model, loading = cls.from_pretrained(None, config=config, state_dict=ckpt.state_dict,
+                                                 output_loading_info=True)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UnsupportedLayoutError(f"checkpoint does not fit {what}: {first_line(e)}") from e
     problems = [f"{len(v)} {k.replace('_', ' ')} (e.g. {', '.join(sorted(map(str, v))[:3])})"
                 for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
     if problems:
         raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
     return model, what
+
+
+def _refuse_steering_hf_config(path: Path, config: Any) -> None:
+    """A config.json may not make a loader open other files (timm_wrapper's checkpoint_path ...) or need quantisation
+    libraries: refused with one line instead of following it."""
+    cfg = config.to_dict()
+    nested = [cfg, *(v for v in cfg.values() if isinstance(v, dict))]
+    steering = sorted({k for d in nested for k in FACTORY_OPTIONS & set(d) if d[k] not in (None, False, {}, "")})
+    if steering:
+        raise RefusedContentError(f"refused {path}: config.json sets {', '.join(steering)}, which would make the "
+                                  "loader open other files or download")
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise UnsupportedLayoutError(f"{path}: quantized checkpoints ({method}) are not supported; pass the "
+                                     "full-precision weights")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars and warnings would break our one-line stderr; silenced while building."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _hf_data_config(ckpt: Checkpoint) -> dict[str, Any]:
@@ -230,6 +299,12 @@ def _set_data_config(model: nn.Module, data: dict[str, Any], mean, std) -> tuple
     if mean is not None or std is not None:
         if mean is None or std is None or len(mean) != len(std):
             raise BadArgumentError("give --mean and --std together, with the same number of values")
+        channels = int((size or cfg.get("input_size", (3,)))[0])
+        if len(mean) != channels:
+            raise BadArgumentError(f"--mean/--std give {len(mean)} values but the model takes {channels} channels")
+        if not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+            raise BadArgumentError(f"--mean must be finite and --std finite and positive, got {list(mean)} / "
+                                   f"{list(std)}")
         cfg.update(mean=tuple(mean), std=tuple(std))
         source = "--mean/--std"
     cfg.setdefault("input_size", (3, 224, 224))

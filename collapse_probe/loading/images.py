@@ -12,6 +12,7 @@ The default is builtin:photos.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import BadArgumentError
+from ..errors import BadArgumentError, one_line
 from .info import ImageInfo
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -95,8 +96,12 @@ class ProbeImages(Dataset):
         if isinstance(item, Image.Image):
             return item
         try:
-            with Image.open(item) as im:
-                return im.convert("RGB")
+            with warnings.catch_warnings():  # PIL warns (one stderr line each) before its bomb limit: refuse instead
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(item) as im:
+                    return im.convert("RGB")
+        except Image.DecompressionBombWarning as e:
+            raise BadArgumentError(f"image {item} is suspiciously large ({one_line(e)}); remove or shrink it") from e
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
             raise BadArgumentError(f"cannot read image {item}: {e}; remove or replace the file") from e
 

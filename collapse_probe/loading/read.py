@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError, first_line
+from ..errors import (
+    BadArgumentError,
+    MalformedFileError,
+    RefusedContentError,
+    UnsupportedLayoutError,
+    first_line,
+    one_line,
+)
 from .safety import check_finite, check_model_args, check_safetensors, check_torch_file
 
 META_KEY = "collapse_probe"  # safetensors metadata key / torch dict key holding our model config
@@ -168,7 +175,17 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, key: str | Non
     Stored configs are checked against the weights (no factory options, no sizes beyond what the weights hold), and
     NaN/Inf weights raise ``MalformedFileError`` unless ``allow_nonfinite``.
     """
-    ckpt = _read(Path(path), trust_pickle, key)
+    path = Path(path)
+    resolved = str(path.resolve()) if path.exists() else str(path)
+    if any(resolved == r or resolved.startswith(r + "/") for r in ("/proc", "/sys", "/dev")):
+        raise BadArgumentError(f"{path} is a system file, not a checkpoint; pass a .safetensors / .pt file")
+    with warnings.catch_warnings():  # e.g. torch's complex-to-real cast warning: bad tensors get our own error
+        warnings.simplefilter("ignore")
+        try:
+            ckpt = _read(path, trust_pickle, key)
+        except OSError as e:  # unreadable disk sector, permissions, a file that vanished mid-read
+            raise BadArgumentError(f"cannot read {path}: {e.strerror or one_line(e)}") from e
+    check_backed(ckpt.state_dict, ckpt.path)
     if ckpt.metadata.get("architecture"):
         check_model_args(ckpt.metadata, ckpt.state_dict, ckpt.path)
     if ckpt.format == "timm-folder":
@@ -177,6 +194,15 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, key: str | Non
     if not allow_nonfinite:
         check_finite(ckpt.state_dict, ckpt.path)
     return ckpt
+
+
+def check_backed(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse tensors that claim more values than their stored bytes (zero or overlapping strides): a 7.7 KB file of
+    views of one float must not become a 1 GB model."""
+    for name, t in sd.items():
+        if t.numel() and t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise RefusedContentError(f"refused {path}: tensor {name} {tuple(t.shape)} is a view larger than its "
+                                      f"stored bytes (strides {tuple(t.stride())}); re-save real tensors")
 
 
 def num_classes(sd: dict[str, torch.Tensor]) -> int:

@@ -43,7 +43,7 @@ import torch
 from ..errors import MalformedFileError, RefusedContentError, UnsupportedLayoutError, one_line
 
 MAX_PICKLE_BYTES = 64 << 20  # a state dict's data.pkl is keys + tensor stubs; tensors live in separate entries
-MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE, decimal bytes)
 MAX_DEPTH = 1024  # blocks a stored config may ask for (the paper's deepest model has 32)
 MIN_SAFE_TORCH = (2, 6)  # torch <= 2.5.1: torch.load(weights_only=True) can be bypassed (CVE-2025-32434)
 LEGACY_PICKLES = 5  # legacy torch files: magic number, protocol, sys info, object, storage keys; raw bytes follow

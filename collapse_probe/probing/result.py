@@ -35,6 +35,16 @@ def _nan(x: Any) -> Any:
     return [_nan(v) for v in x] if isinstance(x, list) else (math.nan if x is None else x)
 
 
+def finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
 @dataclass
 class AttentionStats:
     """Per-block statistics of one kind of map ("probs" or "mixed") over the probed images.
@@ -177,7 +187,8 @@ class ProbeResult:
         }
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        """Strict JSON: a NaN/Inf anywhere (e.g. a block whose every image was excluded) is written as null."""
+        return json.dumps(finite(self.to_dict()), indent=indent, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProbeResult:

@@ -153,6 +153,10 @@ def probe(
         batches = distributed.shard_loader(batches)
     result, max_batch = _measure(model, batches, kinds, threshold, rank_images, storage_dtype, max_memory, dev,
                                  progress and distributed.is_main(), all_reduce, observers)
+    if not result.attention:
+        bad = sum(f["images"] for f in result.findings)
+        raise BadArgumentError(f"no finite attention map: every image gave NaN/Inf maps ({bad} image-blocks); check "
+                               "the images and --mean/--std")
     result.model, result.images = model_info, image_info
     result.settings = {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                        "rank_images": rank_images, "storage_dtype": storage_name, "max_memory": max_memory,

@@ -21,7 +21,7 @@ from typing import Any
 from .._version import __version__
 from ..errors import BadArgumentError
 from ..outputs import check_replaceable, write_folder
-from ..probing.result import ProbeResult
+from ..probing.result import ProbeResult, finite
 from ..probing.run import probe
 from .text import block_rows
 
@@ -217,7 +217,7 @@ def audit(
     metrics = {**result.to_dict(), "verdict": vd, "heads_source": result.model.heads_source,
                "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                           **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}}}
-    files = {"metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode(),
+    files = {"metrics.json": json.dumps(finite(metrics), indent=1, allow_nan=False).encode(),
              "report.md": render_markdown(result, vd, figures, threshold, neighbors, reduction).encode(),
              "report.html": render_html(result, vd, figures, threshold, neighbors, reduction).encode(),
              **{f"{name}.png": png for name, png in figures.items()}}
@@ -277,5 +277,5 @@ def compare(
                               **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}},
                    "checkpoints": {n: {**r.to_dict(), "verdict": verdicts[n]} for n, r in results.items()}}
         write_folder(output, {"compare.md": md.encode(), "compare.html": page.encode(), "curves.png": png,
-                              "metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode()})
+                              "metrics.json": json.dumps(finite(metrics), indent=1, allow_nan=False).encode()})
     return table, results
