@@ -104,3 +104,27 @@ def test_attention_module_through_triton(monkeypatch, head_dim):
     for got, exp in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4 * float(exp.abs().max()))
     torch.testing.assert_close(tri.mix_norm.running_var, ref.mix_norm.running_var, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_keeps_statistics_in_fp32():
+    """Under bf16 autocast the Triton path must be at least as accurate as the reference (statistics, folding and the
+    dW' reduction in bf16 would spoil Theta's gradient under training-mode BN)."""
+    torch.manual_seed(5)
+    theta, norm = nn.Conv2d(4, 4, 1), make_norm("bn_train", 4)
+    logits = torch.randn(3, 4, 17, 17) * 0.3  # near-uniform maps: small head covariance
+    grad_out = torch.randn(3, 4, 17, 17)
+
+    def grads(fn, bf16: bool) -> list[torch.Tensor]:
+        t, n = copy.deepcopy(theta), copy.deepcopy(norm)
+        lg = logits.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = fn(lg.softmax(-1), t, n, 1.0)
+        return [y.float().detach(), *grads_of(y.float(), grad_out, lg, t.weight, n.weight)]
+
+    exact = grads(reattention_reference, False)
+    for name, ref_bf16, tri_bf16, ex in zip(["Y", "dlogits", "dtheta", "dbn.weight"],
+                                            grads(reattention_reference, True), grads(reattention_triton, True), exact):
+        err_ref, err_tri = float((ref_bf16 - ex).norm()), float((tri_bf16 - ex).norm())
+        # fp32 inside, so only the bf16 output (and its bf16 gradient) is rounded: about one bf16 ulp (2^-8) relative;
+        # with the statistics in bf16 Theta's gradient was ~1e-2 off
+        assert err_tri <= min(2 * err_ref, 5e-3 * float(ex.norm())), f"{name}: {err_tri:.2e}, reference {err_ref:.2e}"

@@ -86,9 +86,10 @@ class HeadAffine(torch.autograd.Function):
         B, H, N, M = a.shape
         da = _launch(dy, w.t(), None, a.dtype) if ctx.needs_input_grad[0] else None
         dw = dc = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # fp32 reductions: dW' feeds BN's cancelling statistics terms
             flat_dy, flat_a = dy.reshape(B, H, N * M).float(), a.reshape(B, H, N * M).float()
-            dw = torch.bmm(flat_dy, flat_a.transpose(1, 2)).sum(0).to(w.dtype)
+            with torch.autocast(a.device.type, enabled=False):
+                dw = torch.bmm(flat_dy, flat_a.transpose(1, 2)).sum(0).to(w.dtype)
         if ctx.needs_input_grad[2]:
             dc = dy.float().sum(dim=(0, 2, 3)).to(ctx.c_dtype)
         return da, dw, dc, None
@@ -97,19 +98,25 @@ class HeadAffine(torch.autograd.Function):
 def head_affine(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``HeadAffine`` with the output in ``out_dtype`` (default: autocast's dtype when autocast is on, else a's)."""
-    if out_dtype is None:
-        dev = a.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else a.dtype
-    return HeadAffine.apply(a, w, c, out_dtype)
+    return HeadAffine.apply(a, w, c, out_dtype or _out_dtype(a))
 
 
 def reattention_triton(attn: torch.Tensor, theta: nn.Conv2d, norm: nn.Module, scale: float) -> torch.Tensor:
     """Norm(Theta(attn)) * scale for ``norm`` in (nn.Identity, nn.BatchNorm2d), BN running statistics updated."""
-    if isinstance(norm, nn.BatchNorm2d) and (norm.training or norm.running_mean is None):
-        mean, var = head_stats(attn, theta)
-        B, _, N, M = attn.shape
-        update_running_stats(norm, mean, var, B * N * M)
-        w, c = fold_head_affine(theta, norm, scale, mean, var)
-    else:
-        w, c = fold_head_affine(theta, norm, scale)
-    return head_affine(attn, w.float(), c.float())
+    out_dtype = _out_dtype(attn)
+    # statistics and folding in fp32 whatever autocast says: a bf16 Gram loses the small head covariance entirely
+    with torch.autocast(attn.device.type, enabled=False):
+        if isinstance(norm, nn.BatchNorm2d) and (norm.training or norm.running_mean is None):
+            mean, var = head_stats(attn, theta)
+            B, _, N, M = attn.shape
+            update_running_stats(norm, mean, var, B * N * M)
+            w, c = fold_head_affine(theta, norm, scale, mean, var)
+        else:
+            w, c = fold_head_affine(theta, norm, scale)
+        return head_affine(attn, w.float(), c.float(), out_dtype)
+
+
+def _out_dtype(a: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype when autocast is on (what the Conv2d reference would return), else the map's."""
+    dev = a.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else a.dtype
