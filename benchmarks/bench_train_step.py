@@ -111,11 +111,16 @@ def main(argv=None) -> None:
     ap.add_argument("--theta-einsum", action="store_true", help="Re-attention's Theta as an einsum, not a Conv2d")
     ap.add_argument("--reference-reattn", action="store_true",
                     help="every Re-attention as the reference Conv2d + norm module (the code before the fast path)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (1 is steadier on a machine shared with other work)")
     ap.add_argument("--quick", action="store_true", help="depth 8, 112 px, batch 4, 2 rounds")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_train_step.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.depth, args.img_size, args.batch, args.rounds = args.depth or 8, args.img_size or 112, 4, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"collapse_probe from {Path(collapse_probe.__file__).parent}")  # PYTHONPATH=. or an installed copy?
     names = args.models.split(",")
     built = {n: build(n, args) for n in names}
     size = args.img_size or int(built[names[0]][0].default_cfg["input_size"][-1])
@@ -145,7 +150,7 @@ def main(argv=None) -> None:
            f"{'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}"
            f"{', unfused attention' if args.unfused or os.environ.get('TIMM_FUSED_ATTN') == '0' else ''}"
            f"{', Theta as einsum' if args.theta_einsum else ''}"
-           f"{', reference Re-attention' if args.reference_reattn else ''}, "
+           f"{', reference Re-attention' if args.reference_reattn else ''}, {torch.get_num_threads()} threads, "
            f"{args.steps} steps x "
            f"{args.rounds} rounds, load {os.getloadavg()[0]:.1f}")
     print(f"\ntrain step (forward + backward + AdamW): {cfg}")
@@ -159,7 +164,7 @@ def main(argv=None) -> None:
     args.out.write_text(json.dumps({
         "config": cfg, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "ratio": ratio,
         "ratios": ratios, "tokens": tokens,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "python": platform.python_version(), "collapse_probe": collapse_probe.__file__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}, indent=1))
 
 
