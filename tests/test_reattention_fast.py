@@ -210,3 +210,14 @@ def test_model_train_step_float32_is_as_accurate_as_the_reference():
     _model_grads(ref_model, x, fast=False)
     for b_ref, b_fast in zip(ref_model.buffers(), fast_model.buffers()):
         torch.testing.assert_close(b_fast, b_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_path_traces_without_graph_breaks():
+    """torch.compile (dynamo only, fullgraph) of the fast path in train mode: same output and running statistics."""
+    ref, fast = make_pair(4, "bn")
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
+    x = torch.randn(2, 17, 16, dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), ref(x), **TOL)
+    torch.testing.assert_close(fast.mix_norm.running_var, ref.mix_norm.running_var, **TOL)
+    assert int(fast.mix_norm.num_batches_tracked) == 2

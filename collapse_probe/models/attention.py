@@ -178,7 +178,8 @@ class Attention(nn.Module):
         """Norm(Theta^T attn) * reattn_scale on [B, H, N, N] maps, by the fastest exact path available."""
         if not self.fast_reattn:
             return reattention_reference(attn, self.theta, self.mix_norm, self.reattn_scale)
-        if self.triton_reattn and _triton_device(attn):
+        # under torch.compile the PyTorch path is traced (inductor fuses it); the Triton launch would break the graph
+        if self.triton_reattn and not torch.compiler.is_compiling() and _triton_device(attn):
             from .reattention_triton import reattention_triton, triton_reattention_available
 
             if triton_reattention_available(self.mix_norm):
