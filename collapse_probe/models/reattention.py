@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fold_head_affine", "head_stats", "mix_heads", "reattention_fast", "reattention_reference"]
+__all__ = [
+    "fold_head_affine", "head_moments", "head_stats", "mix_heads", "mixed_stats", "reattention_fast",
+    "reattention_reference",
+]
 
 
 def reattention_reference(attn: torch.Tensor, theta: nn.Conv2d, norm: nn.Module, scale: float) -> torch.Tensor:
@@ -100,13 +103,12 @@ def fold_head_affine(theta: nn.Conv2d, norm: nn.Module, scale: float, mean: torc
     return weight * gain[:, None], shift
 
 
-def head_stats(attn: torch.Tensor, theta: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased per-head mean and variance of Theta A + b over (B, N, M), from A's head mean and H x H Gram only.
+def head_moments(attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head mean mu [H] and H x H covariance C of A's heads over the (B, N, M) pixels, in at least fp32.
 
-    mean = W mu + b and var = diag(W C W^T), C the H x H covariance of A's heads over the pixels: one GEMM over A
-    instead of materialising the mixed map. A is shifted by 1/M first (each softmax row sums to 1, so that is the exact
-    mean without dropout): C = E[(A - s)(A - s)^T] - (mu - s)(mu - s)^T then loses nothing to cancellation even for
-    near-uniform maps, where E[A A^T] and mu mu^T agree to many digits. Differentiable (gradients reach A).
+    A is shifted by 1/M first (each softmax row sums to 1, so that is the exact mean without dropout):
+    C = E[(A - s)(A - s)^T] - (mu - s)(mu - s)^T then loses nothing to cancellation even for near-uniform maps, where
+    E[A A^T] and mu mu^T agree to many digits. One GEMM over A. Differentiable (autograd through the shifted copy).
     """
     B, H, N, M = attn.shape
     count = B * N * M
@@ -114,11 +116,21 @@ def head_stats(attn: torch.Tensor, theta: nn.Conv2d) -> tuple[torch.Tensor, torc
     a = attn.reshape(B, H, N * M).to(dtype) - 1.0 / M
     mu_s = a.sum(dim=(0, 2)) / count  # mu - s
     cov = torch.bmm(a, a.transpose(1, 2)).sum(0) / count - mu_s[:, None] * mu_s[None, :]
+    return mu_s + 1.0 / M, cov
+
+
+def mixed_stats(mu: torch.Tensor, cov: torch.Tensor, theta: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased per-head mean and variance of Theta A + b from A's head moments: W mu + b and diag(W C W^T)."""
     weight, bias = theta_matrix(theta)
-    weight = weight.to(dtype)
-    mean = weight @ (mu_s + 1.0 / M) + (0.0 if bias is None else bias.to(dtype))
+    weight = weight.to(mu.dtype)
+    mean = weight @ mu + (0.0 if bias is None else bias.to(mu.dtype))
     var = ((weight @ cov) * weight).sum(1).clamp_min(0.0)
     return mean, var
+
+
+def head_stats(attn: torch.Tensor, theta: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased per-head mean and variance of Theta A + b over (B, N, M) without materialising the mixed map."""
+    return mixed_stats(*head_moments(attn), theta)
 
 
 def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:

@@ -4,12 +4,13 @@ Every Re-attention norm collapse-probe uses except the head LayerNorm is, per pi
 an affine map over the head axis: Norm(Theta A) * scale = W' A + c with W' = diag(g) Theta and c per head
 (``reattention.fold_head_affine``). For BatchNorm in eval mode g and c come from the running statistics; in training
 mode from the batch statistics, which need only A's per-head mean and its H x H second moment
-(``reattention.head_stats``: one GEMM over A, never the mixed map). The kernel then reads each A tile once and writes
+(``HeadMoments``: one GEMM over A, never the mixed map; its backward is one more kernel pass). The kernel then reads each A tile once and writes
 W' A + c once (fp32 accumulation), instead of Conv2d + BatchNorm + scale each passing over the map forward and backward.
 
 Backward (``HeadAffine``, a ``torch.autograd.Function``): dA = W'^T dY runs through the same kernel; dW' = sum dY A^T
-and dc = sum dY are PyTorch reductions; the gradients through the batch statistics (A -> mean, second moment -> W', c)
-are PyTorch autograd. Padding masks are not supported (the models here have none).
+and dc = sum dY are fp32 PyTorch reductions; the gradient through the batch statistics (``HeadMoments``) is again a
+head-affine map of A, so one more kernel pass; the small H-sized algebra in between (statistics -> W', c) is PyTorch
+autograd. No [B, H, N, N] tensor is saved besides A. Padding masks are not supported (the models here have none).
 
 The kernel itself is in ``_reattention_kernel`` (it imports triton), imported on first use only, so importing
 collapse_probe never needs triton; set ``TRITON_INTERPRET=1`` before
@@ -29,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .reattention import fold_head_affine, head_stats, update_running_stats
+from .reattention import fold_head_affine, head_moments, mixed_stats, update_running_stats
 
-__all__ = ["HeadAffine", "head_affine", "reattention_triton", "triton_reattention_available"]
+__all__ = ["HeadAffine", "HeadMoments", "head_affine", "reattention_triton", "triton_reattention_available"]
 
 BLOCK = 256  # pixels per program: H x BLOCK fp32 accumulators stay in registers for H <= 16
 
@@ -95,6 +96,31 @@ class HeadAffine(torch.autograd.Function):
         return da, dw, dc, None
 
 
+class HeadMoments(torch.autograd.Function):
+    """(mu, C) = ``reattention.head_moments(a)`` with an analytic backward through the kernel, saving nothing big.
+
+    Autograd through head_moments would keep the fp32 shifted copy of A for the Gram's backward (a second map's worth
+    of memory). Instead: dmu_h / count and dC reach A as dA_h = sum_k (dC_hk + dC_kh) (A_k - mu_k) / count (the mean's
+    own dependence cancels since the centred map sums to zero), i.e. a head-affine map of A itself: one kernel pass.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            mu, cov = head_moments(a)  # the shifted copy is freed when this returns
+        ctx.save_for_backward(a, mu)
+        return mu, cov
+
+    @staticmethod
+    def backward(ctx: Any, dmu: torch.Tensor, dcov: torch.Tensor) -> torch.Tensor:
+        a, mu = ctx.saved_tensors
+        B, _, N, M = a.shape
+        count = B * N * M
+        q = (dcov + dcov.t()) / count
+        e = dmu / count - q @ mu
+        return _launch(a, q, e, a.dtype)
+
+
 def head_affine(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``HeadAffine`` with the output in ``out_dtype`` (default: autocast's dtype when autocast is on, else a's)."""
@@ -107,7 +133,7 @@ def reattention_triton(attn: torch.Tensor, theta: nn.Conv2d, norm: nn.Module, sc
     # statistics and folding in fp32 whatever autocast says: a bf16 Gram loses the small head covariance entirely
     with torch.autocast(attn.device.type, enabled=False):
         if isinstance(norm, nn.BatchNorm2d) and (norm.training or norm.running_mean is None):
-            mean, var = head_stats(attn, theta)
+            mean, var = mixed_stats(*HeadMoments.apply(attn), theta)
             B, _, N, M = attn.shape
             update_running_stats(norm, mean, var, B * N * M)
             w, c = fold_head_affine(theta, norm, scale, mean, var)
