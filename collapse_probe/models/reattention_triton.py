@@ -3,9 +3,9 @@
 Every Re-attention norm collapse-probe uses except the head LayerNorm is, per pixel (b, i, j) of the [B, H, N, N] map,
 an affine map over the head axis: Norm(Theta A) * scale = W' A + c with W' = diag(g) Theta and c per head
 (``reattention.fold_head_affine``). For BatchNorm in eval mode g and c come from the running statistics; in training
-mode from the batch statistics, which need only A's per-head mean and its H x H second moment
-(``HeadMoments``: one GEMM over A, never the mixed map; its backward is one more kernel pass). The kernel then reads each A tile once and writes
-W' A + c once (fp32 accumulation), instead of Conv2d + BatchNorm + scale each passing over the map forward and backward.
+mode from the batch statistics, which need only A's per-head mean and its H x H second moment (``HeadMoments``: one
+GEMM over A, never the mixed map). The kernel then reads each A tile once and writes W' A + c once (fp32
+accumulation), instead of Conv2d + BatchNorm + scale each passing over the map forward and backward.
 
 Backward (``HeadAffine``, a ``torch.autograd.Function``): dA = W'^T dY runs through the same kernel; dW' = sum dY A^T
 and dc = sum dY are fp32 PyTorch reductions; the gradient through the batch statistics (``HeadMoments``) is again a
