@@ -15,10 +15,15 @@ from torch import nn
 
 import collapse_probe  # noqa: F401  (registers the presets)
 from collapse_probe.models.attention import Attention
-from collapse_probe.models.reattention import (fold_head_affine, head_stats, mix_heads, reattention_fast,
-                                               reattention_reference)
+from collapse_probe.models.reattention import (
+    fold_head_affine,
+    head_stats,
+    mix_heads,
+    reattention_fast,
+    reattention_reference,
+)
 
-TOL = dict(rtol=1e-9, atol=1e-11)  # float64: differences are summation order only
+TOL = {"rtol": 1e-9, "atol": 1e-11}  # float64: differences are summation order only
 
 
 def make_pair(heads: int, mix_norm: str, head_dim: int = 4, attn_drop: float = 0.0, scale: float = 0.7,
@@ -57,11 +62,11 @@ def assert_same_grads(ga: dict[str, torch.Tensor], gb: dict[str, torch.Tensor]) 
     rounding noise of the terms that cancel."""
     assert ga.keys() == gb.keys()
     scale = max(float(g.abs().max()) for g in ga.values() if g is not None)
-    for name in ga:
-        assert (ga[name] is None) == (gb[name] is None), name
-        if ga[name] is not None:
-            torch.testing.assert_close(gb[name], ga[name], rtol=TOL["rtol"], atol=TOL["atol"] * max(scale, 1.0),
-                                       msg=lambda m: f"{name}: {m}")
+    for name, g_ref in ga.items():
+        assert (g_ref is None) == (gb[name] is None), name
+        if g_ref is not None:
+            torch.testing.assert_close(gb[name], g_ref, rtol=TOL["rtol"], atol=TOL["atol"] * max(scale, 1.0),
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mix_norm", ["bn", "ln", "none"])

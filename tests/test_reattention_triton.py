@@ -12,16 +12,16 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 pytest.importorskip("triton", reason="triton is not installed: the fused Re-attention kernel cannot be tested")
 
-from collapse_probe.models import attention as attention_module  # noqa: E402
-from collapse_probe.models.attention import Attention  # noqa: E402
-from collapse_probe.models.reattention import reattention_reference  # noqa: E402
-from collapse_probe.models.reattention_triton import _kernel, head_affine, reattention_triton  # noqa: E402
+from collapse_probe.models import attention as attention_module
+from collapse_probe.models.attention import Attention
+from collapse_probe.models.reattention import reattention_reference
+from collapse_probe.models.reattention_triton import _kernel, head_affine, reattention_triton
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,7 +77,7 @@ def test_reattention_triton_matches_reference(kind, heads, tokens):
     exp = grads_of(y_ref, grad_out, a, *ref_params)
     scale = max(float(e.abs().max()) for e in exp)
     for name, gt, ex in zip(["A", "theta.weight", "theta.bias", "bn.weight", "bn.bias"], got, exp):
-        torch.testing.assert_close(gt, ex, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(gt, ex, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, name=name: f"{name}: {m}")
     for buf, ref_buf in zip(norm.buffers(), ref_norm.buffers()):
         torch.testing.assert_close(buf, ref_buf, rtol=1e-6, atol=1e-8)
 

@@ -96,6 +96,7 @@ class Attention(nn.Module):
 
     fused_attn: bool
     fast_reattn: bool
+    triton_reattn: bool
 
     def __init__(
         self,

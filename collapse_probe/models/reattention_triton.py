@@ -37,7 +37,7 @@ __all__ = ["HeadAffine", "HeadMoments", "head_affine", "reattention_triton", "tr
 BLOCK = 256  # pixels per program: H x BLOCK fp32 accumulators stay in registers for H <= 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -49,7 +49,7 @@ def triton_reattention_available(norm: nn.Module) -> bool:
     return type(norm) in (nn.Identity, nn.BatchNorm2d)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel() -> Any:
     """The jitted kernel, imported on first use: ``triton.jit`` reads TRITON_INTERPRET when it decorates, and the
     interpreter patches ``tl`` in the kernel's module globals (so the kernel lives at module level there)."""
