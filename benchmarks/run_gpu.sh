@@ -25,3 +25,14 @@ timeout 180 $PY benchmarks/bench_train_step.py --device cuda --bf16 --compile --
     --out "$OUT/bench_train_step_cuda_bf16_compile.json" 2>&1 | tee "$OUT/bench_train_step_cuda_bf16_compile.txt"
 timeout 90 $PY benchmarks/bench_train_step.py --device cuda --bf16 --unfused --theta-einsum --batch 64 --steps 5 \
     --rounds 3 --out "$OUT/bench_train_step_cuda_bf16_unfused_einsum.json" 2>&1 | tee "$OUT/bench_train_step_einsum.txt"
+# Re-attention implementations (reference Conv2d+BN / PyTorch fast path / Triton kernel): GPU parity, then the
+# op alone, then DeepViT-32B vs ViT-32B training steps, bf16, batch 64, eager and compiled (compiled runs use the
+# PyTorch fast path: the Triton kernel steps aside under torch.compile, so ':torch' would duplicate the default there)
+timeout 120 $PY benchmarks/bench_reattention_gpu.py --out "$OUT/reattention_gpu.json" 2>&1 \
+    | tee "$OUT/reattention_gpu.txt"
+timeout 150 $PY benchmarks/bench_train_step.py --device cuda --bf16 --batch 64 --steps 5 --rounds 3 \
+    --models vit_32b,deepvit_32b:ref,deepvit_32b:torch,deepvit_32b \
+    --out "$OUT/train_step_gpu_bf16_eager_reattn.json" 2>&1 | tee "$OUT/train_step_gpu_bf16_eager_reattn.txt"
+timeout 300 $PY benchmarks/bench_train_step.py --device cuda --bf16 --compile --batch 64 --steps 5 --rounds 3 \
+    --models vit_32b,deepvit_32b:ref,deepvit_32b \
+    --out "$OUT/train_step_gpu_bf16_compile_reattn.json" 2>&1 | tee "$OUT/train_step_gpu_bf16_compile_reattn.txt"

@@ -16,6 +16,12 @@ Two probe points per attention module, named like TransformerLens hooks once ins
     >>> attn(torch.randn(2, 17, 64)).shape
     torch.Size([2, 17, 64])
 
+Speed: ``fast_reattn`` (default True, a plain attribute like timm's ``fused_attn``) computes Theta, Norm and scale
+with ``reattention.reattention_fast`` (Theta as a batched matmul, eval-mode BatchNorm folded into it) and, on CUDA with
+triton importable and ``triton_reattn`` (default True), the fused Triton kernel of ``reattention_triton``;
+``fast_reattn = False`` runs the modules as written (``reattention.reattention_reference``). Same parameters and state
+dict either way, and the ``probs`` / ``mixed`` hooks see the same maps.
+
 Paper baselines (all off by default, and then the forward is unchanged): ``temperature`` divides the logits before the
 softmax; ``share`` / ``reuse`` (an ``AttentionShare``) let one block publish the map it multiplies V with and later
 blocks use that map instead of their own Q K^T (attention reuse). Both are plain attributes, not parameters, so state
@@ -30,8 +36,15 @@ import torch.nn.functional as F
 from timm.layers import use_fused_attn
 from torch import nn
 
+from .reattention import reattention_fast, reattention_reference
+
 MixNorm = Literal["bn", "ln", "none"]
 ThetaInit = Literal["random", "identity"]
+
+
+def _triton_device(t: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run on t's device (the tests route CPU tensors through Triton's interpreter)."""
+    return t.is_cuda
 
 
 class HookPoint(nn.Identity):
@@ -82,6 +95,8 @@ class Attention(nn.Module):
     """
 
     fused_attn: bool
+    fast_reattn: bool
+    triton_reattn: bool
 
     def __init__(
         self,
@@ -125,6 +140,8 @@ class Attention(nn.Module):
             self.mix_norm = norms[mix_norm]()
             self.reattn_scale = reattn_scale
             self.mixed = HookPoint()
+        self.fast_reattn = True  # False: Theta / Norm / scale run as the modules are written (the reference)
+        self.triton_reattn = True  # with fast_reattn, on CUDA when triton is importable: the fused Triton kernel
         self.temperature = 1.0  # softmax temperature (paper baseline); 1.0 = the plain model
         self.share: AttentionShare | None = None  # publish this block's map (attention-reuse source)
         self.reuse: AttentionShare | None = None  # use the published map instead of softmax(Q K^T)
@@ -147,7 +164,7 @@ class Attention(nn.Module):
             attn = self.probs(attn.softmax(dim=-1))
             if self.reattention:
                 # Theta^T A: output head g is sum_h Theta[g, h] A_h (+ bias), then Norm over the head channel.
-                attn = self.mixed(self.mix_norm(self.theta(self.attn_drop(attn))) * self.reattn_scale)
+                attn = self.mixed(self._reattend(self.attn_drop(attn)))
                 if self.share is not None:
                     self.share.map = attn
             else:
@@ -157,3 +174,15 @@ class Attention(nn.Module):
             x = attn @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
+
+    def _reattend(self, attn: torch.Tensor) -> torch.Tensor:
+        """Norm(Theta^T attn) * reattn_scale on [B, H, N, N] maps, by the fastest exact path available."""
+        if not self.fast_reattn:
+            return reattention_reference(attn, self.theta, self.mix_norm, self.reattn_scale)
+        # under torch.compile the PyTorch path is traced (inductor fuses it); the Triton launch would break the graph
+        if self.triton_reattn and not torch.compiler.is_compiling() and _triton_device(attn):
+            from .reattention_triton import reattention_triton, triton_reattention_available
+
+            if triton_reattention_available(self.mix_norm):
+                return reattention_triton(attn, self.theta, self.mix_norm, self.reattn_scale)
+        return reattention_fast(attn, self.theta, self.mix_norm, self.reattn_scale)
