@@ -17,9 +17,9 @@ collapse_probe never needs triton; set ``TRITON_INTERPRET=1`` before
 that first use to run the kernel on CPU tensors through Triton's interpreter (how the tests run it without a GPU).
 Under ``torch.compile`` the PyTorch path is used instead (inductor fuses it itself).
 
-    >>> theta, bn = nn.Conv2d(12, 12, 1).cuda(), nn.BatchNorm2d(12).cuda()
-    >>> a = torch.rand(8, 12, 197, 197, device="cuda").softmax(-1)
-    >>> y = reattention_triton(a, theta, bn, 1.0)   # == reattention_reference(a, theta, bn, 1.0), BN stats updated
+    theta, bn = nn.Conv2d(12, 12, 1).cuda(), nn.BatchNorm2d(12).cuda()
+    a = torch.rand(8, 12, 197, 197, device="cuda").softmax(-1)
+    y = reattention_triton(a, theta, bn, 1.0)   # == reattention_reference(a, theta, bn, 1.0), BN stats updated
 """
 from __future__ import annotations
 
