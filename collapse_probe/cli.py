@@ -1,7 +1,7 @@
 """The ``collapse-probe`` command: thin click wrappers over library functions.
 
     collapse-probe similarity checkpoints/deepvit_micro_d16.safetensors --threshold 0.9
-    collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --images ~/photos --format json -o out.json
+    collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --images ~/photos -o out.json
 
 Every error we can explain is one line on stderr with a non-zero exit code (see ``collapse_probe.errors``); set
 COLLAPSE_PROBE_DEBUG=1 to get tracebacks instead.
@@ -78,8 +78,10 @@ def main() -> None:
 
     \b
     Examples:
-      collapse-probe similarity checkpoints/vit_micro_d16.safetensors
-      collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --threshold 0.9
+      collapse-probe similarity checkpoints/deepvit_micro_d16.safetensors   # bundled; probed on its digits
+      collapse-probe compare checkpoints/vit_micro_d16.safetensors checkpoints/deepvit_micro_d16.safetensors
+      collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --images ~/photos -o sim.json
+      collapse-probe train --preset digits --model deepvit_micro --depth 8
     """
 
 
@@ -92,6 +94,42 @@ def emit(text: str, output: Path | None) -> None:
         return
     write_file(output, lambda tmp: Path(tmp).write_text(text if text.endswith("\n") else text + "\n"))
     click.echo(f"wrote {output}", err=True)
+
+
+_EXTENSION_FORMATS = {".json": "json", ".csv": "csv", ".txt": "table", ".md": "table", "": "table"}
+
+
+def output_format(fmt: str | None, output: Path | None) -> str:
+    """The format to write: ``--format``, else inferred from ``-o``'s extension (.json, .csv; .txt/.md/none: table).
+
+    An explicit format that contradicts a known extension (``--format csv -o out.json``) is refused, because the file
+    would not be what its name says.
+    """
+    from .errors import BadArgumentError
+    from .outputs import is_stdout
+
+    ext = output.suffix.lower() if output is not None and not is_stdout(output) else None
+    implied = _EXTENSION_FORMATS.get(ext) if ext is not None else None
+    if fmt is None:
+        return implied or "table"
+    if implied is not None and implied != fmt:
+        raise BadArgumentError(f"--format {fmt} contradicts --output {output} ({ext or 'no extension'} means "
+                               f"{implied}); drop --format or rename the file")
+    return fmt
+
+
+def _default_images(checkpoint: Path, kwargs: dict) -> dict:
+    """``kwargs`` with --images defaulted to the set the checkpoint was trained on, when our trainer recorded one
+    that has a built-in twin (digits); else unchanged (the probe's default, builtin:photos)."""
+    if kwargs.get("images") is not None:
+        return kwargs
+    from .train.provenance import matching_images
+
+    match = matching_images(checkpoint)
+    if match is None:
+        return kwargs
+    click.echo(f"note: images: {match[0]} (the dataset this checkpoint was trained on)", err=True)
+    return {**kwargs, "images": match[0]}
 
 
 def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
@@ -118,8 +156,9 @@ def _probe_options(f):
         click.option("--trust-pickle", is_flag=True, help="Allow full pickle for this run. Unpickling can execute "
                      "arbitrary code: only for files you trust."),
         click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
-                     help="Folder of images (recursive), or builtin:photos (default: scikit-image's photographs) "
-                     "or builtin:digits (scikit-learn digits)."),
+                     help="Folder of images (recursive), builtin:photos (scikit-image's photographs) or "
+                     "builtin:digits (scikit-learn digits). Default: digits for a checkpoint our trainer made on "
+                     "digits (its metadata says so), else photos."),
         click.option("--num-images", type=click.IntRange(1, 1 << 24), metavar="N",
                      help="Images to use (default: all in DIR or the set; for photos, more adds seeded crops)."),
         click.option("--batch-size", type=click.IntRange(1, 1 << 16), default=16, show_default=True),
@@ -146,9 +185,11 @@ def _probe_options(f):
     return f
 
 
-@main.command(context_settings=CONTEXT)
+@main.command(context_settings=CONTEXT, short_help="Per-block attention similarity, similar blocks, cross-head "
+              "similarity and rank of a checkpoint.")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
+              help="Default: from --output's extension (.json, .csv; .txt, .md or none: table); table on stdout.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")
 @_probe_options
 def similarity(checkpoint, fmt, output, **kwargs):
@@ -161,21 +202,23 @@ def similarity(checkpoint, fmt, output, **kwargs):
     Examples:
       collapse-probe similarity checkpoints/vit_micro_d32.safetensors --images builtin:digits
       collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --threshold 0.9
-      collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 --format json -o sim.json
+      collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 -o sim.json   # format from .json
     """
     from .distributed import is_main
     from .outputs import file_target, is_stdout
     from .probing.run import probe
     from .reports.text import render
 
+    fmt = output_format(fmt, output)
     if output is not None and not is_stdout(output):
         file_target(output)  # refuse a device node or folder before the probe, not after
-    result = probe(checkpoint, **kwargs)
+    result = probe(checkpoint, **_default_images(checkpoint, kwargs))
     if is_main():  # under torchrun every rank holds the all-reduced result; one writes it
         emit(render(result, fmt), output)
 
 
-@main.command(context_settings=CONTEXT)
+@main.command(context_settings=CONTEXT, short_help="Every collapse metric and a plain-language verdict, written "
+              "as a self-contained report folder.")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True, metavar="DIR",
               help="Report folder: report.md, report.html, metrics.json and the figures (replaced atomically).")
@@ -193,69 +236,114 @@ def audit(checkpoint, output, **kwargs):
     """
     from .reports.audit import audit as run_audit
 
-    metrics = run_audit(checkpoint, output, **kwargs)
+    metrics = run_audit(checkpoint, output, **_default_images(checkpoint, kwargs))
     click.echo("\n".join(metrics["verdict"]["text"]))
     click.echo(f"wrote {output}/report.html (heads: {metrics['heads_source']})", err=True)
 
 
-@main.command(context_settings=CONTEXT)
+@main.command(context_settings=CONTEXT, short_help="Side-by-side collapse summary (table, markdown, JSON or CSV) "
+              "of two or more checkpoints.")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
               help="Also write compare.md, compare.html, metrics.json and curves.png into this folder.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json", "csv"]), default="table",
+              show_default=True, help="What stdout gets: table (one short line per checkpoint), markdown (every "
+              "summary column), json (summary and per-block rows) or csv (per-block rows with a checkpoint column).")
 @_probe_options
-def compare(checkpoints, output, **kwargs):
+def compare(checkpoints, output, fmt, **kwargs):
     """Side-by-side collapse table (and overlaid curves with --output) of two or more CHECKPOINTS.
 
     \b
     Examples:
-      collapse-probe compare vit_d12.safetensors deepvit_d12.safetensors
+      collapse-probe compare checkpoints/vit_micro_d16.safetensors checkpoints/deepvit_micro_d16.safetensors
       collapse-probe compare a.pt b.pt c.pt --num-images 64 --output out/compare
+      collapse-probe compare a.pt b.pt --format csv > blocks.csv
     """
     from .reports.audit import compare as run_compare
+    from .reports.audit import render_compare
 
-    table, _ = run_compare(list(checkpoints), output, **kwargs)
-    click.echo(table)
+    table, results = run_compare(list(checkpoints), output, **_default_images(checkpoints[0], kwargs))
+    s = kwargs
+    click.echo(table if fmt == "markdown" else
+               render_compare(results, fmt, s["threshold"], s["neighbors"], s["reduction"]).rstrip("\n"))
 
 
-@main.command(context_settings=CONTEXT)
-@click.option("--preset", type=click.Choice(["paper", "paper32", "digits", "smoke"]), default="digits",
-              show_default=True, help="Named recipe (see collapse_probe/train/config.py); other options override it.")
-@click.option("--model", metavar="NAME", help="Architecture (e.g. deepvit_32b, vit_micro).")
-@click.option("--depth", type=click.IntRange(min=1), help="Override the model's number of blocks.")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="ImageNet-style folder with train/ and val/.")
-@click.option("--epochs", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=1), help="Per process.")
-@click.option("--lr", type=float)
-@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Run folder.")
-@click.option("--device", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), help="Autocast (auto: bf16 on CUDA).")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
-@click.option("--workers", type=click.IntRange(min=0), help="Data-loading worker processes.")
-@click.option("--resume", is_flag=True, help="Continue from OUTPUT/last.pt if it exists.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override any config key (JSON values), e.g. --set mixup=0.1 --set attn_reuse_from=7.")
-@click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr.")
-def train(preset, model, depth, data_dir, epochs, batch_size, lr, output, device, amp, compile_, workers, resume, sets,
-          print_config, progress):
+def _preset_help() -> str:
+    from .train.config import PRESET_HELP  # no torch: train/__init__ loads the engine only when it is used
+
+    return ("Named recipe; other options override it (default: the --config file's preset, else digits). " +
+            " ".join(f"[{name}] {text}." for name, text in PRESET_HELP.items()))
+
+
+def _train_command(f):
+    from .train.config import PRESETS
+
+    options = [
+        click.option("--config", "-c", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     metavar="FILE.yaml", help="TrainConfig keys in YAML (see --print-config); options override it; "
+                     "unknown keys fail."),
+        click.option("--preset", type=click.Choice(list(PRESETS)), help=_preset_help()),
+        click.option("--model", metavar="NAME", help="Architecture (e.g. deepvit_32b, vit_micro)."),
+        click.option("--depth", type=click.IntRange(min=1), help="Override the model's number of blocks."),
+        click.option("--data-dir", type=click.Path(path_type=Path), help="ImageNet-style folder with train/ and val/."),
+        click.option("--epochs", type=click.IntRange(min=1)),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Per process."),
+        click.option("--lr", type=float),
+        click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Run folder (default: "
+                     "a new runs/train/version_N). An existing run is continued only with --resume."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)."),
+        click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]),
+                     help="Autocast (auto: bf16 on CUDA)."),
+        click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model."),
+        click.option("--workers", type=click.IntRange(min=0), help="Data-loading worker processes."),
+        click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+                     help="Continue a run: alone, from OUTPUT/last.pt (a fresh start if there is none yet; without "
+                     "-o, the latest runs/train/version_N); with PATH, from that last.pt. Settings that change "
+                     "the numbers must match the checkpoint's (the differing keys are named)."),
+        click.option("--initial-checkpoint", type=click.Path(path_type=Path), metavar="PATH",
+                     help="Start from these weights (safetensors or a last.pt; every loading check applies), with a "
+                     "fresh optimiser and schedule: fine-tuning."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key (JSON values, checked against the key's type), e.g. --set "
+                     "mixup=0.1 --set attn_reuse_from=7."),
+        click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress on stderr: bars on a terminal, one line per phase otherwise."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command(context_settings=CONTEXT, short_help="Train ViT / DeepViT: timm recipe, AMP, torchrun DDP, exact "
+              "resume, collapse tracking, TensorBoard.")
+@_train_command
+def train(config_file, preset, model, depth, data_dir, epochs, batch_size, lr, output, device, amp, compile_, workers,
+          resume, initial_checkpoint, sets, print_config, progress):
     """Train ViT / DeepViT (timm recipe, bf16, torch.compile, DDP via torchrun, exact --resume, collapse tracking).
+
+    Each run writes config.json, last.pt, best.safetensors, final.safetensors, log.csv, collapse.csv and, when the
+    tensorboard package is installed, TensorBoard events (tensorboard --logdir runs/train).
 
     \b
     Examples:
       collapse-probe train --preset digits --model deepvit_micro --depth 16 -o runs/deepvit16
-      collapse-probe train --preset paper --model deepvit_32b --data-dir /data/imagenet --compile -o runs/d32
+      collapse-probe train -c recipe.yaml --lr 5e-4 -o runs/recipe           # the file, then the options
+      collapse-probe train -o runs/deepvit16 --resume                       # continue runs/deepvit16/last.pt
+      collapse-probe train --initial-checkpoint runs/deepvit16/final.safetensors --epochs 5 -o runs/ft
       torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --model deepvit_32b \\
           --data-dir /data/imagenet --compile -o runs/d32
       collapse-probe train --preset digits --set attn_reuse_from=3 --set cosine_reg=0.1 -o runs/reuse
     """
     from .train.cli import run_train
 
-    run_train(preset, sets, print_config, model=model, depth=depth, data_dir=data_dir, epochs=epochs,
-              batch_size=batch_size, lr=lr, output=output, device=device, amp=amp, compile=compile_, workers=workers,
-              resume=resume or None, progress=progress)
+    run_train(preset, sets, print_config, depth=depth, config_file=config_file, resume=resume, model=model,
+              data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, output=output, device=device, amp=amp,
+              compile=compile_, workers=workers, initial_checkpoint=initial_checkpoint, progress=progress)
 
 
-@main.command(context_settings=CONTEXT)
+@main.command(context_settings=CONTEXT, short_help="Regenerate the paper's Fig. 1, 3, 4 and 8 from checkpoints, "
+              "with their numbers as CSV.")
 @click.option("--checkpoints", "-c", "checkpoints", multiple=True, type=click.Path(path_type=Path),
               metavar="DIR|CKPT", help="Checkpoint files or folders of them (repeatable; more may follow as "
               "arguments).")

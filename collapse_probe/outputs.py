@@ -125,8 +125,8 @@ def write_file(path: str | Path, write: Callable[[str], object]) -> Path:
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
         write(tmp)
+        os.chmod(tmp, mode)  # after write: a writer may replace tmp with its own private file (safetensors does)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -63,9 +63,10 @@ def test_csv_to_output_file(tmp_path, deepvit_ckpt):
                                     "-o", str(out), "--no-progress", "--threshold", "0.5", "-k", "2"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert [int(r["block"]) for r in rows] == [0, 1, 2]
-    assert rows[0]["probs_sim_prev"] == "" and rows[1]["probs_sim_prev"] == ""  # k = 2: first two have none
-    assert rows[2]["probs_sim_prev"] != ""
+    assert [int(r["block"]) for r in rows] == [0, 1, 2] * 2
+    probs = [r for r in rows if r["kind"] == "probs"]
+    assert probs[0]["sim_prev"] == "" and probs[1]["sim_prev"] == ""  # k = 2: first two have none
+    assert probs[2]["sim_prev"] != ""
 
 
 @pytest.fixture()
@@ -106,3 +107,109 @@ def test_real_process_error_has_no_traceback(bad_inputs):
     assert res.returncode == 4
     assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not bad_inputs["out"].exists()
+
+
+# ------------------------------------------------------------------------------------------------ issue 13: outputs
+
+
+def _similarity(ckpt, *args):
+    return CliRunner().invoke(main, ["similarity", str(ckpt), "--num-images", "2", "--no-progress", *args])
+
+
+def test_output_format_follows_the_extension(tmp_path, deepvit_ckpt):
+    for name, check in (("out.json", lambda t: json.loads(t)["per_block"][0]["kind"] == "probs"),
+                        ("out.csv", lambda t: t.startswith("kind,block,block_number,sim_prev")),
+                        ("out.txt", lambda t: t.startswith("model ")), ("out", lambda t: t.startswith("model "))):
+        res = _similarity(deepvit_ckpt, "-o", str(tmp_path / name))
+        assert res.exit_code == 0, res.output
+        assert check((tmp_path / name).read_text()), name
+    res = _similarity(deepvit_ckpt, "--format", "csv", "-o", str(tmp_path / "bad.json"))
+    assert res.exit_code == 2 and "contradicts" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.json").exists()
+    res = _similarity(deepvit_ckpt)  # no --format, no -o: the table on stdout
+    assert res.exit_code == 0 and res.stdout.startswith("model ")
+
+
+def test_one_name_per_quantity_in_table_csv_json_and_audit(tmp_path, deepvit_ckpt):
+    table = _similarity(deepvit_ckpt).stdout
+    csv_text = _similarity(deepvit_ckpt, "--format", "csv").stdout
+    rows = json.loads(_similarity(deepvit_ckpt, "--format", "json").stdout)["per_block"]
+    res = CliRunner().invoke(main, ["audit", str(deepvit_ckpt), "--num-images", "2", "--no-progress", "-o",
+                                    str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    report = (tmp_path / "rep" / "report.md").read_text()
+    for text in (table, csv_text, report, json.dumps(rows)):
+        assert "sim_prev" in text and "cross_head" in text and "effective_rank" in text
+        assert "probs:cos" not in text and "similarity w/ previous" not in text and "probs_sim_prev" not in text
+    assert [r["block"] for r in rows if r["kind"] == "mixed"] == [0, 1, 2]
+    assert {r["kind"] for r in csv.DictReader(io.StringIO(csv_text))} == {"probs", "mixed"}
+
+
+def test_compare_formats_short_table_and_checkpoint_column(tmp_path, deepvit_ckpt):
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(deepvit_ckpt.read_bytes())
+    base = ["compare", str(deepvit_ckpt), str(other), "--num-images", "2", "--no-progress"]
+    table = CliRunner().invoke(main, base)
+    assert table.exit_code == 0, table.output
+    assert table.stdout.startswith("checkpoint") and max(map(len, table.stdout.splitlines())) <= 120
+    rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(main, [*base, "--format", "csv"]).stdout)))
+    assert {r["checkpoint"] for r in rows} == {deepvit_ckpt.name, "other.safetensors"} and "sim_prev" in rows[0]
+    assert len(rows) == 2 * 2 * 3  # checkpoints x kinds x blocks
+    data = json.loads(CliRunner().invoke(main, [*base, "--format", "json"]).stdout)
+    assert [s["checkpoint"] for s in data["summary"]] == [deepvit_ckpt.name, "other.safetensors"]
+    md = CliRunner().invoke(main, [*base, "--format", "markdown"]).stdout
+    assert md.startswith("| checkpoint | architecture |")
+
+
+def test_to_pandas_has_one_row_per_kind_and_block(deepvit_ckpt):
+    from collapse_probe.probing.run import probe
+
+    result = probe(deepvit_ckpt, num_images=2, progress=False, device="cpu")
+    df = result.to_pandas()
+    assert list(df.columns[:9]) == ["kind", "block", "block_number", "sim_prev", "ratio_prev", "similar", "cross_head",
+                                    "effective_rank", "energy_rank"]
+    assert {"feature_sim_last", "feature_residual"} <= set(df.columns)
+    assert len(df) == 2 * 3 and (df.block_number == df.block + 1).all() and df.similar.dtype == bool
+    probs = df[df.kind == "probs"].set_index("block")
+    assert probs.sim_prev.isna().tolist() == [True, False, False]
+    assert probs.sim_prev[2] == pytest.approx(result.attention["probs"].neighbor(1)[2])
+    assert result.to_frame().equals(df)
+    assert len(repr(result)) < 300
+
+
+def test_default_images_follow_the_dataset_the_checkpoint_was_trained_on(tmp_path, deepvit_ckpt):
+    import timm
+
+    from collapse_probe.loading.save import save_checkpoint
+
+    digits = tmp_path / "digits.safetensors"
+    save_checkpoint(timm.create_model("deepvit_micro", depth=2), digits, extra={"train_config": {"dataset": "digits"}})
+    res = _similarity(digits, "--format", "json")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.strip().splitlines() == ["note: images: builtin:digits (the dataset this checkpoint was trained "
+                                               "on)"]
+    assert "digits" in json.loads(res.stdout)["images"]["source"]
+    res = _similarity(deepvit_ckpt, "--format", "json")  # no dataset recorded: photos, as before
+    assert "note:" not in res.stderr and "photographs" in json.loads(res.stdout)["images"]["source"]
+    res = _similarity(digits, "--format", "json", "--images", "builtin:photos")  # an explicit choice wins
+    assert "note:" not in res.stderr and "photographs" in json.loads(res.stdout)["images"]["source"]
+
+
+def test_top_level_help_shows_whole_summaries_and_imports_nothing_heavy():
+    res = CliRunner().invoke(main, ["--help"])
+    listed = res.output.split("Commands:")[1]
+    for name, cmd in main.commands.items():
+        assert cmd.short_help and cmd.short_help in listed, name
+    assert "..." not in listed
+    first = res.output.split("Examples:")[1].split()[:3]
+    assert first[:2] == ["collapse-probe", "similarity"] and first[2].startswith("checkpoints/")
+    code = ("import sys; from collapse_probe.cli import main; sys.argv = ['collapse-probe', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules and 'timm' not in "
+            "sys.modules, 'heavy import'")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__)
+                                                                              .resolve().parents[1])})
+    assert out.returncode == 0, out.stderr

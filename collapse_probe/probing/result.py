@@ -175,6 +175,28 @@ class ProbeResult:
                 "onset": st.onset(threshold, k, reduction), "depth": self.depth, "threshold": threshold,
                 "neighbors": k, "reduction": reduction}
 
+    def to_pandas(self, threshold: float | None = None, k: int | None = None,
+                  reduction: Reduction | None = None) -> Any:
+        """A ``pandas.DataFrame`` with one row per (kind, block), the columns of the text table and the CSV:
+
+        kind ("probs" softmax maps / "mixed" after Re-attention), block (0-based), block_number (1-based), sim_prev
+        (mean column cosine with the previous k blocks; NaN where there are none), ratio_prev (fraction of those
+        cosines above the threshold), similar (bool: a collapsed block), cross_head, effective_rank, energy_rank, and
+        feature_sim_last, feature_residual when block outputs were probed. Defaults: the settings probed with.
+
+            df = result.to_pandas()
+            df[df.kind == result.applied_kind].plot(x="block_number", y="sim_prev")
+        """
+        import pandas as pd  # only here: the package itself does not need pandas to load
+
+        from ..reports.text import COLUMNS, FEATURE_COLUMNS, per_block_rows
+
+        cols = list(COLUMNS) + (list(FEATURE_COLUMNS) if self.features is not None else [])
+        df = pd.DataFrame(per_block_rows(self, threshold, k, reduction), columns=cols)
+        return df.astype({"block": "int64", "block_number": "int64", "similar": "bool"})
+
+    to_frame = to_pandas
+
     def to_dict(self) -> dict[str, Any]:
         s = self.settings
         return {

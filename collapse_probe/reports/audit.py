@@ -23,7 +23,7 @@ from ..errors import BadArgumentError
 from ..outputs import check_replaceable, write_folder
 from ..probing.result import ProbeResult, finite
 from ..probing.run import probe
-from .text import block_rows
+from .text import _SPECS, aligned, cell, csv_text, json_rows, per_block_rows
 
 FIGURES = ("similarity_heatmap", "block_curves", "rank", "cross_head")
 
@@ -130,21 +130,19 @@ def _model_rows(result: ProbeResult) -> list[tuple[str, str]]:
     ]
 
 
-_COLUMNS = [("block", "block", "d"), ("probs_sim_prev", "softmax: similarity w/ previous", ".3f"),
-            ("probs_similar", "softmax: similar", ""),
-            ("mixed_sim_prev", "re-attention: similarity w/ previous", ".3f"),
-            ("mixed_similar", "re-attention: similar", ""), ("probs_cross_head", "cross-head", ".3f"),
-            ("probs_effective_rank", "effective rank", ".1f"), ("probs_energy_rank", "rank 99%", ".1f"),
-            ("feature_residual", "token residual", ".3f")]
+# the names of reports/text.py (one scheme for table, CSV, JSON and this report)
+_COLUMNS = ("kind", "block", "sim_prev", "similar", "cross_head", "effective_rank", "energy_rank", "feature_residual")
 
 
 def _table_rows(result: ProbeResult, threshold: float, k: int, reduction: str) -> tuple[list[str], list[list[str]]]:
-    rows = block_rows(result, threshold, k, reduction)
-    applied = f"{result.applied_kind}_similar"
-    cols = [(key, "collapsed" if key == applied else head, f) for key, head, f in _COLUMNS
-            if any(key in r for r in rows)]
-    return [h for _, h, _ in cols], [[_fmt(r.get(key), f) if f != "d" else str(r[key]) for key, _, f in cols]
-                                     for r in rows]
+    rows = per_block_rows(result, threshold, k, reduction)
+    cols = [c for c in _COLUMNS if any(c in r for r in rows)]
+    return cols, [[cell(r.get(c), _SPECS.get(c, ""), yes="yes") for c in cols] for r in rows]
+
+
+def _table_note(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
+    return (f"similar: sim_prev ({reduction} attention similarity with the previous {k} block(s)) > {threshold}; "
+            f"the verdict judges kind {result.applied_kind} (probs: softmax maps, mixed: after Re-attention).")
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -177,7 +175,7 @@ def render_markdown(result: ProbeResult, vd: dict[str, Any], figures: dict[str, 
     for name, png in figures.items():
         parts += [f"### {_CAPTIONS[name]}", "", f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})",
                   ""]
-    parts += ["## Per block", "", _md_table(head, rows), "",
+    parts += ["## Per block", "", _md_table(head, rows), "", _table_note(result, threshold, k, reduction), "",
               f"Settings: threshold {threshold}, neighbours {k}, reduction {reduction}. All numbers: metrics.json.", ""]
     return "\n".join(parts)
 
@@ -193,7 +191,8 @@ def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, byte
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style></head>"
             f"<body><h1>{title}</h1>{_html_table(['', ''], [[a, b] for a, b in _model_rows(result)])}"
             f"<h2>Verdict</h2><ul class='verdict'>{verdict_html}</ul><h2>Figures</h2>{figs}"
-            f"<h2>Per block</h2>{_html_table(head, rows)}<p>Settings: threshold {threshold}, neighbours {k}, "
+            f"<h2>Per block</h2>{_html_table(head, rows)}<p>{html.escape(_table_note(result, threshold, k, reduction))}"
+            f"</p><p>Settings: threshold {threshold}, neighbours {k}, "
             f"reduction {html.escape(reduction)}. All numbers: metrics.json.</p></body></html>\n")
 
 
@@ -215,6 +214,7 @@ def audit(
     vd = verdict(result, threshold, neighbors, reduction)
     figures = _figures(result, threshold, neighbors, reduction)
     metrics = {**result.to_dict(), "verdict": vd, "heads_source": result.model.heads_source,
+               "per_block": json_rows(per_block_rows(result, threshold, neighbors, reduction)),
                "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                           **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}}}
     files = {"metrics.json": json.dumps(finite(metrics), indent=1, allow_nan=False).encode(),
@@ -233,6 +233,55 @@ def _names(paths: Sequence[str | Path]) -> list[str]:
     return names
 
 
+SUMMARY_COLUMNS = ("checkpoint", "architecture", "kind", "depth", "num_heads", "heads_source", "similar_blocks",
+                   "similar_ratio", "onset", "cross_head_mean", "effective_rank_min")
+COMPARE_FORMATS = ("table", "markdown", "json", "csv")
+
+
+def compare_rows(results: dict[str, ProbeResult], threshold: float = 0.9, k: int = 1,
+                 reduction: str = "mean") -> list[dict[str, Any]]:
+    """One dict per checkpoint with ``SUMMARY_COLUMNS``, judged on its applied kind (see ``verdict``)."""
+    rows = []
+    for name, r in results.items():
+        vd = verdict(r, threshold, k, reduction)
+        st, m = r.attention[vd["kind"]], r.model
+        rows.append({"checkpoint": name, "architecture": m.architecture, "kind": vd["kind"], "depth": vd["depth"],
+                     "num_heads": m.num_heads, "heads_source": m.heads_source,
+                     "similar_blocks": vd["collapsed_blocks"],
+                     "similar_ratio": len(vd["collapsed_blocks"]) / max(vd["depth"], 1), "onset": vd["collapse_onset"],
+                     "cross_head_mean": float(st.cross_head.mean()),
+                     "effective_rank_min": float(st.effective_rank.min())})
+    return rows
+
+
+def render_compare(results: dict[str, ProbeResult], fmt: str = "table", threshold: float = 0.9, k: int = 1,
+                   reduction: str = "mean") -> str:
+    """table: short plain-text lines; markdown: every summary column; json: summary and per-block rows; csv: the
+    per-block rows of every checkpoint (``reports.text`` names) with a leading checkpoint column."""
+    if fmt not in COMPARE_FORMATS:
+        raise BadArgumentError(f"unknown format {fmt!r}; choose {', '.join(COMPARE_FORMATS)}")
+    summary = compare_rows(results, threshold, k, reduction)
+    note = f"similar: attention similarity with the previous {k} block(s) > {threshold} ({reduction})"
+    if fmt in ("csv", "json"):
+        blocks = [{"checkpoint": n, **row} for n, r in results.items()
+                  for row in per_block_rows(r, threshold, k, reduction)]
+        if fmt == "csv":
+            return csv_text(blocks)
+        return json.dumps({"settings": {"threshold": threshold, "neighbors": k, "reduction": reduction},
+                           "summary": json_rows(summary), "per_block": json_rows(blocks)}, indent=1, allow_nan=False)
+    if fmt == "markdown":
+        head = list(SUMMARY_COLUMNS)
+        body = [[_fmt(r[c]) if c != "similar_blocks" else ", ".join(map(str, r[c])) or "none" for c in head]
+                for r in summary]
+        return _md_table(head, body) + f"\n\n{note}\n"
+    head = ["checkpoint", "kind", "depth", "similar_blocks", "similar_ratio", "onset", "cross_head_mean",
+            "effective_rank_min"]
+    spans = {"similar_blocks": lambda v: ",".join(_span(a, b) for a, b in _runs(v)) or "none"}
+    body = [[spans.get(c, lambda v, c=c: cell(v, ".1f" if c == "effective_rank_min" else ".3f"))(r[c])
+             for c in head] for r in summary]
+    return aligned(head, body) + f"\n\n{note}\n"
+
+
 def compare(
     checkpoints: Sequence[str | Path],
     output: str | Path | None = None,
@@ -242,7 +291,7 @@ def compare(
     **probe_kwargs: Any,
 ) -> tuple[str, dict[str, ProbeResult]]:
     """Probe several checkpoints on the same images; a markdown table side by side (and, with ``output``, a folder
-    with compare.md, compare.html, metrics.json and the overlaid curves).
+    with compare.md, compare.html, metrics.json and the overlaid curves). ``render_compare`` gives other formats.
     """
     if len(checkpoints) < 2:
         raise BadArgumentError("compare needs at least two checkpoints")
@@ -250,22 +299,14 @@ def compare(
         check_replaceable(output)
     results = {n: probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
                for n, c in zip(_names(checkpoints), checkpoints)}
-    head = ["checkpoint", "architecture", "maps", "depth", "heads (source)", "collapsed blocks", "ratio", "onset",
-            "mean cross-head", "min effective rank"]
-    rows = []
-    verdicts = {}
-    for name, r in results.items():
-        vd = verdicts[name] = verdict(r, threshold, neighbors, reduction)
-        st, m = r.attention[vd["kind"]], r.model
-        rows.append([name, str(m.architecture), vd["kind"], str(vd["depth"]), f"{m.num_heads} ({m.heads_source})",
-                     ", ".join(map(str, vd["collapsed_blocks"])) or "none",
-                     f"{len(vd['collapsed_blocks']) / max(vd['depth'], 1):.3f}", _fmt(vd["collapse_onset"]),
-                     _fmt(float(st.cross_head.mean())), _fmt(float(st.effective_rank.min()), ".1f")])
-    table = _md_table(head, rows) + (f"\n\ncollapsed: attention similarity with the previous {neighbors} block(s) > "
-                                     f"{threshold} ({reduction})\n")
+    table = render_compare(results, "markdown", threshold, neighbors, reduction)
     if output is not None:
         from ..plots.report import figure_png, plot_relative_depth
 
+        summary = compare_rows(results, threshold, neighbors, reduction)
+        head = list(SUMMARY_COLUMNS)
+        rows = [[_fmt(r[c]) if c != "similar_blocks" else ", ".join(map(str, r[c])) or "none" for c in head]
+                for r in summary]
         png = figure_png(plot_relative_depth(results, "auto", neighbors, reduction, threshold).figure)
         uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
         md = f"# Attention-collapse comparison\n\n{table}\n![curves]({uri})\n"
@@ -275,7 +316,9 @@ def compare(
         metrics = {"tool": {"name": "collapse-probe", "version": __version__},
                    "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                               **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}},
-                   "checkpoints": {n: {**r.to_dict(), "verdict": verdicts[n]} for n, r in results.items()}}
+                   "checkpoints": {n: {**r.to_dict(), "verdict": verdict(r, threshold, neighbors, reduction),
+                                       "per_block": json_rows(per_block_rows(r, threshold, neighbors, reduction))}
+                                   for n, r in results.items()}}
         write_folder(output, {"compare.md": md.encode(), "compare.html": page.encode(), "curves.png": png,
                               "metrics.json": json.dumps(finite(metrics), indent=1, allow_nan=False).encode()})
     return table, results

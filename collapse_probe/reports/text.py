@@ -1,73 +1,116 @@
 """Turn a ProbeResult into text: a per-block table for people, CSV rows or JSON for programs.
 
     print(render(result, "table"))     # threshold, neighbours and reduction: the ones in result.settings
+
+One naming scheme everywhere (text table, CSV, JSON ``per_block``, the audit report, ``ProbeResult.to_pandas()``):
+one row per (kind, block), the map kind in its own column, and these quantity names (``COLUMNS``):
+
+    kind            "probs" (softmax maps) or "mixed" (maps after Re-attention's head mixing)
+    block           0-based model block index (``blocks.{block}``); block_number is the same, 1-based
+    sim_prev        mean column cosine with the previous k block(s) (k = --neighbors)
+    ratio_prev      fraction of those column cosines above the threshold
+    similar         sim_prev (or ratio_prev with --reduction ratio) above the threshold: a collapsed block
+    cross_head      mean similarity between different heads of the block
+    effective_rank  attention rank (entropy of the singular values); energy_rank: singular values for 99% energy
+    feature_sim_last, feature_residual   token-feature similarity with the last block, residual to rank one
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from typing import Any
 
 from ..loading.info import ModelInfo
 from ..probing.result import ProbeResult
 
+COLUMNS = ("kind", "block", "block_number", "sim_prev", "ratio_prev", "similar", "cross_head", "effective_rank",
+           "energy_rank")
+FEATURE_COLUMNS = ("feature_sim_last", "feature_residual")
+_SPECS = {"block": "d", "block_number": "d", "sim_prev": ".3f", "ratio_prev": ".3f", "similar": "", "cross_head": ".3f",
+          "effective_rank": ".1f", "energy_rank": ".1f", "feature_sim_last": ".3f", "feature_residual": ".3f"}
 
-def block_rows(result: ProbeResult, threshold: float, k: int = 1, reduction: str = "mean") -> list[dict[str, Any]]:
-    """One dict per model block with every per-block number (None where a kind has no such block)."""
-    depth = max([result.depth] + [max(s.blocks) + 1 for s in result.attention.values() if s.blocks])
-    rows: list[dict[str, Any]] = [{"block": b} for b in range(depth)]
+
+def _settings(result: ProbeResult) -> tuple[float, int, str]:
+    s = result.settings
+    return s.get("threshold", 0.9), s.get("neighbors", 1), s.get("reduction", "mean")
+
+
+def per_block_rows(result: ProbeResult, threshold: float | None = None, k: int | None = None,
+                   reduction: str | None = None) -> list[dict[str, Any]]:
+    """One dict per (kind, block) with the ``COLUMNS`` (and ``FEATURE_COLUMNS`` when features were probed); NaN where
+    a number does not exist (e.g. sim_prev of block 0). Defaults: the settings the result was probed with."""
+    t0, k0, r0 = _settings(result)
+    threshold, k, reduction = (t0 if threshold is None else threshold, k0 if k is None else k,
+                               r0 if reduction is None else reduction)
+    feats: dict[int, dict[str, float]] = {}
+    if result.features is not None:
+        f = result.features
+        feats = {b: {"feature_sim_last": float(f.similarity[pos, -1]), "feature_residual": float(f.residual[pos])}
+                 for pos, b in enumerate(f.blocks)}
+    rows: list[dict[str, Any]] = []
     for kind, st in result.attention.items():
         mean_prev, ratio_prev = st.neighbor(k, "mean"), st.neighbor(k, "ratio")
         similar = set(st.similar_blocks(threshold, k, reduction))
         for pos, b in enumerate(st.blocks):
-            rows[b].update({
-                f"{kind}_sim_prev": mean_prev[pos], f"{kind}_ratio_prev": ratio_prev[pos],
-                f"{kind}_similar": b in similar, f"{kind}_cross_head": st.cross_head[pos],
-                f"{kind}_effective_rank": st.effective_rank[pos], f"{kind}_energy_rank": st.energy_rank[pos],
-            })
-    if result.features is not None:
-        f = result.features
-        for pos, b in enumerate(f.blocks):
-            rows[b].update({"feature_sim_last": f.similarity[pos, -1], "feature_residual": f.residual[pos]})
+            row = {"kind": kind, "block": b, "block_number": b + 1, "sim_prev": float(mean_prev[pos]),
+                   "ratio_prev": float(ratio_prev[pos]), "similar": b in similar,
+                   "cross_head": float(st.cross_head[pos]), "effective_rank": float(st.effective_rank[pos]),
+                   "energy_rank": float(st.energy_rank[pos])}
+            if feats:
+                row.update(feats.get(b, dict.fromkeys(FEATURE_COLUMNS, math.nan)))
+            rows.append(row)
     return rows
 
 
-def _num(v: Any, fmt: str = ".3f") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def cell(v: Any, spec: str = ".3f", yes: str = "*") -> str:
+    """A number for a text table: "-" where missing, ``yes`` / "" for booleans."""
+    if _missing(v):
         return "-"
     if isinstance(v, bool):
-        return "*" if v else ""
-    return format(v, fmt)
+        return yes if v else ""
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float) and spec:
+        return format(v, spec)
+    return str(v)
+
+
+def aligned(head: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned plain-text columns (the first left-aligned), two spaces apart."""
+    cells = [head, *rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join(line(r) for r in cells)
 
 
 def _heads_source(model: ModelInfo) -> str:
     src = model.heads_source
-    return f" (heads from {src})" if src else ""
+    return f" (from {src})" if src else ""
 
 
 def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
-    rows = block_rows(result, threshold, k, reduction)
-    cols: list[tuple[str, str, str]] = [("block", "block", "d")]
-    for kind in result.attention:
-        cols += [(f"{kind}_sim_prev", f"{kind}:cos", ".3f"), (f"{kind}_ratio_prev", "ratio", ".3f"),
-                 (f"{kind}_similar", "sim", ""), (f"{kind}_cross_head", "x-head", ".3f")]
-        if kind == "probs":
-            cols += [(f"{kind}_effective_rank", "erank", ".1f"), (f"{kind}_energy_rank", "rank99", ".1f")]
-    if result.features is not None:
-        cols += [("feature_sim_last", "feat~last", ".3f")]
-    cells = [[h for _, h, _ in cols]] + [[_num(r.get(key), f) for key, _, f in cols] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-
+    rows = per_block_rows(result, threshold, k, reduction)
+    cols = [c for c in ("block", *COLUMNS[3:], *FEATURE_COLUMNS) if any(c in r for r in rows)]
+    cols.insert(1, "kind")
+    body = [[cell(r.get(c), _SPECS.get(c, "")) for c in cols] for r in rows]
     m, im = result.model, result.images
     head = [f"model    {m.architecture or '?'} ({m.architecture_source or '?'}): depth {m.depth}, "
-            f"{m.num_heads or '?'} heads{_heads_source(m)}, {m.tokens or '?'} tokens, "
-            f"{m.params / 1e6:.2f}M params",
+            f"{m.tokens or '?'} tokens, {m.params / 1e6:.2f}M params",
+            f"heads    {m.num_heads or '?'}{_heads_source(m)}",
             f"images   {im.count} from {im.source}, input {im.input_size}",
-            f"columns  cos / ratio: mean column cosine with the previous {k} block(s) / fraction above {threshold}",
-            "         sim: similar block (*); x-head: cross-head similarity; erank / rank99: attention rank",
-            "         feat~last: token-feature similarity with the last block", ""]
+            f"columns  sim_prev / ratio_prev: mean column cosine with the previous {k} block(s) / fraction above "
+            f"{threshold}",
+            "         similar: collapsed block (*); cross_head: cross-head similarity; effective_rank / energy_rank: "
+            "attention rank",
+            "         kind: probs = softmax maps, mixed = after Re-attention; feature_*: token features", ""]
     foot = [""]
     for kind in result.attention:
         s = result.summary(kind, threshold, k, reduction)
@@ -77,32 +120,37 @@ def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str
     for f in result.findings:
         foot.append(f"WARNING {f['name']} ({f['kind']}, block {f['block']}): {f['nonfinite_values']} {f['problem']} "
                     f"in {f['images']} image(s); {f['action']}")
-    return "\n".join(head + lines + foot)
+    return "\n".join(head + [aligned(cols, body)] + foot)
 
 
-def _csv(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
-    rows = block_rows(result, threshold, k, reduction)
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV, missing numbers as empty cells, columns in first-seen order."""
     keys = list(dict.fromkeys(key for r in rows for key in r))
     out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({key: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
-                    for key, v in r.items()})
+        w.writerow({key: ("" if _missing(v) else v) for key, v in r.items()})
     return out.getvalue()
 
 
+def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with NaN as None (valid JSON)."""
+    return [{k: (None if _missing(v) else v) for k, v in r.items()} for r in rows]
+
+
 def render(result: ProbeResult, fmt: str = "table") -> str:
-    """``fmt`` is "table", "csv" or "json" (every matrix, the summary and the settings: ``ProbeResult.to_json``).
+    """``fmt`` is "table", "csv" or "json" (every matrix, the summary and the settings of ``ProbeResult.to_json``,
+    plus ``per_block``: the rows of the table and the CSV).
 
     Similar blocks are counted with the threshold, neighbours and reduction the result was probed with.
     """
-    s = result.settings
-    threshold, k, reduction = s.get("threshold", 0.9), s.get("neighbors", 1), s.get("reduction", "mean")
+    threshold, k, reduction = _settings(result)
     if fmt == "json":
-        return result.to_json()
+        return json.dumps({**result.to_dict(), "per_block": json_rows(per_block_rows(result))}, indent=1,
+                          allow_nan=False)
     if fmt == "csv":
-        return _csv(result, threshold, k, reduction)
+        return csv_text(per_block_rows(result, threshold, k, reduction))
     if fmt == "table":
         return _table(result, threshold, k, reduction)
     raise ValueError(f"unknown format {fmt!r}; choose table, csv or json")

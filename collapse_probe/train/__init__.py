@@ -7,8 +7,20 @@ Modules: config (dataclass + presets), data (datasets, loaders), engine (loop, e
 state (atomic training state, RNG), baselines (attention reuse / temperature / dropping, cosine regulariser),
 distributed (torchrun environment).
 """
+from typing import Any
+
 from .config import PRESETS, TrainConfig, resolve_config
-from .engine import TrainResult, evaluate, recalibrate_bn, track_collapse, train
+
+_ENGINE = ("TrainResult", "evaluate", "recalibrate_bn", "track_collapse", "train")
+
+
+def __getattr__(name: str) -> Any:  # the engine imports torch and timm: only when used (`--help` stays fast)
+    if name in _ENGINE:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["PRESETS", "TrainConfig", "TrainResult", "evaluate", "recalibrate_bn", "resolve_config", "track_collapse",
            "train"]

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import BadArgumentError
@@ -90,9 +93,11 @@ class TrainConfig:
     cosine_reg_pairs: int = 12
     # bookkeeping
     seed: int = 42
-    output: str = "runs/train"
+    output: str | None = None  # None: a fresh runs/train/version_N (N = next free), as Lightning does
     save_every: int = 1
-    resume: bool = False
+    resume: bool = False  # continue from resume_from, or OUTPUT/last.pt (a fresh start when that does not exist yet)
+    resume_from: str | None = None  # a last.pt to continue from (must exist)
+    initial_checkpoint: str | None = None  # weights to fine-tune from (safetensors or last.pt; read_checkpoint)
     progress: bool = True
     max_steps_per_epoch: int | None = None  # cap (smoke tests)
     preset: str | None = None
@@ -123,7 +128,55 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_TUPLES = ("scale", "attn_temperature")
+PRESET_HELP = {
+    "paper": "official DeepViT ImageNet recipe (DeiT-style, 300 epochs, batch 256 over 8 GPUs); needs --data-dir",
+    "paper32": "the 32-block variant: mixup 0.1, no cutmix, cosine regulariser 0.1; needs --data-dir",
+    "digits": "scikit-learn digits at 32 px on a CPU, 15 epochs, light augmentation (the bundled checkpoints)",
+    "smoke": "synthetic images, 2 epochs of a 2-block model, for tests",
+}
+# keys that change how a run is executed or logged, not what it computes: they may differ on --resume
+RESUME_FREE = frozenset({"output", "resume", "resume_from", "initial_checkpoint", "progress", "device", "workers",
+                         "pin_memory", "compile", "save_every", "preset"})
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type of TrainConfig field ``key``, or BadArgumentError saying what was expected."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint) or hint
+
+    def bad(what: str) -> BadArgumentError:
+        return BadArgumentError(f"config key {key} must be {what}, got {value!r}")
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if origin is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} numbers, e.g. [0.08, 1.0]")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping, e.g. {\"depth\": 16}")
+        return dict(value)
+    return value
 
 
 def resolve_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
@@ -139,9 +192,7 @@ def resolve_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     if unknown:
         raise BadArgumentError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
     values.update(overrides)
-    for k in _TUPLES:
-        if values.get(k) is not None:
-            values[k] = tuple(values[k])
+    values = {k: _coerce(k, v, _HINTS[k]) for k, v in values.items()}
     values["model_args"] = dict(values.get("model_args") or {})
     cfg = TrainConfig(**values)
     _check(cfg)
@@ -159,6 +210,36 @@ def _check(cfg: TrainConfig) -> None:
         raise BadArgumentError("epochs and batch_size must be at least 1")
     if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise BadArgumentError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Keys of TrainConfig from a YAML (or JSON) file; unknown keys and bad types fail in ``resolve_config``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise BadArgumentError(f"cannot read --config {path}: {e.strerror or type(e).__name__}") from e
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise BadArgumentError(f"--config {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise BadArgumentError(f"--config {path} must be a mapping of config keys, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise BadArgumentError(f"--config {path}: unknown key(s) {', '.join(unknown)} (see --print-config for the "
+                               "valid keys)")
+    return data
+
+
+def changed_on_resume(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Keys whose value differs between a checkpoint's config and ``cfg`` (ignoring ``RESUME_FREE``)."""
+    now = cfg.to_dict()
+    return sorted(k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k])
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..errors import BadArgumentError
+from ..errors import BadArgumentError, MalformedFileError, first_line
 from ..loading.images import digits_arrays
 from .config import TrainConfig
 
@@ -58,17 +58,50 @@ def build_datasets(cfg: TrainConfig, train_tf: Callable, val_tf: Callable) -> tu
         xtr, ytr = synthetic_arrays(cfg.synthetic_size, seed=0)
         xva, yva = synthetic_arrays(cfg.synthetic_size, seed=1)
         return ArrayImageDataset(xtr, ytr, train_tf), ArrayImageDataset(xva, yva, val_tf), 10
-    from torchvision.datasets import ImageFolder
-
     root = Path(cfg.data_dir or "")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise BadArgumentError(f"{root / split} is not a folder; data_dir needs train/ and val/ with one "
                                    "sub-folder per class (ImageNet layout)")
-    train, val = ImageFolder(str(root / "train"), train_tf), ImageFolder(str(root / "val"), val_tf)
+    train, val = _image_folder(root / "train", train_tf), _image_folder(root / "val", val_tf)
     if train.classes != val.classes:
         raise BadArgumentError(f"{root}/train and {root}/val have different class folders")
     return train, val, len(train.classes)
+
+
+class ImageReadError(MalformedFileError):
+    """An image of the folder dataset that PIL cannot read. A DataLoader worker re-raises it in the main process as
+    ``ImageReadError("Caught ImageReadError ... Original Traceback ...")``: the last line is our message again."""
+
+    def __init__(self, message: str) -> None:
+        if "Original Traceback" in message:
+            lines = [ln for ln in message.splitlines() if ln.strip()]
+            message = lines[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+def _load_image(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {path} ({first_line(e, 120)}); remove or replace it") from None
+
+
+def _image_folder(folder: Path, transform: Callable) -> Dataset:
+    """torchvision's ImageFolder, with an empty class folder or an unreadable image named in one line."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    try:
+        return ImageFolder(str(folder), transform, loader=_load_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        empty = [d for d in sorted(folder.iterdir()) if d.is_dir() and not any(
+            p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS) for p in d.rglob("*"))]
+        if empty:
+            raise BadArgumentError(f"class folder {empty[0]} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); "
+                                   "add images or remove the folder") from e
+        raise BadArgumentError(f"{folder}: {first_line(e, 160)}") from e
 
 
 def train_loader(dataset: Dataset, cfg: TrainConfig, rank: int, world: int, epoch: int) -> DataLoader:

@@ -9,7 +9,13 @@ Files in ``cfg.output`` (rank 0 writes them):
     last.pt           full training state after the latest epoch (atomic; ``resume=True`` continues from it)
     log.csv           per epoch: train loss, val loss, top-1, top-5 (raw and EMA), lr, images/s, seconds, similar blocks
     collapse.csv      per tracked epoch and block: neighbour similarity of the current model on a fixed val batch
+    best.safetensors  the weights (raw or EMA) with the best validation top-1 so far, "epoch" in the eval metadata
     final.safetensors the exported model with its config and accuracy in the metadata
+    events.out.tfevents.*  TensorBoard scalars per epoch (train/loss, val/top1, val/top5, lr, collapse/similar_blocks)
+                      when the tensorboard package is installed
+
+``cfg.output`` None: a fresh runs/train/version_N; a folder holding a run is continued only with ``resume`` (see
+``runs``).
 
 Per epoch: train -> optional BatchNorm re-calibration -> evaluation -> collapse tracking -> log -> checkpoint. RNG
 states are saved with the checkpoint after all of these, so a resumed run replays exactly what an uninterrupted run
@@ -17,8 +23,7 @@ does next (one process; under DDP every rank's RNG state is gathered and restore
 """
 from __future__ import annotations
 
-import csv
-import json
+import dataclasses
 import math
 import sys
 import time
@@ -30,20 +35,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from ..errors import BadArgumentError
 from ..loading.build import create_model
-from ..loading.save import save_checkpoint
-from ..outputs import write_file
+from .artifacts import (
+    LOG_FIELDS,
+    append_csv,
+    export,
+    fmt,
+    log_scalars,
+    save_best,
+    save_state,
+    top1,
+    truncate_csv,
+    write_json,
+)
 from .baselines import CosineRegularizer, baseline_model_args
 from .config import TrainConfig
 from .data import build_datasets, eval_loader, fixed_batch, train_loader
-from .state import load_training_state, rng_state, save_training_state, seed_everything, set_rng_state
-
-LOG_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "ema_top1", "ema_top5", "lr", "images_per_s",
-              "epoch_seconds", "similar_blocks"]
+from .runs import bar, load_initial, load_resume, load_state, resume_path, run_folder, summary_writer
+from .state import seed_everything, set_rng_state
 
 
 @dataclass
@@ -206,42 +218,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------------------------------------- logs
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def _truncate_csv(path: Path, start_epoch: int) -> None:
-    """Drop rows of epochs >= start_epoch (written before a crash, after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start_epoch]
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-    write_file(path, write)
-
-
-def _append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def _fmt(v: Any) -> Any:
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
 # ---------------------------------------------------------------------------------------------------- main loop
 
 
@@ -258,9 +234,18 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
 
 def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     device = info.device
-    out = Path(cfg.output)
+    out = run_folder(cfg)  # every rank checks (same files, same errors); rank 0's choice of version_N wins
+    if info.distributed:
+        box = [str(out)]
+        dist.broadcast_object_list(box, src=0)
+        out = Path(box[0])
+    cfg = dataclasses.replace(cfg, output=str(out), model_args=dict(cfg.model_args))
     if info.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadArgumentError(f"cannot create --output {out}: {e.strerror or type(e).__name__}") from e
+    show = cfg.progress and info.main
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -270,6 +255,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     seed_everything(cfg.seed)
     num_classes = _num_classes(cfg)
     model = build_model(cfg, num_classes)
+    if cfg.initial_checkpoint:  # before the EMA copy, so both start from these weights
+        for k in load_initial(model, cfg.initial_checkpoint):
+            if info.main:
+                print(f"note: --initial-checkpoint: {k} has another shape here; left at its initialisation",
+                      file=sys.stderr)
     seed_everything(cfg.seed + info.rank)
     train_tf, val_tf = build_transforms(cfg, model)
     train_set, val_set, _ = build_datasets(cfg, train_tf, val_tf)
@@ -301,26 +291,29 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     regularizer = CosineRegularizer(model, cfg.cosine_reg, cfg.cosine_reg_pairs) if cfg.cosine_reg > 0 else None
 
     start_epoch, num_updates, history = 0, 0, []
-    ckpt_path = out / "last.pt"
-    if cfg.resume and ckpt_path.exists():
-        state = load_training_state(ckpt_path)
-        model.load_state_dict(state["model"])
+    ckpt_path, source = out / "last.pt", resume_path(cfg, out)
+    if source is not None:
+        state = load_resume(source, cfg)
+        load_state(model, state["model"], "model", source)
         if ema is not None and state.get("model_ema") is not None:
-            ema.module.load_state_dict(state["model_ema"])
-        optimizer.load_state_dict(state["optimizer"])
+            load_state(ema.module, state["model_ema"], "model_ema", source)
+        load_state(optimizer, state["optimizer"], "optimizer", source)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, num_updates, history = state["epoch"], state["num_updates"], list(state.get("history", []))
         ranks = state["rng"]
         set_rng_state(ranks[info.rank] if info.rank < len(ranks) else ranks[0])
         if info.main:
-            _truncate_csv(out / "log.csv", start_epoch)
-            _truncate_csv(out / "collapse.csv", start_epoch)
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
+            print(f"resumed from {source} at epoch {start_epoch}", file=sys.stderr)
     elif cfg.resume and info.main:
         print(f"--resume: no {ckpt_path} yet, starting from scratch", file=sys.stderr)
     if info.main:
-        _write_json(out / "config.json", cfg.to_dict())
+        if cfg.resume:  # rows written after the checkpoint we continue from (a crash), or by a run never saved
+            truncate_csv(out / "log.csv", start_epoch)
+            truncate_csv(out / "collapse.csv", start_epoch)
+        write_json(out / "config.json", cfg.to_dict())
+    writer = summary_writer(out) if info.main else None
+    best = max([top1(r) for r in history] + [-1.0])
 
     train_model: nn.Module = model
     if info.distributed:
@@ -338,9 +331,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         loader = train_loader(train_set, cfg, info.rank, info.world, epoch)
         train_model.train()
         loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", file=sys.stderr,
-                   leave=False, disable=not (cfg.progress and info.main))
-        for step, (images, target) in enumerate(bar):
+        progress = bar(loader, steps, f"epoch {epoch + 1}/{total_epochs}: training", show)
+        for step, (images, target) in enumerate(progress):
             if step >= steps:
                 break
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -366,8 +358,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                 ema.update(model, step=num_updates)
             loss_sum += loss.detach().double() * len(images)
             seen += len(images)
-            if cfg.progress and info.main and step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if show and step % 10 == 0:
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        progress.close()  # a loop left by ``break`` keeps its bar open: the next one would nest under it
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - t0
@@ -379,77 +372,48 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                                "images_per_s": float(tot[1]) / max(train_seconds, 1e-9)}
         last = epoch == total_epochs - 1
         if cfg.bn_recalib_batches and _bn_modules(model):
-            for m in [model] + ([ema.module] if ema is not None else []):
-                recalibrate_bn(m, train_loader(train_set, cfg, info.rank, info.world, epoch), device,
-                               cfg.bn_recalib_batches, info, autocast)
+            for name, m in [("raw", model)] + ([("ema", ema.module)] if ema is not None else []):
+                with bar(train_loader(train_set, cfg, info.rank, info.world, epoch), cfg.bn_recalib_batches,
+                         f"epoch {epoch + 1}: BatchNorm re-calibration ({name})", show) as batches:
+                    recalibrate_bn(m, batches, device, cfg.bn_recalib_batches, info, autocast)
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            metrics = {"raw": evaluate(model, val, device, info, autocast)}
+            with bar(val, len(val), f"epoch {epoch + 1}: evaluation (raw)", show) as batches:
+                metrics = {"raw": evaluate(model, batches, device, info, autocast)}
             row.update(val_loss=metrics["raw"]["loss"], top1=metrics["raw"]["top1"], top5=metrics["raw"]["top5"])
             if ema is not None:
-                metrics["ema"] = evaluate(ema.module, val, device, info, autocast)
+                with bar(val, len(val), f"epoch {epoch + 1}: evaluation (ema)", show) as batches:
+                    metrics["ema"] = evaluate(ema.module, batches, device, info, autocast)
                 row.update(ema_top1=metrics["ema"]["top1"], ema_top5=metrics["ema"]["top5"])
+            if info.main and top1(row) > best:
+                best = top1(row)
+                save_best(out / "best.safetensors", cfg, model, ema, metrics, epoch + 1)
         if track_batch is not None and (last or (epoch + 1) % cfg.track_every == 0):
-            tracked = track_collapse(model, track_batch.to(device), cfg.track_threshold)
+            with bar([track_batch], 1, f"epoch {epoch + 1}: collapse tracking ({len(track_batch)} images)",
+                     show) as batches:
+                tracked = track_collapse(model, next(iter(batches)).to(device), cfg.track_threshold)
             row["similar_blocks"] = tracked["similar_blocks"]
             kind = tracked["kind"]
             for b, nb in zip(tracked[kind]["blocks"], tracked[kind]["neighbor"]):
-                _append_csv(out / "collapse.csv", ["epoch", "kind", "block", "neighbor_similarity", "similar"],
+                append_csv(out / "collapse.csv", ["epoch", "kind", "block", "neighbor_similarity", "similar"],
                             {"epoch": epoch, "kind": kind, "block": b,
-                             "neighbor_similarity": "" if nb is None else _fmt(nb),
+                             "neighbor_similarity": "" if nb is None else fmt(nb),
                              "similar": int(b in tracked[kind]["similar_blocks"])})
         row["epoch_seconds"] = time.perf_counter() - t0
         history.append(row)
         if info.main:
-            _append_csv(out / "log.csv", LOG_FIELDS, {k: _fmt(v) for k, v in row.items()})
-            msg = " ".join(f"{k}={_fmt(v)}" for k, v in row.items())
+            append_csv(out / "log.csv", LOG_FIELDS, {k: fmt(v) for k, v in row.items()})
+            msg = " ".join(f"{k}={fmt(v)}" for k, v in row.items())
             print(msg, file=sys.stderr, flush=True)
+            if writer is not None:
+                log_scalars(writer, row, epoch + 1)
         if last or (epoch + 1) % max(cfg.save_every, 1) == 0:
-            _save(ckpt_path, cfg, info, model, ema, optimizer, scheduler, scaler, epoch + 1, num_updates, history)
+            save_state(ckpt_path, cfg, info, model, ema, optimizer, scheduler, scaler, epoch + 1, num_updates, history)
 
     result = TrainResult(_unwrap(model), ema.module if ema is not None else None, history)
     if info.main and metrics:
-        result.final_path, result.final = _export(out, cfg, model, ema, metrics, total_epochs, track_batch)
+        result.final_path, result.final = export(out, cfg, model, ema, metrics, total_epochs, track_batch)
     if regularizer is not None:
         regularizer.remove()
+    if writer is not None:
+        writer.close()
     return result
-
-
-def _save(path: Path, cfg: TrainConfig, info: DistInfo, model, ema, optimizer, scheduler, scaler, epoch: int,
-          num_updates: int, history: list[dict[str, Any]]) -> None:
-    rng = [rng_state()]
-    if info.distributed:  # every rank's RNG, so a resumed multi-process run continues each stream
-        rng = [None] * info.world
-        dist.all_gather_object(rng, rng_state())
-    if not info.main:
-        return
-    from ..loading.read import META_KEY
-    from ..loading.save import model_metadata
-
-    state = {
-        "model": model.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": epoch, "num_updates": num_updates, "rng": rng, "config": cfg.to_dict(),
-        "history": [{k: v for k, v in r.items()} for r in history], META_KEY: model_metadata(model),
-    }
-    save_training_state(path, state)
-    _write_json(path.parent / "config.json", cfg.to_dict())
-
-
-def _export(out: Path, cfg: TrainConfig, model, ema, metrics, epochs: int, track_batch) -> tuple[Path, dict]:
-    """final.safetensors: raw or EMA weights, whichever has the better validation top-1 (recorded as "weights")."""
-    which = "ema" if "ema" in metrics and metrics["ema"]["top1"] > metrics["raw"]["top1"] else "raw"
-    chosen = ema.module if which == "ema" else model
-    ev = {"top1": metrics[which]["top1"], "top5": metrics[which]["top5"], "loss": metrics[which]["loss"],
-          "epochs": epochs, "dataset": cfg.dataset, "weights": which, "val_images": metrics[which]["images"]}
-    extra: dict[str, Any] = {"eval": ev, "train_config": cfg.to_dict()}
-    if track_batch is not None:
-        tracked = track_collapse(chosen, track_batch.to(next(chosen.parameters()).device), cfg.track_threshold)
-        extra["collapse"] = {"kind": tracked["kind"], "similar_blocks": tracked["similar_blocks"],
-                             "similar_ratio": tracked["similar_ratio"], "threshold": cfg.track_threshold,
-                             "similar_blocks_probs": tracked["similar_blocks_probs"],
-                             "neighbor": tracked[tracked["kind"]]["neighbor"],
-                             "images": int(track_batch.shape[0])}
-        ev["similar_blocks"] = tracked["similar_blocks"]
-    path = out / "final.safetensors"
-    save_checkpoint(chosen, path, extra=extra)
-    return path, ev
