@@ -3,6 +3,8 @@ re-calibration, the paper baselines and the cosine regulariser. All on the CPU w
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import signal
@@ -191,14 +193,22 @@ def test_bn_recalibration_reestimates_running_stats():
     bn = model.blocks[0].attn.mix_norm
     assert torch.equal(bn.running_mean, torch.zeros(4))  # fresh statistics
     images = torch.randn(6, 3, 32, 32)
+    reference = copy.deepcopy(model)  # the module-by-module path, whose BatchNorm forward can be hooked
+    for blk in reference.blocks:
+        blk.attn.fast_reattn = False
+    ref_bn = reference.blocks[0].attn.mix_norm
     seen = []
-    handle = bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
-    used = recalibrate_bn(model, [(images[:3], None), (images[3:], None)], torch.device("cpu"), num_batches=5)
+    handle = ref_bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    batches = [(images[:3], None), (images[3:], None)]
+    assert recalibrate_bn(reference, batches, torch.device("cpu"), num_batches=5) == 2
     handle.remove()
+    used = recalibrate_bn(model, batches, torch.device("cpu"), num_batches=5)  # the fast path
     assert used == 2 and not model.training and not bn.training and bn.momentum == 0.1
     # momentum None: the plain average of the two batches' per-head means (each batch [3, H, N, N])
     means = torch.stack([s.mean(dim=(0, 2, 3)) for s in seen])
-    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    torch.testing.assert_close(ref_bn.running_mean, means.mean(0))
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
     assert not torch.allclose(bn.running_mean, torch.zeros(4))
     assert int(bn.num_batches_tracked) == 2
 

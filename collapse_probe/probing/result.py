@@ -189,8 +189,6 @@ class ProbeResult:
         """
         import pandas as pd  # only here: the package itself does not need pandas to load
 
-        from ..reports.text import COLUMNS, FEATURE_COLUMNS, per_block_rows
-
         cols = list(COLUMNS) + (list(FEATURE_COLUMNS) if self.features is not None else [])
         df = pd.DataFrame(per_block_rows(self, threshold, k, reduction), columns=cols)
         return df.astype({"block": "int64", "block_number": "int64", "similar": "bool"})
@@ -205,6 +203,7 @@ class ProbeResult:
             "summary": {k: self.summary(k) for k in self.attention}, "applied_kind": self.applied_kind,
             "attention": {k: v.to_dict() for k, v in self.attention.items()},
             "features": self.features.to_dict() if self.features else None,
+            "per_block": per_block_rows(self),  # the rows of the text table and the CSV (NaN -> null in to_json)
             "findings": self.findings,
         }
 
@@ -225,3 +224,36 @@ class ProbeResult:
     @classmethod
     def from_json(cls, text: str) -> ProbeResult:
         return cls.from_dict(json.loads(text))
+
+
+COLUMNS = ("kind", "block", "block_number", "sim_prev", "ratio_prev", "similar", "cross_head", "effective_rank",
+           "energy_rank")
+FEATURE_COLUMNS = ("feature_sim_last", "feature_residual")
+
+
+def per_block_rows(result: ProbeResult, threshold: float | None = None, k: int | None = None,
+                   reduction: str | None = None) -> list[dict[str, Any]]:
+    """One dict per (kind, block) with the ``COLUMNS`` (and ``FEATURE_COLUMNS`` when features were probed); NaN where
+    a number does not exist (e.g. sim_prev of block 0). Defaults: the settings the result was probed with."""
+    s = result.settings
+    t0, k0, r0 = s.get("threshold", 0.9), s.get("neighbors", 1), s.get("reduction", "mean")
+    threshold, k, reduction = (t0 if threshold is None else threshold, k0 if k is None else k,
+                               r0 if reduction is None else reduction)
+    feats: dict[int, dict[str, float]] = {}
+    if result.features is not None:
+        f = result.features
+        feats = {b: {"feature_sim_last": float(f.similarity[pos, -1]), "feature_residual": float(f.residual[pos])}
+                 for pos, b in enumerate(f.blocks)}
+    rows: list[dict[str, Any]] = []
+    for kind, st in result.attention.items():
+        mean_prev, ratio_prev = st.neighbor(k, "mean"), st.neighbor(k, "ratio")
+        similar = set(st.similar_blocks(threshold, k, reduction))
+        for pos, b in enumerate(st.blocks):
+            row = {"kind": kind, "block": b, "block_number": b + 1, "sim_prev": float(mean_prev[pos]),
+                   "ratio_prev": float(ratio_prev[pos]), "similar": b in similar,
+                   "cross_head": float(st.cross_head[pos]), "effective_rank": float(st.effective_rank[pos]),
+                   "energy_rank": float(st.energy_rank[pos])}
+            if feats:
+                row.update(feats.get(b, dict.fromkeys(FEATURE_COLUMNS, math.nan)))
+            rows.append(row)
+    return rows

@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from typing import Any
 
 from ..loading.info import ModelInfo
-from ..probing.result import ProbeResult
+from ..probing.result import COLUMNS, FEATURE_COLUMNS, ProbeResult, per_block_rows
 
-COLUMNS = ("kind", "block", "block_number", "sim_prev", "ratio_prev", "similar", "cross_head", "effective_rank",
-           "energy_rank")
-FEATURE_COLUMNS = ("feature_sim_last", "feature_residual")
 _SPECS = {"block": "d", "block_number": "d", "sim_prev": ".3f", "ratio_prev": ".3f", "similar": "", "cross_head": ".3f",
           "effective_rank": ".1f", "energy_rank": ".1f", "feature_sim_last": ".3f", "feature_residual": ".3f"}
 
@@ -35,33 +31,6 @@ _SPECS = {"block": "d", "block_number": "d", "sim_prev": ".3f", "ratio_prev": ".
 def _settings(result: ProbeResult) -> tuple[float, int, str]:
     s = result.settings
     return s.get("threshold", 0.9), s.get("neighbors", 1), s.get("reduction", "mean")
-
-
-def per_block_rows(result: ProbeResult, threshold: float | None = None, k: int | None = None,
-                   reduction: str | None = None) -> list[dict[str, Any]]:
-    """One dict per (kind, block) with the ``COLUMNS`` (and ``FEATURE_COLUMNS`` when features were probed); NaN where
-    a number does not exist (e.g. sim_prev of block 0). Defaults: the settings the result was probed with."""
-    t0, k0, r0 = _settings(result)
-    threshold, k, reduction = (t0 if threshold is None else threshold, k0 if k is None else k,
-                               r0 if reduction is None else reduction)
-    feats: dict[int, dict[str, float]] = {}
-    if result.features is not None:
-        f = result.features
-        feats = {b: {"feature_sim_last": float(f.similarity[pos, -1]), "feature_residual": float(f.residual[pos])}
-                 for pos, b in enumerate(f.blocks)}
-    rows: list[dict[str, Any]] = []
-    for kind, st in result.attention.items():
-        mean_prev, ratio_prev = st.neighbor(k, "mean"), st.neighbor(k, "ratio")
-        similar = set(st.similar_blocks(threshold, k, reduction))
-        for pos, b in enumerate(st.blocks):
-            row = {"kind": kind, "block": b, "block_number": b + 1, "sim_prev": float(mean_prev[pos]),
-                   "ratio_prev": float(ratio_prev[pos]), "similar": b in similar,
-                   "cross_head": float(st.cross_head[pos]), "effective_rank": float(st.effective_rank[pos]),
-                   "energy_rank": float(st.energy_rank[pos])}
-            if feats:
-                row.update(feats.get(b, dict.fromkeys(FEATURE_COLUMNS, math.nan)))
-            rows.append(row)
-    return rows
 
 
 def _missing(v: Any) -> bool:
@@ -140,15 +109,14 @@ def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(result: ProbeResult, fmt: str = "table") -> str:
-    """``fmt`` is "table", "csv" or "json" (every matrix, the summary and the settings of ``ProbeResult.to_json``,
-    plus ``per_block``: the rows of the table and the CSV).
+    """``fmt`` is "table", "csv" or "json" (``ProbeResult.to_json``: every matrix, the summary, the settings and
+    ``per_block``, the rows of the table and the CSV).
 
     Similar blocks are counted with the threshold, neighbours and reduction the result was probed with.
     """
     threshold, k, reduction = _settings(result)
     if fmt == "json":
-        return json.dumps({**result.to_dict(), "per_block": json_rows(per_block_rows(result))}, indent=1,
-                          allow_nan=False)
+        return result.to_json()
     if fmt == "csv":
         return csv_text(per_block_rows(result, threshold, k, reduction))
     if fmt == "table":
