@@ -43,6 +43,8 @@ def _num(v: Any, fmt: str = ".3f") -> str:
 
 def _heads_source(model: ModelInfo) -> str:
     src = model.heads_source
+    if src and "guess" in src:  # a wrong head count skews every per-head number: say so on the headline itself
+        return f" (HEADS GUESSED: {src})"
     return f" (heads from {src})" if src else ""
 
 
