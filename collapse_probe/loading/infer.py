@@ -10,7 +10,7 @@ tokens, layer scale and class count are read from shapes.
 
 Heads rule: the number of heads is not visible in fused qkv weights, so it is decided, in order, by
   1. a per-head shape anywhere in the file (``head_evidence``): per-head q/k-norm weights ([head_dim]),
-     relative-position bias tables ([R, heads]), re-attention Θ ([heads, heads, 1, 1], ours and official) or
+     relative-position bias tables ([R, heads]) or MLPs ([heads, hidden]), re-attention Θ ([heads, heads, 1, 1], ours and official) or
      talking-heads matrices ([heads, heads]); two that disagree are an error;
   2. ``--num-heads`` (an error if it contradicts 1);
   3. a known family by width and MLP ratio (384 wide, ratio 3: the DeepViT paper's ViT-16B/24B/32B, 12 heads;
@@ -110,6 +110,8 @@ def head_evidence(sd: SD, attn_dim: int) -> tuple[int, str] | None:
                                        f"{shape} ({k})")
         elif k.endswith("relative_position_bias_table") and v.ndim == 2:
             found.setdefault(shape[1], f"relative-position table shape {shape} ({k})")
+        elif k.endswith("rel_pos.mlp.fc2.weight") and v.ndim == 2:  # timm vit_relpos: an MLP emits one bias per head
+            found.setdefault(shape[0], f"relative-position MLP output shape {shape} ({k})")
         elif re.search(r"attn\.[qk]_norm\.weight$", k) and v.ndim == 1 and 0 < shape[0] < attn_dim \
                 and attn_dim % shape[0] == 0:
             found.setdefault(attn_dim // shape[0], f"q/k-norm shape (head size {shape[0]}, {k})")
