@@ -265,3 +265,53 @@ def test_layer_norm_variant_cannot_be_written_in_the_official_layout():
     sd = timm.create_model("deepvit_micro", depth=2, mix_norm="ln").state_dict()
     with pytest.raises(UnsupportedLayoutError, match="official DeepViT layout"):
         official.to_official(sd)
+
+
+FORMATS = ("torch", "safetensors", "timm-train")
+# every (architecture, format) pair runs through both commands; one format per architecture (each format twice)
+# stays in the quick suite, the other twelve pairs are heavy (about 10 s each on one CPU core)
+CLI_CASES = [pytest.param(name, fmt, marks=() if fmt == FORMATS[i % 3] else pytest.mark.heavy)
+             for i, name in enumerate(PAPER) for fmt in FORMATS]
+
+
+@pytest.mark.parametrize("name,fmt", CLI_CASES)
+def test_similarity_and_audit_commands_without_model_or_trust_pickle(tmp_path, name, fmt):
+    """Acceptance: an official state dict as torch.save / safetensors / timm training file (argparse.Namespace args)
+    runs through ``collapse-probe similarity`` and ``audit`` with no --model and no --trust-pickle."""
+    import json
+
+    from click.testing import CliRunner
+
+    from collapse_probe.cli import main
+
+    sd, x = _tiny(name)
+    path = save(sd, tmp_path / "ckpt.pth", fmt, name)
+    depth, _, reattn, _, _, _, _ = PAPER[name]
+    common = ["--images", "builtin:photos", "--num-images", "2", "--no-progress"]
+    res = CliRunner().invoke(main, ["similarity", str(path), "--format", "json", *common])
+    assert res.exit_code == 0, res.output
+    model = json.loads(res.output)["model"]
+    res = CliRunner().invoke(main, ["audit", str(path), "-o", str(tmp_path / "report"), *common])
+    assert res.exit_code == 0, res.output
+    audited = json.loads((tmp_path / "report" / "metrics.json").read_text())["model"]
+    for m in (model, audited):
+        assert (m["depth"], m["num_heads"], m["reattn_blocks"]) == (depth, HEADS, reattn)
+        assert m["input_size"] == [3, x.shape[-1], x.shape[-1]] and m["layout"] == official.LAYOUT
+
+
+def test_namespace_allowed_but_what_it_holds_still_scanned(tmp_path):
+    """argparse.Namespace is plain data; a Namespace smuggling another global is refused as before."""
+    import pathlib
+
+    from collapse_probe.errors import RefusedContentError
+
+    sd, _ = _tiny("deepvit_S")
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": sd, "args": argparse.Namespace(model="deepvit_S", output=pathlib.PurePosixPath("/x"))},
+               path)
+    with pytest.raises(RefusedContentError, match="PurePosixPath"):
+        read_checkpoint(path)
+    assert read_checkpoint(save(sd, tmp_path / "ok.pth", "timm-train", "deepvit_S")).args_model == "deepvit_S"
+    import torch.serialization as ts
+
+    assert argparse.Namespace not in ts.get_safe_globals()  # scoped to our loads, not added process-wide
