@@ -298,7 +298,7 @@ def test_vit_pytorch_head_guess_is_visible_and_overridable(tmp_path):
     model = ViT(image_size=32, patch_size=8, num_classes=10, dim=192, depth=2, heads=6, mlp_dim=384,
                 dim_head=32).eval()
     path = _save_bare(model, tmp_path)
-    guessed, info = _load(path)
+    _, info = _load(path)
     assert info.num_heads == 3 and "guess" in info.heads_source
     result = probe(path, images=torch.randn(2, 3, 32, 32), progress=False)
     headline = render(result, "table").splitlines()[0]

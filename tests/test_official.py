@@ -105,7 +105,8 @@ def _embed(sd: dict, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(_bn(F.conv2d(x, sd["patch_embed.conv1.weight"], stride=2, padding=3), sd, "patch_embed.bn1"))
         x = F.relu(_bn(F.conv2d(x, sd["patch_embed.conv2.weight"], padding=1), sd, "patch_embed.bn2"))
     # the last conv is non-overlapping (kernel = stride): 8 after the stem's stride 2, else 16 (4 in our micro preset)
-    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=sd["patch_embed.proj.weight"].shape[-1])
+    proj = sd["patch_embed.proj.weight"]
+    x = F.conv2d(x, proj, sd["patch_embed.proj.bias"], stride=proj.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     return torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], 1) + sd["pos_embed"]
 
@@ -256,7 +257,7 @@ def test_our_models_round_trip_through_the_official_layout(tmp_path, preset):
         want = official_forward({k: v.float() for k, v in off.items()}, x, args["num_heads"], s,
                                 args.get("reattn_scale") == "head_dim")
         torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-4)
-    model, info = build_model(read_checkpoint(save(off, tmp_path / "o.safetensors", "safetensors", preset)))
+    model, _ = build_model(read_checkpoint(save(off, tmp_path / "o.safetensors", "safetensors", preset)))
     with torch.no_grad():
         torch.testing.assert_close(model(x), ours(x), atol=1e-5, rtol=1e-4)
 

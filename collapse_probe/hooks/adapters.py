@@ -148,7 +148,8 @@ class Plan:
 
 def _timm_classes() -> tuple[type, ...]:
     import timm.layers as tl
-    from timm.models import beit, eva, vision_transformer_relpos as relpos
+    from timm.models import beit, eva
+    from timm.models import vision_transformer_relpos as relpos
 
     return tuple(c for c in (getattr(tl, "Attention", None), getattr(tl, "AttentionRope", None),
                              getattr(beit, "Attention", None), getattr(eva, "EvaAttention", None),

@@ -10,8 +10,8 @@ tokens, layer scale and class count are read from shapes.
 
 Heads rule: the number of heads is not visible in fused qkv weights, so it is decided, in order, by
   1. a per-head shape anywhere in the file (``head_evidence``): per-head q/k-norm weights ([head_dim]),
-     relative-position bias tables ([R, heads]) or MLPs ([heads, hidden]), re-attention Θ ([heads, heads, 1, 1], ours and official) or
-     talking-heads matrices ([heads, heads]); two that disagree are an error;
+     relative-position bias tables ([R, heads]) or MLPs ([heads, hidden]), re-attention Θ ([heads, heads, 1, 1],
+     ours and official) or talking-heads matrices ([heads, heads]); two that disagree are an error;
   2. ``--num-heads`` (an error if it contradicts 1);
   3. a known family by width and MLP ratio (384 wide, ratio 3: the DeepViT paper's ViT-16B/24B/32B, 12 heads;
      384, ratio 4: timm/DeiT ViT-S, 6 heads), else the standard width -> heads table of ViT papers / timm
