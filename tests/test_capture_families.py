@@ -324,3 +324,64 @@ def test_transformers_model_that_cannot_switch_to_eager_gets_a_clear_error(monke
         with torch.no_grad(), capture(model):
             model(pixel_values=X32)
     assert _hook_counts(model) == hooks and model.config._attn_implementation == "sdpa"
+
+
+def test_timm_vit_relpos_includes_the_relative_position_bias():
+    """timm vit_relpos_*: RelPosAttention adds an MLP-made bias per head before the softmax (fused: as attn_mask)."""
+    model = timm.create_model("vit_relpos_small_patch16_224", **TIMM_KW)
+    assert all(_fused_flags(model))
+
+    def reference():
+        specs = [(b.attn.qkv, lambda a, kw, o, m=b.attn: _softmax_qk(*_split_qkv(o, m.num_heads), m.scale,
+                                                                      m.rel_pos.get_bias())) for b in model.blocks]
+        return {"probs": [r[0] for r in _record(model, lambda: model(X32), specs)]}
+
+    check_family(model, lambda: model(X32), reference, state=_fused_flags)
+
+
+def _hf_vision(kind: str):
+    import transformers as tf
+
+    common = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, attn_implementation="sdpa")
+    if kind == "clip":
+        return tf.CLIPVisionModel(tf.CLIPVisionConfig(**common)).eval()
+    return tf.SiglipVisionModel(tf.SiglipVisionConfig(**common)).eval()  # with its attention-pooling head
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_transformers_clip_and_siglip_heads_named_num_heads(kind):
+    """CLIP / SigLIP attention modules call the count ``num_heads``; SigLIP's pooling head (one query) is skipped."""
+    model = _hf_vision(kind)
+
+    def reference():
+        eager = copy.deepcopy(model)
+        eager.set_attn_implementation("eager")
+        with torch.no_grad():
+            out = eager(pixel_values=X32, output_attentions=True)
+        return {"probs": list(out.attentions)}  # the encoder layers only: the pooling head is not among them
+
+    cap = check_family(model, lambda: model(pixel_values=X32), reference,
+                       state=lambda m: m.config._attn_implementation)
+    assert len(cap.kind("probs")) == 2 and cap.kind("probs")[0].shape == (2, 4, 16 + (kind == "clip"),
+                                                                          16 + (kind == "clip"))
+    if kind == "siglip":
+        assert isinstance(model.head.attention, nn.MultiheadAttention)  # exists, and was skipped
+
+
+@pytest.mark.parametrize("name,kw,why", [
+    ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
+                                          num_heads=(2, 2), num_classes=10), "windowed attention is not supported"),
+    ("xcit_nano_12_p16_224", dict(img_size=32, embed_dim=32, depth=1, num_heads=4, num_classes=10),
+     "cross-covariance attention is over channels, not tokens"),
+])
+def test_swin_and_xcit_are_refused_with_the_reason(name, kw, why):
+    from collapse_probe.loading.build import describe
+
+    model = timm.create_model(name, **kw).eval()
+    hooks = _hook_counts(model)
+    for attempt in (lambda: capture(model).__enter__(), lambda: describe(model)):
+        with pytest.raises(UnsupportedModelError, match=why) as e:
+            attempt()
+        assert e.value.exit_code == 5 and "\n" not in str(e.value)
+    assert _hook_counts(model) == hooks

@@ -13,7 +13,7 @@ import torch
 
 from collapse_probe.errors import BadArgumentError, MalformedFileError, RefusedContentError, UnsupportedLayoutError
 from collapse_probe.loading.build import build_model
-from collapse_probe.loading.infer import decide_heads, infer_architecture
+from collapse_probe.loading.infer import GUESS, decide_heads, head_evidence, infer_architecture
 from collapse_probe.loading.read import read_checkpoint
 from collapse_probe.loading.save import model_metadata, save_checkpoint
 
@@ -70,7 +70,10 @@ def test_architecture_inferred_from_shapes_with_heads_source(tmp_path, name):
 
 
 def test_heads_rule_order():
-    assert decide_heads(768, None, None) == (12, "standard width->heads table (width 768)")
+    assert decide_heads(768, None, None) == (12, f"standard width->heads table (width 768); {GUESS}")
+    assert decide_heads(384, None, None, 3.0)[0] == 12 and "DeepViT paper" in decide_heads(384, None, None, 3.0)[1]
+    assert decide_heads(384, None, None, 4.0)[0] == 6 and decide_heads(384, None, None)[0] == 6
+    assert all("guess" in decide_heads(d, None, None, r)[1] for d, r in ((384, 3.0), (384, 4.0), (192, 4.0)))
     assert decide_heads(1152, None, None)[0] == 16  # SigLIP so400m: head size 72, not 64
     assert decide_heads(768, None, 6) == (6, "--num-heads")
     assert decide_heads(768, (8, "q/k-norm shape"), None) == (8, "q/k-norm shape")
@@ -227,3 +230,82 @@ def test_broken_files_give_one_line_errors(tmp_path, case):
     with pytest.raises(MalformedFileError) as e:
         read_checkpoint(path)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def _save_bare(model, tmp_path, fmt="torch"):
+    return save_weights(model.state_dict(), tmp_path / "w.bin", "bare", fmt)
+
+
+@pytest.mark.parametrize("name,heads,family", [("vit_16b", 12, "DeepViT paper"),
+                                               ("vit_small_patch16_224", 6, "ViT-S")])
+def test_width_384_heads_follow_the_mlp_ratio(tmp_path, name, heads, family):
+    """Same width, different families: the paper's ViT-16B (MLP 3, 12 heads) and timm ViT-S (MLP 4, 6 heads).
+
+    Our vit_16b saved without metadata used to come back with 6 heads from the width table.
+    """
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=2, img_size=32, num_classes=10).eval()
+    rebuilt, info = _load(_save_bare(model, tmp_path))
+    assert info.num_heads == heads and family in info.heads_source and "guess" in info.heads_source
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(logits(rebuilt, x), logits(model, x))
+    wrong = timm.create_model(name, depth=2, img_size=32, num_classes=10, num_heads=18 - heads).eval()
+    wrong.load_state_dict(model.state_dict())
+    assert not torch.allclose(logits(wrong, x), logits(model, x), atol=1e-4)  # the other count would be wrong
+
+
+def test_reattention_theta_decides_heads_in_our_bare_state_dict(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deepvit_s", embed_dim=48, img_size=32, num_classes=10).eval()  # Θ in blocks 11-15
+    rebuilt, info = _load(_save_bare(model, tmp_path, "safetensors"))
+    assert info.num_heads == 12 and "re-attention matrix" in info.heads_source and "guess" not in info.heads_source
+    assert info.reattn_blocks == list(range(11, 16)) and info.architecture_source == "inferred from weight shapes"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(logits(rebuilt, x), logits(model, x))
+
+
+def test_head_evidence_in_every_layout():
+    """Planted per-head shapes: each names the count; a full-width q-norm says nothing; disagreement is an error."""
+    import timm
+
+    cait = make("timm-cait").state_dict()  # talking heads proj_l / proj_w [4, 4]
+    assert head_evidence(cait, 32)[0] == 4 and "talking-heads" in head_evidence(cait, 32)[1]
+    with torch.device("meta"):
+        relpos = timm.create_model("vit_relpos_small_patch16_224").state_dict()  # rel_pos MLP emits 6 biases
+    assert head_evidence(relpos, 384)[0] == 6
+    assert head_evidence({"blocks.0.attn.reatten_matrix.weight": torch.zeros(12, 12, 1, 1)}, 384)[0] == 12
+    assert head_evidence({"blocks.0.attn.relative_position_bias_table": torch.zeros(732, 8)}, 512)[0] == 8
+    assert head_evidence({"blocks.0.attn.q_norm.weight": torch.zeros(32)}, 384)[0] == 12  # head size 32
+    assert head_evidence({"blocks.0.attn.q_norm.weight": torch.zeros(384)}, 384) is None  # a norm over the width
+    with pytest.raises(UnsupportedLayoutError, match="disagree"):
+        head_evidence({"blocks.0.attn.q_norm.weight": torch.zeros(64), "blocks.3.attn.theta.weight":
+                       torch.zeros(12, 12, 1, 1)}, 384)
+
+
+def test_vit_pytorch_head_guess_is_visible_and_overridable(tmp_path):
+    """dim_head=32, heads=6 (dim 192): the default head size 64 says 3; the guess must show on every report."""
+    from vit_pytorch import ViT
+
+    from collapse_probe.probing.run import probe
+    from collapse_probe.reports.audit import verdict
+    from collapse_probe.reports.text import render
+
+    torch.manual_seed(0)
+    model = ViT(image_size=32, patch_size=8, num_classes=10, dim=192, depth=2, heads=6, mlp_dim=384,
+                dim_head=32).eval()
+    path = _save_bare(model, tmp_path)
+    _, info = _load(path)
+    assert info.num_heads == 3 and "guess" in info.heads_source
+    result = probe(path, images=torch.randn(2, 3, 32, 32), progress=False)
+    headline = render(result, "table").splitlines()[0]
+    assert headline.startswith("model") and "HEADS GUESSED" in headline and "3 heads" in headline
+    assert "is a guess" in verdict(result)["text"][0] and "--num-heads" in verdict(result)["text"][0]
+    right, info6 = _load(path, num_heads=6)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(logits(right, x), logits(model, x))
+    assert info6.heads_source == "--num-heads" and not any("guess" in t for t in verdict(
+        probe(path, num_heads=6, images=x, progress=False))["text"])

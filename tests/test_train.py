@@ -4,7 +4,6 @@ re-calibration, the paper baselines and the cosine regulariser. All on the CPU w
 from __future__ import annotations
 
 import copy
-
 import json
 import os
 import signal

@@ -9,18 +9,21 @@ carries the [B, H, N, N] map, and what must be switched while capturing (fused p
 
 family (Plan.family)   attention module -> where "probs" is taken -> what is switched while probing
   ours                 collapse_probe Attention -> ``probs`` HookPoint output -> nothing
-  timm                 timm Attention / AttentionRope, BEiT, EVA -> ``attn_drop`` input -> ``fused_attn = False``
+  timm                 timm Attention / AttentionRope, BEiT, EVA, RelPosAttention (vit_relpos_*) -> ``attn_drop``
+                       input -> ``fused_attn = False``
   timm-cait            timm cait TalkingHeadAttn -> ``proj_w`` input, i.e. after the softmax -> nothing (never fused)
   vit-pytorch          vit_pytorch ``Attention`` with ``attend`` (ViT, CaiT, ...) -> ``attend`` output -> nothing
   vit-pytorch-deepvit  vit_pytorch.deepvit Attention -> ``dropout`` input (after softmax) -> nothing
-  transformers         HF ``*Attention`` (ViT, DeiT, DINOv2, ...) -> its returned weights -> eager attention
+  transformers         HF ``*Attention`` (ViT, DeiT, DINOv2, CLIP, SigLIP, ...) -> its returned weights -> eager
+                       attention
   torch-mha            ``nn.MultiheadAttention`` (torchvision ViT) -> its returned weights -> need_weights=True,
                        average_attn_weights=False
 
 Talking heads (CaiT) and re-attention (DeepViT) mix heads after the softmax; "probs" is always the row-stochastic
 map before that mixing, and "mixed" the map after it (not row-stochastic) where the family exposes it.
-Not captured: class-attention layers (timm ``ClassAttn``, vit-pytorch CaiT ``cls_transformer``): one query token,
-a [B, H, 1, N] map, not a token-to-token map.
+Not captured: class-attention layers (timm ``ClassAttn``, vit-pytorch CaiT ``cls_transformer``) and SigLIP's
+attention-pooling head: one query token, a [B, H, 1, N] map, not a token-to-token map.
+Refused with one line (exit 5, ``REFUSED``): Swin window attention and XCiT cross-covariance attention.
 """
 from __future__ import annotations
 
@@ -146,9 +149,30 @@ class Plan:
 def _timm_classes() -> tuple[type, ...]:
     import timm.layers as tl
     from timm.models import beit, eva
+    from timm.models import vision_transformer_relpos as relpos
 
     return tuple(c for c in (getattr(tl, "Attention", None), getattr(tl, "AttentionRope", None),
-                             getattr(beit, "Attention", None), getattr(eva, "EvaAttention", None)) if c is not None)
+                             getattr(beit, "Attention", None), getattr(eva, "EvaAttention", None),
+                             getattr(relpos, "RelPosAttention", None)) if c is not None)
+
+
+# attention we recognise but refuse to measure, with the reason (class module prefix, class name) -> why
+REFUSED = {
+    ("timm.", "WindowAttention"): "windowed attention is not supported (Swin: maps are per window, not token-to-token "
+                                  "over the image)",
+    ("transformers.", "SwinSelfAttention"): "windowed attention is not supported (Swin: maps are per window, not "
+                                            "token-to-token over the image)",
+    ("timm.", "XCA"): "cross-covariance attention is over channels, not tokens (XCiT); its maps are not attention "
+                      "between tokens",
+}
+
+
+def _refuse(m: nn.Module, path: str) -> None:
+    """One-line exit-5 refusal for attention kinds whose maps are not the token-to-token maps collapse is about."""
+    cls = type(m)
+    for (module, name), why in REFUSED.items():
+        if cls.__name__ == name and cls.__module__.startswith(module):
+            raise UnsupportedModelError(f"{cls.__name__} at {path or 'the model'}: {why}")
 
 
 def _ours(m: nn.Module, _path: str) -> Plan | None:
@@ -205,25 +229,31 @@ def _hf(m: nn.Module, _path: str) -> Plan | None:
     cls = type(m)
     if not cls.__module__.startswith("transformers.") or not cls.__name__.endswith("Attention"):
         return None
-    if not hasattr(getattr(m, "config", None), "_attn_implementation") or not hasattr(m, "num_attention_heads"):
+    # ViT / DeiT / DINOv2 call it num_attention_heads, CLIP / SigLIP num_heads
+    heads = getattr(m, "num_attention_heads", None) or getattr(m, "num_heads", None)
+    if not hasattr(getattr(m, "config", None), "_attn_implementation") or not isinstance(heads, int):
         return None
-    return Plan("transformers", m.num_attention_heads, {"probs": Point(m, _output1)})  # HfEager added by caller
+    return Plan("transformers", heads, {"probs": Point(m, _output1)})  # HfEager added by caller
 
 
-def _mha(m: nn.Module, _path: str) -> Plan | None:
+def _mha(m: nn.Module, path: str) -> Plan | None:
     if not isinstance(m, nn.MultiheadAttention):
+        return None
+    if path.endswith("head.attention"):  # SigLIP's pooling head: one learned query, a [B, H, 1, N] map
         return None
     return Plan("torch-mha", m.num_heads, {"probs": Point(m, _output1)}, [MhaWeights(m)])
 
 
 ADAPTERS: tuple[Callable[[nn.Module, str], Plan | None], ...] = (_ours, _timm_cait, _timm, _vit_pytorch, _hf, _mha)
-LOOKED_FOR = ("collapse_probe Attention; timm Attention/AttentionRope/BEiT/EVA attention and CaiT TalkingHeadAttn; "
-              "vit-pytorch Attention (ViT, CaiT, DeepViT); transformers *Attention modules (ViT, DeiT, DINOv2, ...); "
+LOOKED_FOR = ("collapse_probe Attention; timm Attention/AttentionRope/BEiT/EVA/RelPos attention and CaiT "
+              "TalkingHeadAttn; vit-pytorch Attention (ViT, CaiT, DeepViT); transformers *Attention modules (ViT, "
+              "DeiT, DINOv2, CLIP, SigLIP, ...); "
               "torch.nn.MultiheadAttention (torchvision vit_b_16)")
 
 
 def match(m: nn.Module, path: str = "") -> Plan | None:
     """The first adapter's plan for module ``m`` at ``path`` (raw module path), or None."""
+    _refuse(m, path)
     for adapter in ADAPTERS:
         plan = adapter(m, path)
         if plan is not None:

@@ -23,6 +23,7 @@ from torch import nn
 from .. import models  # noqa: F401  (registers our presets with timm)
 from ..errors import BadArgumentError, RefusedContentError, UnsupportedLayoutError, first_line
 from ..hooks.capture import attention_plans
+from . import official
 from .infer import ArchSpec, infer_architecture
 from .info import LoadedModel, ModelInfo
 from .read import Checkpoint, num_classes, read_checkpoint, timm_folder_args
@@ -134,15 +135,21 @@ def build_model(
 ) -> tuple[nn.Module, ModelInfo]:
     """Instantiate the checkpoint's architecture and load its weights (strict, with a readable mismatch error).
 
-    Architecture, first that applies: ``model_name`` (any timm name); our config in the file; a timm folder's
-    config.json; a HuggingFace folder's config.json; a timm training checkpoint's ``arch``; else inferred from the
-    weight shapes (``loading.infer``; ``num_heads`` feeds the heads rule there). ``mean`` / ``std`` override the input
+    Architecture, first that applies: ``model_name`` (any timm name, or an official DeepViT name); our config in the
+    file; a timm folder's config.json; a HuggingFace folder's config.json; a timm training checkpoint's ``arch`` (or
+    ``args.model``); else inferred from the weight shapes (``loading.infer``; ``num_heads`` feeds the heads rule
+    there). Official DeepViT files (``loading.official``) are renamed to our keys first; an official name takes the
+    shapes from the weights and the scales the weights cannot show from the name. ``mean`` / ``std`` override the input
     normalisation. Every safety check already ran in ``read_checkpoint``. Returns the model in eval mode and a
     description (incl. ``heads_source``, ``data_source``).
     """
-    sd, heads_source, data, loaded, inferred_args = ckpt.state_dict, None, {}, False, None
+    sd = official.to_ours(ckpt.state_dict)  # an official DeepViT file loads into our modules under our names
+    heads_source, data, loaded, spec, notes = None, {}, False, None, []
     n_classes = num_classes(sd)
-    if model_name is not None:
+    arch_entry = _arch_entry(ckpt)
+    if model_name is not None and official.official_variant(model_name) is not None:
+        spec, source = official.infer_deepvit(sd, num_heads, model_name), f"--model {model_name} (official DeepViT)"
+    elif model_name is not None:
         arch, source = model_name, "--model"
         model = within_weights(lambda: create_model(model_name, num_classes=n_classes), sd, arch)
     elif ckpt.metadata.get("architecture"):
@@ -156,32 +163,50 @@ def build_model(
     elif ckpt.format == "hf-folder":
         model, arch = _build_transformers(ckpt)
         source, data, loaded = "HuggingFace config.json", _hf_data_config(ckpt), True
-    elif ckpt.arch:
-        arch, source = ckpt.arch, "timm checkpoint 'arch' entry"
+    elif arch_entry is not None and official.official_variant(arch_entry[0]) is not None:
+        spec, source = official.infer_deepvit(sd, num_heads, arch_entry[0]), f"{arch_entry[1]} (official DeepViT)"
+    elif arch_entry is not None:
+        arch, source = arch_entry[0], arch_entry[1]
         model = within_weights(lambda: create_model(arch, num_classes=n_classes), sd, arch)
     else:
-        spec = infer_architecture(sd, num_heads)
-        arch, source, heads_source = spec.architecture, "inferred from weight shapes", spec.heads_source
+        if ckpt.arch:
+            notes.append(f"the file's arch entry {ckpt.arch[:60]!r} names no model we know: inferred from shapes")
+        spec, source = infer_architecture(sd, num_heads), "inferred from weight shapes"
+    if spec is not None:
+        arch, heads_source, notes = spec.architecture, spec.heads_source, notes + spec.notes
         model = within_weights(lambda: instantiate(spec), sd, arch)
-        inferred_args = {"built_from": spec.name, **spec.kwargs}
-        data = {"input_size": spec.input_size} if spec.family != "timm" else {}
+        if source == "inferred from weight shapes":
+            data = {"input_size": spec.input_size} if spec.family != "timm" else {}
     if not loaded:
         _compare(model, sd, arch)
         model.load_state_dict(sd, strict=False)
     model.eval()
     info = dataclasses.replace(describe(model), architecture=arch, architecture_source=source,
-                               checkpoint=str(ckpt.path), format=ckpt.format, key=ckpt.key)
+                               checkpoint=str(ckpt.path), format=ckpt.format, key=ckpt.key, notes=notes,
+                               layout=official.LAYOUT if official.is_official(ckpt.state_dict) else None)
     if num_heads is not None and info.num_heads not in (None, num_heads):
         raise BadArgumentError(f"--num-heads {num_heads} contradicts the model built from {source} "
                                f"({info.num_heads} heads)")
     info.heads_source = heads_source or f"model definition ({source})"
     info.input_size, info.mean, info.std, info.data_source = _set_data_config(model, data, mean, std)
-    if inferred_args is not None:
-        info.model_args = inferred_args
-        if info.data_source != "--mean/--std":
-            info.data_source += (f" of {inferred_args['built_from']} (a guess for an inferred model; set "
-                                 "--mean/--std if trained otherwise)")
+    if spec is not None:
+        info.model_args = {"built_from": spec.name, **spec.kwargs}
+        if info.data_source != "--mean/--std" and source == "inferred from weight shapes":
+            info.data_source += (f" of {spec.name} (a guess for an inferred model; set --mean/--std if trained "
+                                 "otherwise)")
     return model, info
+
+
+def _arch_entry(ckpt: Checkpoint) -> tuple[str, str] | None:
+    """(name, where it was found) from a timm training file: ``arch`` if it is a model name, else ``args.model``.
+
+    timm's train.py writes ``arch`` as the model's class name lowered (``visiontransformer``) in some versions and
+    the registered name in others; ``args.model`` is always the name passed on its command line.
+    """
+    for name, where in ((ckpt.arch, "timm checkpoint 'arch' entry"), (ckpt.args_model, "timm checkpoint args.model")):
+        if isinstance(name, str) and (official.official_variant(name) is not None or timm.is_model(name)):
+            return name, where
+    return None
 
 
 def _build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:

@@ -9,11 +9,14 @@ vit-pytorch ViT, DeepViT and CaiT. Depth, width, patch size, channels, MLP ratio
 tokens, layer scale and class count are read from shapes.
 
 Heads rule: the number of heads is not visible in fused qkv weights, so it is decided, in order, by
-  1. a per-head shape in the file: q/k-norm weights ([head_dim]), relative-position bias tables ([R, heads]),
-     re-attention or talking-heads matrices ([heads, heads]);
+  1. a per-head shape anywhere in the file (``head_evidence``): per-head q/k-norm weights ([head_dim]),
+     relative-position bias tables ([R, heads]) or MLPs ([heads, hidden]), re-attention Θ ([heads, heads, 1, 1],
+     ours and official) or talking-heads matrices ([heads, heads]); two that disagree are an error;
   2. ``--num-heads`` (an error if it contradicts 1);
-  3. the standard width -> heads table of ViT papers / timm (192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, ...);
-     any other width is an error asking for --num-heads (vit-pytorch files: its default head size 64 comes first).
+  3. a known family by width and MLP ratio (384 wide, ratio 3: the DeepViT paper's ViT-16B/24B/32B, 12 heads;
+     384, ratio 4: timm/DeiT ViT-S, 6 heads), else the standard width -> heads table of ViT papers / timm
+     (192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, ...). Both are guesses and ``heads_source`` says "guess";
+     any other width is an error asking for --num-heads (vit-pytorch files: its default head size 64, also a guess).
 ``ArchSpec.heads_source`` says which one decided, and it is printed in every report.
 """
 from __future__ import annotations
@@ -58,8 +61,18 @@ class ArchSpec:
         return f"{base if self.family == 'timm' else f'{self.family}:{self.name}'}({shape})"
 
 
-def decide_heads(dim: int, evidence: tuple[int, str] | None, num_heads: int | None) -> tuple[int, str]:
-    """(heads, source) by the heads rule above; ``evidence`` = (heads, what shape showed it) or None."""
+# (width, MLP ratio) -> (heads, family): published configurations where the width alone would mislead
+KNOWN_FAMILIES = {(384, 3.0): (12, "the DeepViT paper's ViT/DeepViT-16B/24B/32B"), (384, 4.0): (6, "timm/DeiT ViT-S")}
+GUESS = "a guess: the file has no per-head weights; pass --num-heads N if the model was trained otherwise"
+
+
+def decide_heads(dim: int, evidence: tuple[int, str] | None, num_heads: int | None,
+                 mlp_ratio: float | None = None) -> tuple[int, str]:
+    """(heads, source) by the heads rule above; ``evidence`` = (heads, what shape showed it) or None.
+
+    >>> decide_heads(384, None, None, 3.0)[0], decide_heads(384, None, None, 4.0)[0]
+    (12, 6)
+    """
     if evidence is not None:
         heads, what = evidence
         if num_heads is not None and num_heads != heads:
@@ -69,11 +82,43 @@ def decide_heads(dim: int, evidence: tuple[int, str] | None, num_heads: int | No
         if num_heads < 1 or dim % num_heads:
             raise BadArgumentError(f"--num-heads {num_heads} does not divide the attention width {dim}")
         return num_heads, "--num-heads"
+    if mlp_ratio is not None and (dim, round(mlp_ratio, 4)) in KNOWN_FAMILIES:
+        heads, family = KNOWN_FAMILIES[(dim, round(mlp_ratio, 4))]
+        return heads, f"known family: {family} (width {dim}, MLP ratio {mlp_ratio:g}); {GUESS}"
     if dim in STANDARD_HEADS:
-        return STANDARD_HEADS[dim], f"standard width->heads table (width {dim})"
+        return STANDARD_HEADS[dim], f"standard width->heads table (width {dim}); {GUESS}"
     # no guess beyond the table: a wrong head count still loads (fused qkv fits any) and silently skews every map
     raise UnsupportedLayoutError(f"cannot tell the number of heads of width {dim} (not a standard ViT width); pass "
                                  "--num-heads N, or --model NAME")
+
+
+_SQUARE_MIX = re.compile(r"(?:^|\.)attn\.(theta|reatten_matrix|proj_l|proj_w)\.weight$")
+
+
+def head_evidence(sd: SD, attn_dim: int) -> tuple[int, str] | None:
+    """(heads, what showed it) from every per-head shape in ``sd``, or None; shapes that disagree are an error.
+
+    Square head-mixing matrices: Θ (ours ``attn.theta``, official ``attn.reatten_matrix``: [H, H, 1, 1]) and timm
+    CaiT's talking heads (``attn.proj_l`` / ``proj_w``: [H, H]); relative-position tables [R, H]; q/k norms only when
+    per head ([head_dim] smaller than the attention width; a full-width norm says nothing).
+    """
+    found: dict[int, str] = {}
+    for k, v in sd.items():
+        shape = tuple(v.shape)
+        if _SQUARE_MIX.search(k) and v.ndim in (2, 4) and shape[0] == shape[1] and shape[2:] in ((), (1, 1)):
+            found.setdefault(shape[0], f"{'re-attention' if 'proj' not in k else 'talking-heads'} matrix shape "
+                                       f"{shape} ({k})")
+        elif k.endswith("relative_position_bias_table") and v.ndim == 2:
+            found.setdefault(shape[1], f"relative-position table shape {shape} ({k})")
+        elif k.endswith("rel_pos.mlp.fc2.weight") and v.ndim == 2:  # timm vit_relpos: an MLP emits one bias per head
+            found.setdefault(shape[0], f"relative-position MLP output shape {shape} ({k})")
+        elif re.search(r"attn\.[qk]_norm\.weight$", k) and v.ndim == 1 and 0 < shape[0] < attn_dim \
+                and attn_dim % shape[0] == 0:
+            found.setdefault(attn_dim // shape[0], f"q/k-norm shape (head size {shape[0]}, {k})")
+    if len(found) > 1:
+        raise UnsupportedLayoutError("per-head weights disagree on the number of heads: " + "; ".join(
+            f"{h} from {w}" for h, w in found.items()) + "; pass --model NAME")
+    return next(iter(found.items())) if found else None
 
 
 def _depth(sd: SD, pattern: str) -> int:
@@ -94,15 +139,10 @@ def _timm(sd: SD, num_heads: int | None) -> ArchSpec:
     b0 = "blocks.0."
     beit = any(k.endswith("relative_position_bias_table") for k in sd) or f"{b0}attn.q_bias" in sd
     attn_dim = int(sd[f"{b0}attn.qkv.weight"].shape[0]) // 3
-    evidence = None
-    if f"{b0}attn.q_norm.weight" in sd:
-        hd = int(sd[f"{b0}attn.q_norm.weight"].shape[0])
-        evidence = (attn_dim // hd, f"q/k-norm shape (head size {hd})")
+    evidence = head_evidence(sd, attn_dim)
     table = sd.get(f"{b0}attn.relative_position_bias_table", sd.get("rel_pos_bias.relative_position_bias_table"))
-    if table is not None:
-        evidence = (int(table.shape[1]), f"relative-position table shape {tuple(table.shape)}")
-    heads, source = decide_heads(attn_dim, evidence, num_heads)
     mlp_ratio = int(sd[f"{b0}mlp.fc1.weight"].shape[0]) / dim if f"{b0}mlp.fc1.weight" in sd else 4.0
+    heads, source = decide_heads(attn_dim, evidence, num_heads, mlp_ratio)
     num_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
     kw: dict[str, Any] = dict(patch_size=(ph, pw) if ph != pw else ph, in_chans=chans, embed_dim=dim, depth=depth,
                               num_heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes)
@@ -157,7 +197,7 @@ def _torchvision(sd: SD, num_heads: int | None) -> ArchSpec:
     grid = _square(int(sd["encoder.pos_embedding"].shape[1]) - 1)
     if grid is None or fc1 is None:
         raise UnsupportedLayoutError("torchvision ViT with an unreadable grid or MLP; pass --model NAME")
-    heads, source = decide_heads(dim, None, num_heads)
+    heads, source = decide_heads(dim, None, num_heads, int(fc1.shape[0]) / dim)
     rep = sd.get("heads.pre_logits.weight")
     kw = dict(image_size=grid * p, patch_size=p, num_layers=depth, num_heads=heads, hidden_dim=dim,
               mlp_dim=int(fc1.shape[0]), num_classes=int(sd["heads.head.weight"].shape[0]),
@@ -189,7 +229,8 @@ def _vit_pytorch(sd: SD, num_heads: int | None) -> ArchSpec:
         evidence = (int(reattn.shape[0]), f"re-attention matrix shape {tuple(reattn.shape)}") if reattn is not None \
             else None
     if evidence is None and num_heads is None and inner % 64 == 0:
-        heads, source = inner // 64, "vit-pytorch default head size 64 (dim_head); pass --num-heads if wrong"
+        # vit-pytorch's to_qkv holds heads x dim_head columns for any split: 64 is only its default dim_head
+        heads, source = inner // 64, f"vit-pytorch default head size 64 (dim_head); {GUESS}"
     else:
         heads, source = decide_heads(inner, evidence, num_heads)
     head = sd.get("mlp_head.weight", sd.get("mlp_head.1.weight"))
@@ -206,7 +247,12 @@ def _vit_pytorch(sd: SD, num_heads: int | None) -> ArchSpec:
 
 def infer_architecture(sd: SD, num_heads: int | None = None) -> ArchSpec:
     """The architecture a state dict (wrapper prefixes already stripped) was saved from, by its shapes."""
+    from . import official  # imported here: official builds on ArchSpec and decide_heads from this module
+
+    sd = official.to_ours(sd)
     try:
+        if official.is_ours(sd):
+            return official.infer_deepvit(sd, num_heads)
         if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
             return _timm(sd, num_heads)
         if "conv_proj.weight" in sd and "encoder.pos_embedding" in sd:

@@ -43,6 +43,8 @@ class ModelInfo:
     std: list[float] | None = None
     data_source: str | None = None  # where mean / std / size came from
     model_args: dict[str, Any] | None = None  # arguments an inferred model was built with
+    layout: str | None = None  # a foreign key layout that was renamed to ours (official DeepViT)
+    notes: list[str] = field(default_factory=list)  # what the loader decided that the weights could not show
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

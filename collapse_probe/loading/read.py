@@ -37,7 +37,7 @@ from ..errors import (
     first_line,
     one_line,
 )
-from .safety import check_finite, check_model_args, check_safetensors, check_torch_file
+from .safety import check_finite, check_model_args, check_safetensors, check_torch_file, plain_data_classes
 
 META_KEY = "collapse_probe"  # safetensors metadata key / torch dict key holding our model config
 
@@ -58,6 +58,7 @@ class Checkpoint:
     # folders have format "hf-folder" or "timm-folder" and keep their config.json here
     config: dict[str, Any] = field(default_factory=dict)
     arch: str | None = None  # timm training checkpoints name their architecture in an "arch" entry
+    args_model: str | None = None  # ... and in args.model (an argparse.Namespace of train.py's options)
     preprocessor: dict[str, Any] = field(default_factory=dict)  # HF preprocessor_config.json (mean, std, size)
 
 
@@ -113,8 +114,9 @@ def _unsafe_globals(path: Path) -> str:
 def _read_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
     check_torch_file(path, fmt, trust_pickle)  # zip bombs, TorchScript, tar, pickle size and globals, torch version
     try:
-        with warnings.catch_warnings():  # torch warns on odd pickles; our error line says what matters
-            warnings.simplefilter("ignore")
+        # scoped, not add_safe_globals: the allowlist grows only for our own loads, never for the caller's process
+        with warnings.catch_warnings(), torch.serialization.safe_globals(plain_data_classes()):
+            warnings.simplefilter("ignore")  # torch warns on odd pickles; our error line says what matters
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
@@ -233,7 +235,9 @@ def _read(path: Path, trust_pickle: bool, key: str | None) -> Checkpoint:
     sd, used = extract_state_dict(obj, key)
     meta = obj.get(META_KEY, {}) if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict) else {}
     arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
-    return Checkpoint(path, fmt, sd, meta, used, arch=arch)
+    args_model = getattr(obj.get("args"), "model", None) if isinstance(obj, dict) else None
+    return Checkpoint(path, fmt, sd, meta, used, arch=arch,
+                      args_model=args_model if isinstance(args_model, str) else None)
 
 
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")

@@ -127,17 +127,32 @@ def _py3_name(module: str, name: str, proto: int) -> str:
     return f"{module}.{name}"
 
 
+# Plain-data classes we add to torch's allowlist, by exact name, for the files researchers actually have: timm's
+# train.py stores its options as ``args`` (an argparse.Namespace). Unpickling one only creates the object and sets
+# attributes (no __setstate__, __reduce__ or __init__ of its own runs); its values pass the same scan as the rest.
+PLAIN_DATA_GLOBALS = frozenset({"argparse.Namespace"})
+
+
+def plain_data_classes() -> list[type]:
+    """The classes of ``PLAIN_DATA_GLOBALS``, for ``torch.serialization.safe_globals`` around ``torch.load``."""
+    import argparse
+
+    return [argparse.Namespace]
+
+
 def allowed_globals() -> set[str]:
-    """Globals torch's ``weights_only`` unpickler accepts (its default allowlist plus ``add_safe_globals``)."""
+    """Globals our scan accepts: torch's ``weights_only`` allowlist (default plus ``add_safe_globals``) and
+    ``PLAIN_DATA_GLOBALS``."""
     try:
         from torch import _weights_only_unpickler as wou
 
-        return set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+        return set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals()) | PLAIN_DATA_GLOBALS
     except Exception:  # private API moved: fall back to the globals torch.save emits for plain state dicts
         names = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
                  "torch.Size", "torch.device", "torch._tensor._rebuild_from_type_v2"}
-        return names | {f"torch.{t}Storage" for t in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short",
-                                                      "Char", "Byte", "Bool")}
+        return names | PLAIN_DATA_GLOBALS | {f"torch.{t}Storage" for t in ("Float", "Double", "Half", "BFloat16",
+                                                                           "Long", "Int", "Short", "Char", "Byte",
+                                                                           "Bool")}
 
 
 def _refuse_globals(path: Path, names: list[str], trust_pickle: bool) -> None:

@@ -69,6 +69,9 @@ def verdict(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: 
     heads = [b for b, v in zip(st.blocks, st.cross_head) if not math.isnan(v) and v > threshold]
     reattn = set(result.model.reattn_blocks or [])
     text: list[str] = []
+    if "guess" in (result.model.heads_source or ""):
+        text.append(f"The head count ({result.model.num_heads}) is a guess ({result.model.heads_source}); every "
+                    "per-head number below assumes it, so confirm it or pass --num-heads N.")
     maps = "maps after Re-attention (Θ, Norm, scale)" if kind == "mixed" else "softmax attention maps"
     crit = f"attention similarity with the previous {k} block(s) > {threshold} ({reduction}, {maps})"
     if not collapsed:

@@ -62,6 +62,8 @@ def aligned(head: list[str], rows: list[list[str]]) -> str:
 
 def _heads_source(model: ModelInfo) -> str:
     src = model.heads_source
+    if src and "guess" in src:  # a wrong head count skews every per-head number: say so on the headline itself
+        return f" (HEADS GUESSED: {src})"
     return f" (from {src})" if src else ""
 
 
