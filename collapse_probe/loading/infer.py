@@ -23,102 +23,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from ..errors import BadArgumentError, UnsupportedLayoutError
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# width -> heads of published ViT/DeiT/BEiT/EVA/SigLIP/DINOv2 sizes (tiny, small, base, large, so400m, huge, giant, ...)
-STANDARD_HEADS = {192: 3, 256: 4, 320: 5, 384: 6, 512: 8, 640: 10, 768: 12, 1024: 16, 1152: 16, 1280: 16, 1408: 16,
-                  1536: 24, 1664: 16}
-
-SD = dict[str, torch.Tensor]
-
-
-@dataclass
-class ArchSpec:
-    """What to build: ``family`` is "timm", "torchvision" or "vit-pytorch"; ``name`` a timm name or class name."""
-
-    family: str
-    name: str
-    kwargs: dict[str, Any]
-    heads: int
-    heads_source: str
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def architecture(self) -> str:
-        """A readable name: the class built plus the shape arguments read from the weights."""
-        keys = ("embed_dim", "dim", "hidden_dim", "depth", "num_layers", "num_heads", "heads", "patch_size", "img_size",
-                "image_size")
-        shape = ", ".join(f"{k}={self.kwargs[k]}" for k in keys if k in self.kwargs)
-        base = {"vit_base_patch16_224": "timm:VisionTransformer", "deit_base_distilled_patch16_224":
-                "timm:VisionTransformerDistilled", "beit_base_patch16_224": "timm:Beit"}.get(self.name, self.name)
-        return f"{base if self.family == 'timm' else f'{self.family}:{self.name}'}({shape})"
-
-
-# (width, MLP ratio) -> (heads, family): published configurations where the width alone would mislead
-KNOWN_FAMILIES = {(384, 3.0): (12, "the DeepViT paper's ViT/DeepViT-16B/24B/32B"), (384, 4.0): (6, "timm/DeiT ViT-S")}
-GUESS = "a guess: the file has no per-head weights; pass --num-heads N if the model was trained otherwise"
-
-
-def decide_heads(dim: int, evidence: tuple[int, str] | None, num_heads: int | None,
-                 mlp_ratio: float | None = None) -> tuple[int, str]:
-    """(heads, source) by the heads rule above; ``evidence`` = (heads, what shape showed it) or None.
-
-    >>> decide_heads(384, None, None, 3.0)[0], decide_heads(384, None, None, 4.0)[0]
-    (12, 6)
-    """
-    if evidence is not None:
-        heads, what = evidence
-        if num_heads is not None and num_heads != heads:
-            raise BadArgumentError(f"--num-heads {num_heads} contradicts the checkpoint: {what} says {heads} heads")
-        return heads, what
-    if num_heads is not None:
-        if num_heads < 1 or dim % num_heads:
-            raise BadArgumentError(f"--num-heads {num_heads} does not divide the attention width {dim}")
-        return num_heads, "--num-heads"
-    if mlp_ratio is not None and (dim, round(mlp_ratio, 4)) in KNOWN_FAMILIES:
-        heads, family = KNOWN_FAMILIES[(dim, round(mlp_ratio, 4))]
-        return heads, f"known family: {family} (width {dim}, MLP ratio {mlp_ratio:g}); {GUESS}"
-    if dim in STANDARD_HEADS:
-        return STANDARD_HEADS[dim], f"standard width->heads table (width {dim}); {GUESS}"
-    # no guess beyond the table: a wrong head count still loads (fused qkv fits any) and silently skews every map
-    raise UnsupportedLayoutError(f"cannot tell the number of heads of width {dim} (not a standard ViT width); pass "
-                                 "--num-heads N, or --model NAME")
-
-
-_SQUARE_MIX = re.compile(r"(?:^|\.)attn\.(theta|reatten_matrix|proj_l|proj_w)\.weight$")
-
-
-def head_evidence(sd: SD, attn_dim: int) -> tuple[int, str] | None:
-    """(heads, what showed it) from every per-head shape in ``sd``, or None; shapes that disagree are an error.
-
-    Square head-mixing matrices: Θ (ours ``attn.theta``, official ``attn.reatten_matrix``: [H, H, 1, 1]) and timm
-    CaiT's talking heads (``attn.proj_l`` / ``proj_w``: [H, H]); relative-position tables [R, H]; q/k norms only when
-    per head ([head_dim] smaller than the attention width; a full-width norm says nothing).
-    """
-    found: dict[int, str] = {}
-    for k, v in sd.items():
-        shape = tuple(v.shape)
-        if _SQUARE_MIX.search(k) and v.ndim in (2, 4) and shape[0] == shape[1] and shape[2:] in ((), (1, 1)):
-            found.setdefault(shape[0], f"{'re-attention' if 'proj' not in k else 'talking-heads'} matrix shape "
-                                       f"{shape} ({k})")
-        elif k.endswith("relative_position_bias_table") and v.ndim == 2:
-            found.setdefault(shape[1], f"relative-position table shape {shape} ({k})")
-        elif k.endswith("rel_pos.mlp.fc2.weight") and v.ndim == 2:  # timm vit_relpos: an MLP emits one bias per head
-            found.setdefault(shape[0], f"relative-position MLP output shape {shape} ({k})")
-        elif re.search(r"attn\.[qk]_norm\.weight$", k) and v.ndim == 1 and 0 < shape[0] < attn_dim \
-                and attn_dim % shape[0] == 0:
-            found.setdefault(attn_dim // shape[0], f"q/k-norm shape (head size {shape[0]}, {k})")
-    if len(found) > 1:
-        raise UnsupportedLayoutError("per-head weights disagree on the number of heads: " + "; ".join(
-            f"{h} from {w}" for h, w in found.items()) + "; pass --model NAME")
-    return next(iter(found.items())) if found else None
+from ..errors import UnsupportedLayoutError
+from . import official
+from .heads import GUESS, SD, ArchSpec, decide_heads, head_evidence  # noqa: F401  (re-exported: the heads rule)
 
 
 def _depth(sd: SD, pattern: str) -> int:
@@ -247,8 +156,6 @@ def _vit_pytorch(sd: SD, num_heads: int | None) -> ArchSpec:
 
 def infer_architecture(sd: SD, num_heads: int | None = None) -> ArchSpec:
     """The architecture a state dict (wrapper prefixes already stripped) was saved from, by its shapes."""
-    from . import official  # imported here: official builds on ArchSpec and decide_heads from this module
-
     sd = official.to_ours(sd)
     try:
         if official.is_ours(sd):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UnsupportedLayoutError
-from .infer import SD, ArchSpec, decide_heads
+from .heads import SD, ArchSpec, decide_heads
 
 LAYOUT = "official DeepViT (zhoudaquan/dvit_repo): keys renamed to collapse-probe's"
 

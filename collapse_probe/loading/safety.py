@@ -1,6 +1,6 @@
 """Inspect checkpoint files before any deserialiser touches them: nothing here executes or decompresses content.
 
-    from collapse_probe.safety import check_torch_file, check_safetensors
+    from collapse_probe.loading.safety import check_torch_file, check_safetensors
     check_safetensors(Path("model.safetensors"))            # header, dtypes, offsets; raises MalformedFileError
     check_torch_file(Path("model.pt"), "torch-zip", trust_pickle=False)   # zip layout, pickle globals, torch version
 
@@ -13,7 +13,8 @@ What is checked (see SECURITY.md for the guarantees this gives):
   (``code/``, ``constants.pkl``), a ``data.pkl`` of at most ``max_pickle_bytes``;
 * legacy torch pickles (``_use_new_zipfile_serialization=False``): the leading pickles are size-capped the same way;
 * legacy torch tar archives (torch < 0.4): always refused;
-* every pickle is disassembled with ``pickletools`` (never unpickled) and the globals it would import are named; any
+* every pickle is disassembled with ``pickletools`` (never unpickled; ``loading.pickles``) and the globals it would
+  import are named; any
   global outside torch's ``weights_only`` allowlist is refused unless the user passed ``--trust-pickle``;
 * pickle-based files are refused under torch < 2.6, whose ``weights_only=True`` loader has a known bypass
   (CVE-2025-32434), again unless the user trusts the file;
@@ -27,12 +28,10 @@ The pickle cap is ``MAX_PICKLE_BYTES`` (64 MiB), or ``COLLAPSE_PROBE_MAX_PICKLE_
 """
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import json
 import math
 import os
-import pickletools
 import re
 import struct
 import zipfile
@@ -41,21 +40,28 @@ from pathlib import Path
 import torch
 
 from ..errors import MalformedFileError, RefusedContentError, UnsupportedLayoutError, one_line
+from .pickles import PLAIN_DATA_GLOBALS, allowed_globals, pickle_globals, plain_data_classes  # noqa: F401  (API)
 
 MAX_PICKLE_BYTES = 64 << 20  # a state dict's data.pkl is keys + tensor stubs; tensors live in separate entries
+
+
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE, decimal bytes)
+
+
 MAX_DEPTH = 1024  # blocks a stored config may ask for (the paper's deepest model has 32)
+
+
 MIN_SAFE_TORCH = (2, 6)  # torch <= 2.5.1: torch.load(weights_only=True) can be bypassed (CVE-2025-32434)
+
+
 LEGACY_PICKLES = 5  # legacy torch files: magic number, protocol, sys info, object, storage keys; raw bytes follow
+
 
 # safetensors dtype -> bytes per element (the dtypes the safetensors format defines and torch can hold)
 SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
-_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
 
 
 def max_pickle_bytes() -> int:
@@ -67,92 +73,6 @@ def max_pickle_bytes() -> int:
         except ValueError:
             pass  # an unreadable setting must not weaken the default
     return MAX_PICKLE_BYTES
-
-
-# ----------------------------------------------------------------------------------------------------- pickles
-def pickle_globals(data: bytes | io.BufferedIOBase, count: int = 1) -> tuple[list[str], int]:
-    """The globals (``module.name``) that unpickling ``count`` consecutive pickles would import, and bytes consumed.
-
-    Disassembles with ``pickletools.genops``: nothing is imported or executed. ``STACK_GLOBAL`` is resolved from the
-    strings pushed (or fetched from the memo) just before it; when that is impossible the name is
-    ``<dynamic global>``, which no allowlist contains. Stops early at a clean end of data.
-    Raises ``ValueError`` on a malformed pickle.
-    """
-    f = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    found: list[str] = []
-    for _ in range(count):
-        start = f.tell()
-        if not f.read(1):
-            break
-        f.seek(start)
-        recent: list[object] = []  # what the last opcodes pushed (None: not a string), enough for STACK_GLOBAL
-        memo: dict[int, object] = {}
-        proto = 0
-        for op, arg, _pos in pickletools.genops(f):
-            name = op.name
-            if name == "PROTO":
-                proto = int(arg)
-            elif name in ("GLOBAL", "INST"):
-                found.append(_py3_name(*(str(arg).split(" ", 1) + [""])[:2], proto))
-                recent.append(None)
-            elif name == "STACK_GLOBAL":
-                mod, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
-                ok = isinstance(mod, str) and isinstance(attr, str)
-                found.append(_py3_name(mod, attr, proto) if ok else "<dynamic global>")
-                recent.append(None)
-            elif name in ("EXT1", "EXT2", "EXT4"):
-                found.append(f"<copyreg extension {arg}>")
-                recent.append(None)
-            elif name in _STRING_OPS:
-                recent.append(arg if isinstance(arg, str) else None)
-            elif name == "MEMOIZE":
-                memo[len(memo)] = recent[-1] if recent else None
-            elif name in _MEMO_PUT:
-                memo[int(arg)] = recent[-1] if recent else None
-            elif name in _MEMO_GET:
-                recent.append(memo.get(int(arg)))
-            elif name not in ("PROTO", "FRAME", "STOP"):
-                recent.append(None)
-            del recent[:-4]
-    return sorted(set(found)), f.tell()
-
-
-def _py3_name(module: str, name: str, proto: int) -> str:
-    """The global Python 3 will import: protocols < 3 map Python 2 names (``__builtin__.exec`` -> ``builtins``)."""
-    if proto < 3:
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-    return f"{module}.{name}"
-
-
-# Plain-data classes we add to torch's allowlist, by exact name, for the files researchers actually have: timm's
-# train.py stores its options as ``args`` (an argparse.Namespace). Unpickling one only creates the object and sets
-# attributes (no __setstate__, __reduce__ or __init__ of its own runs); its values pass the same scan as the rest.
-PLAIN_DATA_GLOBALS = frozenset({"argparse.Namespace"})
-
-
-def plain_data_classes() -> list[type]:
-    """The classes of ``PLAIN_DATA_GLOBALS``, for ``torch.serialization.safe_globals`` around ``torch.load``."""
-    import argparse
-
-    return [argparse.Namespace]
-
-
-def allowed_globals() -> set[str]:
-    """Globals our scan accepts: torch's ``weights_only`` allowlist (default plus ``add_safe_globals``) and
-    ``PLAIN_DATA_GLOBALS``."""
-    try:
-        from torch import _weights_only_unpickler as wou
-
-        return set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals()) | PLAIN_DATA_GLOBALS
-    except Exception:  # private API moved: fall back to the globals torch.save emits for plain state dicts
-        names = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
-                 "torch.Size", "torch.device", "torch._tensor._rebuild_from_type_v2"}
-        return names | PLAIN_DATA_GLOBALS | {f"torch.{t}Storage" for t in ("Float", "Double", "Half", "BFloat16",
-                                                                           "Long", "Int", "Short", "Char", "Byte",
-                                                                           "Bool")}
 
 
 def _refuse_globals(path: Path, names: list[str], trust_pickle: bool) -> None:

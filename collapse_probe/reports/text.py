@@ -74,8 +74,7 @@ def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str
     body = [[cell(r.get(c), _SPECS.get(c, "")) for c in cols] for r in rows]
     m, im = result.model, result.images
     head = [f"model    {m.architecture or '?'} ({m.architecture_source or '?'}): depth {m.depth}, "
-            f"{m.tokens or '?'} tokens, {m.params / 1e6:.2f}M params",
-            f"heads    {m.num_heads or '?'}{_heads_source(m)}",
+            f"{m.num_heads or '?'} heads{_heads_source(m)}, {m.tokens or '?'} tokens, {m.params / 1e6:.2f}M params",
             f"images   {im.count} from {im.source}, input {im.input_size}",
             f"columns  sim_prev / ratio_prev: mean column cosine with the previous {k} block(s) / fraction above "
             f"{threshold}",

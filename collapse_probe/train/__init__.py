@@ -3,9 +3,10 @@
     python -m collapse_probe train --preset digits --model deepvit_micro --depth 8 --output runs/deepvit8
     torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --model deepvit_16b --data-dir /data/imagenet
 
-Modules: config (dataclass + presets), data (datasets, loaders), engine (loop, evaluation, checkpoints),
-state (atomic training state, RNG), baselines (attention reuse / temperature / dropping, cosine regulariser),
-distributed (torchrun environment).
+Modules: config (dataclass + presets), data (datasets, loaders), engine (the loop), evaluation (BatchNorm
+re-calibration, evaluation, collapse tracking), runs (run folders, resume, progress), artifacts (logs, checkpoints),
+provenance (what a checkpoint was trained on), state (atomic training state, RNG), baselines (attention reuse /
+temperature / dropping, cosine regulariser).
 """
 from typing import Any
 

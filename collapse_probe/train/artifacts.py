@@ -111,7 +111,7 @@ def export(out: Path, cfg: TrainConfig, model, ema, metrics, epochs: int, track_
           "epochs": epochs, "dataset": cfg.dataset, "weights": which, "val_images": metrics[which]["images"]}
     extra: dict[str, Any] = {"eval": ev, "train_config": cfg.to_dict()}
     if track_batch is not None:
-        from .engine import track_collapse
+        from .evaluation import track_collapse
 
         tracked = track_collapse(chosen, track_batch.to(next(chosen.parameters()).device), cfg.track_threshold)
         extra["collapse"] = {"kind": tracked["kind"], "similar_blocks": tracked["similar_blocks"],
