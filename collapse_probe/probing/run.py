@@ -183,8 +183,9 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
     model.eval()
     max_batch = None
     total = len(batches) if hasattr(batches, "__len__") else None
+    bar = tqdm(batches, total=total, desc="probing", unit="batch", disable=not progress, leave=False)
     try:
-        it = iter(tqdm(batches, total=total, desc="probing", unit="batch", disable=not progress, leave=False))
+        it = iter(bar)
         first = next(it, None)
         if first is not None and max_memory is not None:  # sized with its own 1-image forward, before the hooks
             max_batch = fit_batch(model, _images(first).to(device), kinds, max_memory, storage_dtype)
@@ -197,7 +198,8 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
                     model(chunk)
                     collector.end_batch()
                 batch = next(it, None)
-    finally:
+    finally:  # the bar is cleared before anything else reaches stderr (an interrupt's one line stays last)
+        bar.close()
         model.train(was_training)
     if all_reduce:
         distributed.all_reduce_sums(collector.accumulators(), device)

@@ -371,8 +371,10 @@ def make_figures(
     check_replaceable(output)  # before minutes of probing, not after
     paths = resolve_checkpoints(checkpoints)
     report = FigureReport(output)
-    for path, label in tqdm(list(zip(paths, _labels(paths))), desc="checkpoints", unit="ckpt", disable=not progress):
-        report.runs.append(measure_checkpoint(path, label, threshold=threshold, progress=progress, **probe_options))
+    with tqdm(list(zip(paths, _labels(paths))), desc="checkpoints", unit="ckpt", disable=not progress) as bar:
+        for path, label in bar:  # closed on any exit, so an interrupt's one line stays the last on stderr
+            report.runs.append(measure_checkpoint(path, label, threshold=threshold, progress=progress,
+                                                  **probe_options))
     jobs, report.notes = plan_figures(report.runs, threshold, per_model)
 
     def fill(staging: Path) -> None:
@@ -380,9 +382,10 @@ def make_figures(
             for r in report.runs:
                 (staging / "results").mkdir(exist_ok=True)
                 (staging / "results" / f"{r.label}.json").write_text(r.result.to_json() + "\n")
-        for name, job in tqdm(jobs, desc="figures", unit="fig", disable=not progress):
-            with mpl.rc_context(STYLE):  # titles and legends added after the plot functions share their style
-                job(staging, tuple(formats))
+        with tqdm(jobs, desc="figures", unit="fig", disable=not progress) as bar:
+            for name, job in bar:
+                with mpl.rc_context(STYLE):  # titles and legends added after the plot functions share their style
+                    job(staging, tuple(formats))
 
     written = write_folder(output, fill=fill)
     report.written = sorted(p for p in written.rglob("*") if p.is_file() and p.name != MANIFEST)
