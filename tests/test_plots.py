@@ -396,8 +396,6 @@ def test_report_figures_plot_their_inputs():
     from collapse_probe.plots.report import (
         figure_png,
         plot_block_curves,
-        plot_cross_head_bars,
-        plot_heatmap,
         plot_rank,
         plot_relative_depth,
     )
@@ -408,8 +406,8 @@ def test_report_figures_plot_their_inputs():
     np.testing.assert_allclose(ax.lines[0].get_ydata()[1:], [0.5, 0.95, 0.97])  # similarity with the previous block
     np.testing.assert_allclose(ax.lines[1].get_ydata(), st.cross_head)
     np.testing.assert_allclose(ax.lines[0].get_xdata(), [0, 1, 2, 3])  # blocks numbered as the modules, from 0
-    np.testing.assert_allclose(plot_heatmap(res).images[0].get_array(), st.similarity)
-    np.testing.assert_allclose([p.get_height() for p in plot_cross_head_bars(res).patches], st.cross_head)
+    np.testing.assert_allclose(plot_similarity_heatmap(res).images[0].get_array(), st.similarity)  # the one heatmap
+    np.testing.assert_allclose(plot_cross_head({"a": res}, reference=None).lines[0].get_ydata(), st.cross_head)
     ax = plot_rank(res)
     np.testing.assert_allclose(ax.lines[0].get_ydata(), st.effective_rank)
     np.testing.assert_allclose(ax.lines[1].get_ydata(), st.energy_rank)

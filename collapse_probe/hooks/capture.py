@@ -112,11 +112,6 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, Plan]]:
         yield from visit(model, "")
 
 
-def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(cleaned path, module) of every supported attention module, in registration (= execution) order."""
-    return [(_clean(p), m) for p, m, _ in _walk(model)]
-
-
 def attention_plans(model: nn.Module) -> list[tuple[str, nn.Module, Plan]]:
     """(raw path, module, plan) per attention module; ``plan.family`` and ``plan.num_heads`` describe it."""
     return list(_walk(model))

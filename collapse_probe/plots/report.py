@@ -21,37 +21,6 @@ from .style import DPI, STYLE, axes_or_new, styled, threshold_line, unit_ylim
 
 
 @styled
-def plot_heatmap(result: ProbeResult, kind: str = "auto", reduction: str = "mean", ax: Axes | None = None) -> Axes:
-    """[L, L] cross-layer attention similarity (mean column cosine, or fraction above the threshold)."""
-    ax = axes_or_new(ax, (5.0, 4.2))
-    st = result.attention[pick_kind(result, kind)]
-    m = st.matrix(reduction)
-    low = min(0.0, float(np.nanmin(m))) if np.isfinite(m).any() else 0.0
-    im = ax.imshow(m, vmin=low, vmax=1, origin="upper", interpolation="nearest")
-    step = max(1, len(st.blocks) // 12)
-    ticks = list(range(len(st.blocks)))[::step]
-    ax.set_xticks(ticks, [str(st.blocks[i]) for i in ticks])
-    ax.set_yticks(ticks, [str(st.blocks[i]) for i in ticks])
-    ax.grid(False)
-    ax.set(xlabel="block", ylabel="block")
-    ax.set_title(f"Cross-layer similarity ({st.kind}, {reduction})")
-    ax.figure.colorbar(im, ax=ax, shrink=0.85, label="similarity")
-    return ax
-
-
-@styled
-def plot_cross_head_bars(result: ProbeResult, kind: str = "auto", ax: Axes | None = None) -> Axes:
-    """Mean similarity between different heads of each block (1 = all heads attend alike)."""
-    ax = axes_or_new(ax, (6.0, 3.4))
-    st = result.attention[pick_kind(result, kind)]
-    ax.bar(st.blocks, st.cross_head, color="tab:orange")
-    ax.set_ylim(min(0.0, float(np.nanmin(st.cross_head))) if np.isfinite(st.cross_head).any() else 0.0, 1.0)
-    ax.set(xlabel="block", ylabel="mean cross-head cosine")
-    ax.set_title(f"Cross-head similarity ({st.kind})")
-    return ax
-
-
-@styled
 def plot_block_curves(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: str = "mean",
                       ax: Axes | None = None) -> Axes:
     """Per block: similarity with the previous k blocks and cross-head similarity (each map kind), and the token

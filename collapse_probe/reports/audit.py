@@ -111,11 +111,13 @@ def verdict(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: 
 
 
 def _figures(result: ProbeResult, threshold: float, k: int, reduction: str) -> dict[str, bytes]:
-    from ..plots.report import figure_png, plot_block_curves, plot_cross_head_bars, plot_heatmap, plot_rank
+    from ..plots.report import figure_png, plot_block_curves, plot_rank
+    from ..plots.similarity import plot_cross_head, plot_similarity_heatmap
 
-    axes = {"similarity_heatmap": plot_heatmap(result, "auto", reduction),
+    axes = {"similarity_heatmap": plot_similarity_heatmap(result, "auto", reduction),
             "block_curves": plot_block_curves(result, threshold, k, reduction),
-            "rank": plot_rank(result, "auto"), "cross_head": plot_cross_head_bars(result, "auto")}
+            "rank": plot_rank(result, "auto"),
+            "cross_head": plot_cross_head({result.model.architecture or "model": result}, reference=None)}
     return {name: figure_png(ax.figure) for name, ax in axes.items()}
 
 
