@@ -185,3 +185,25 @@ def test_tiny_hostile_configs_stay_within_the_memory_of_a_normal_run(tmp_path: P
         code, peak = _peak_rss_kib([*case, *FAST])
         assert code in (3, 5) and peak <= 1.5 * normal, (case, code, peak, normal)
     assert resource.RLIMIT_AS  # the bound above is measured, not imposed: no limit hides an allocation
+
+
+def test_the_scan_also_reads_the_pickle_with_the_standard_unpickler(tmp_path: Path) -> None:
+    """A global whose name strings reach STACK_GLOBAL around a MARK that POP removes: a disassembler cannot resolve
+    it, the standard unpickler (run with imports switched off) names it exactly; nothing runs."""
+    from collapse_probe.loading import safety
+    from collapse_probe.loading.pickles import pickle_globals, unpickler_globals
+
+    marker = tmp_path / "ran"
+    arg = f"touch {marker}".encode()
+
+    def payload(between: bytes) -> bytes:  # PROTO 4, an empty FRAME, "os", "system", ..., STACK_GLOBAL, call
+        return (b"\x80\x04\x95" + bytes(8) + b"\x8c\x02os\x8c\x06system" + between + b"\x93"
+                + b"\x8c" + bytes([len(arg)]) + arg + b"\x85R.")
+
+    plain, tricky = payload(b""), payload(b"(0")  # "(0": MARK, then POP, which removes it again
+    assert pickle_globals(plain)[0] == ["os.system"] == unpickler_globals(plain)
+    static, _ = pickle_globals(tricky)
+    assert static == ["<dynamic global>"]  # the disassembler cannot tell which global this is
+    assert unpickler_globals(tricky) == ["os.system"]  # the unpickler's own reading does
+    assert "os.system" in safety._scan(tmp_path / "x.pt", tricky, 1)[0]  # and the scan reports both
+    assert not marker.exists()  # nothing ran

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import pickle
 import pickletools
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
@@ -67,6 +68,67 @@ def pickle_globals(data: bytes | io.BufferedIOBase, count: int = 1) -> tuple[lis
                 recent.append(None)
             del recent[:-4]
     return sorted(set(found)), f.tell()
+
+
+SHADOW_MAX_BYTES = 8 << 20  # the shadow pass builds the pickle's containers: only for pickles of state-dict size
+
+
+class _Inert:
+    """What every global resolves to in the shadow pass: accepts any call, arguments or state and runs nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __call__(self, *args: object, **kwargs: object) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:  # SETITEM(S) on a stand-in dict
+        pass
+
+    def __getattr__(self, name: str) -> _Inert:  # append, extend, add ... on a stand-in container
+        return _Inert()
+
+
+class _Shadow(pickle.Unpickler):
+    """Python's own unpickler with imports switched off: ``find_class`` records the name and returns ``_Inert``.
+
+    Every opcode is parsed by the standard implementation itself (framing, memo, protocol), so a construction that
+    a disassembler reads differently cannot hide a global from the scan; nothing of the file's can run, because
+    every callable the pickle can reach comes from ``find_class`` (copyreg extensions too) or is a built-in container.
+    """
+
+    def __init__(self, f: io.BufferedIOBase, found: list[str], proto: int) -> None:
+        super().__init__(f)
+        self.found, self.proto_seen = found, proto
+
+    def find_class(self, module: str, name: str) -> type:
+        self.found.append(_py3_name(module, name, self.proto_seen))
+        return _Inert
+
+    def persistent_load(self, pid: object) -> _Inert:
+        return _Inert()
+
+
+def unpickler_globals(data: bytes, count: int = 1) -> list[str]:
+    """The globals the standard unpickler itself asks for while reading ``count`` consecutive pickles of ``data``
+    (``_Shadow``); stops at the first error, as the real unpickler would. Empty for data over ``SHADOW_MAX_BYTES``."""
+    if len(data) > SHADOW_MAX_BYTES:
+        return []
+    f, found = io.BytesIO(data), []
+    for _ in range(count):
+        start = f.tell()
+        head = data[start:start + 2]
+        if not head:
+            break
+        proto = head[1] if head[:1] == b"\x80" and len(head) == 2 else 0
+        try:
+            _Shadow(f, found, proto).load()
+        except Exception:  # malformed for the unpickler too: the real load fails at the same point
+            break
+    return sorted(set(found))
 
 
 def _py3_name(module: str, name: str, proto: int) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MalformedFileError, RefusedContentError, UnsupportedLayoutError, one_line
-from .pickles import PLAIN_DATA_GLOBALS, allowed_globals, pickle_globals, plain_data_classes  # noqa: F401  (API)
+from .pickles import PLAIN_DATA_GLOBALS, allowed_globals, pickle_globals, plain_data_classes, unpickler_globals  # noqa: F401  (API)
 
 MAX_PICKLE_BYTES = 64 << 20  # a state dict's data.pkl is keys + tensor stubs; tensors live in separate entries
 
@@ -137,7 +137,9 @@ def _too_big(path: Path, size: int, cap: int, more: bool = False) -> RefusedCont
 def _scan(path: Path, data: bytes, count: int, truncated_ok: bool = True) -> tuple[list[str], int]:
     f = io.BytesIO(data)
     try:
-        return pickle_globals(f, count)
+        names, used = pickle_globals(f, count)
+        # defence in depth: also what Python's own unpickler would import, read by its own parser
+        return sorted(set(names) | set(unpickler_globals(data, count))), used
     except Exception as e:  # genops: ValueError on bad opcodes / short reads; nothing was executed
         if not truncated_ok and f.tell() >= len(data):  # ran into the end of the capped read: too big
             raise _too_big(path, len(data) - 1, len(data) - 1, more=True) from e
