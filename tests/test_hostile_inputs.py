@@ -207,3 +207,32 @@ def test_the_scan_also_reads_the_pickle_with_the_standard_unpickler(tmp_path: Pa
     assert unpickler_globals(tricky) == ["os.system"]  # the unpickler's own reading does
     assert "os.system" in safety._scan(tmp_path / "x.pt", tricky, 1)[0]  # and the scan reports both
     assert not marker.exists()  # nothing ran
+
+
+def test_pil_bomb_warning_is_one_line_not_stderr_noise(tmp_path: Path, good: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (12, 12)).save(folder / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: over the warning limit, under the error one
+    line = _one_line(CliRunner().invoke(main, ["similarity", str(good), "--images", str(folder), *FAST]), 2)
+    assert "big.png" in line and "large" in line
+
+
+def test_timm_folder_or_metadata_asking_for_more_than_the_weights(tmp_path: Path, good: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "timm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_micro", "num_classes": 10,
+                                                    "model_args": {"depth": 1024}}))
+    save_file(load_file(good), str(folder / "model.safetensors"))
+    assert "depth 1024" in _one_line(CliRunner().invoke(main, ["similarity", str(folder), *FAST]), 5)
+    with safe_open(str(good), "pt") as f:
+        meta = json.loads(f.metadata()["collapse_probe"])
+    meta["model_args"]["img_size"] = 512
+    path = tmp_path / "img512.safetensors"
+    save_file(load_file(good), str(path), metadata={"collapse_probe": json.dumps(meta)})
+    _one_line(CliRunner().invoke(main, ["similarity", str(path), *FAST]), 5)
