@@ -95,6 +95,13 @@ def _special(path: Path) -> str | None:
     return None
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: put straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def file_target(path: str | Path) -> Path:
     """The regular file that writing ``path`` replaces (a symlink's target); raises BadArgumentError otherwise."""
     path = Path(path)
@@ -122,9 +129,7 @@ def write_file(path: str | Path, write: Callable[[str], object]) -> Path:
         try:  # keep an existing file's permissions; else what a plain open() would give
             mode = stat.S_IMODE(os.stat(target).st_mode)
         except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
+            mode = 0o666 & ~_umask()
         write(tmp)
         os.chmod(tmp, mode)  # after write: a writer may replace tmp with its own private file (safetensors does)
         with open(tmp, "rb+") as f:
@@ -279,9 +284,7 @@ def write_folder(output: str | Path, files: Mapping[str, bytes] | None = None,
         raise _fail(given, e) from e
     try:
         (staging / _STAGING_MARK).write_text(str(os.getpid()))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a report folder is an ordinary folder
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a report folder is an ordinary folder
         for name, data in (files or {}).items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(data)

@@ -27,7 +27,7 @@ from . import official
 from .infer import ArchSpec, infer_architecture
 from .info import LoadedModel, ModelInfo
 from .read import Checkpoint, num_classes, read_checkpoint, timm_folder_args
-from .safety import FACTORY_OPTIONS
+from .safety import steering_keys
 
 
 def _compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -251,7 +251,7 @@ def _refuse_steering_hf_config(path: Path, config: Any) -> None:
     libraries: refused with one line instead of following it."""
     cfg = config.to_dict()
     nested = [cfg, *(v for v in cfg.values() if isinstance(v, dict))]
-    steering = sorted({k for d in nested for k in FACTORY_OPTIONS & set(d) if d[k] not in (None, False, {}, "")})
+    steering = sorted({k for d in nested for k in steering_keys(d)})
     if steering:
         raise RefusedContentError(f"refused {path}: config.json sets {', '.join(steering)}, which would make the "
                                   "loader open other files or download")

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from torch import nn
 
 
-def _from_dict(cls: type, d: dict[str, Any] | None) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in (d or {}).items() if k in names})
+class _Record:
+    """JSON round trip of a record dataclass: unknown keys (other versions) ignored, missing ones take defaults."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
 
 
 @dataclass
-class ModelInfo:
+class ModelInfo(_Record):
     """The model a probe measured: where it came from, how its architecture and heads were decided, its input."""
 
     checkpoint: str | None = None  # the file or folder; None for a model passed in directly
@@ -46,16 +53,9 @@ class ModelInfo:
     layout: str | None = None  # a foreign key layout that was renamed to ours (official DeepViT)
     notes: list[str] = field(default_factory=list)  # what the loader decided that the weights could not show
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ModelInfo:
-        return _from_dict(cls, d)
-
 
 @dataclass
-class ImageInfo:
+class ImageInfo(_Record):
     """The images a probe ran on and how they were preprocessed."""
 
     source: str | None = None  # a folder, builtin:..., or "in-memory batches"
@@ -63,13 +63,6 @@ class ImageInfo:
     input_size: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ImageInfo:
-        return _from_dict(cls, d)
 
 
 @dataclass

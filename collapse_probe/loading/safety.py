@@ -314,6 +314,12 @@ FACTORY_OPTIONS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", 
                              "scriptable", "exportable", "no_jit", "features_only", "pretrained_strict"})
 
 
+def steering_keys(args: dict) -> list[str]:
+    """Factory options in ``args`` that are set (timm records them as None / False when unused): any of them would
+    make a loader open other files or download."""
+    return sorted(k for k in FACTORY_OPTIONS & set(args) if args[k] not in (None, False))
+
+
 def check_model_args(metadata: dict, state_dict: dict[str, torch.Tensor], path: Path | str) -> None:
     """Refuse a stored model config that steers timm's factory or asks for a model far larger than its weights.
 
@@ -326,7 +332,7 @@ def check_model_args(metadata: dict, state_dict: dict[str, torch.Tensor], path: 
     if not isinstance(arch, str) or not isinstance(args, dict):
         raise MalformedFileError(f"{path}: stored model config is malformed (architecture must be a name, model_args "
                                  "a mapping); pass --model NAME")
-    steering = sorted(k for k in FACTORY_OPTIONS & set(args) if args[k] not in (None, False))  # timm records Nones
+    steering = steering_keys(args)
     if steering:
         raise RefusedContentError(f"refused {path}: its stored model config sets {', '.join(steering)}, which would "
                                   "make timm load other files or download; pass --model NAME to ignore it")

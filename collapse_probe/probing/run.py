@@ -156,7 +156,8 @@ def probe(
     if not result.attention:
         bad = sum(f["images"] for f in result.findings)
         raise BadArgumentError(f"no finite attention map: every image gave NaN/Inf maps ({bad} image-blocks); check "
-                               "the images and --mean/--std")
+                               "the images and --mean/--std" if bad else "no image reached the model: the images "
+                               "given are empty")
     result.model, result.images = model_info, image_info
     result.settings = {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                        "rank_images": rank_images, "storage_dtype": storage_name, "max_memory": max_memory,

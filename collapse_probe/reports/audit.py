@@ -23,7 +23,7 @@ from ..errors import BadArgumentError
 from ..outputs import check_replaceable, write_folder
 from ..probing.result import ProbeResult, finite
 from ..probing.run import probe
-from .text import _SPECS, aligned, cell, csv_text, json_rows, per_block_rows
+from .text import _SPECS, aligned, cell, csv_text, per_block_rows
 
 FIGURES = ("similarity_heatmap", "block_curves", "rank", "cross_head")
 
@@ -218,11 +218,10 @@ def audit(
     result = probe(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
     vd = verdict(result, threshold, neighbors, reduction)
     figures = _figures(result, threshold, neighbors, reduction)
-    metrics = {**result.to_dict(), "verdict": vd, "heads_source": result.model.heads_source,
-               "per_block": json_rows(per_block_rows(result, threshold, neighbors, reduction)),
-               "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
-                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}}}
-    files = {"metrics.json": json.dumps(finite(metrics), indent=1, allow_nan=False).encode(),
+    metrics = finite({**result.to_dict(), "verdict": vd, "heads_source": result.model.heads_source,
+                      "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
+                                 **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}}})
+    files = {"metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode(),
              "report.md": render_markdown(result, vd, figures, threshold, neighbors, reduction).encode(),
              "report.html": render_html(result, vd, figures, threshold, neighbors, reduction).encode(),
              **{f"{name}.png": png for name, png in figures.items()}}
@@ -259,6 +258,13 @@ def compare_rows(results: dict[str, ProbeResult], threshold: float = 0.9, k: int
     return rows
 
 
+def _summary_cells(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """``SUMMARY_COLUMNS`` and one row of cells per checkpoint, for the markdown and HTML tables."""
+    head = list(SUMMARY_COLUMNS)
+    return head, [[_fmt(r[c]) if c != "similar_blocks" else ", ".join(map(str, r[c])) or "none" for c in head]
+                  for r in summary]
+
+
 def render_compare(results: dict[str, ProbeResult], fmt: str = "table", threshold: float = 0.9, k: int = 1,
                    reduction: str = "mean") -> str:
     """table: short plain-text lines; markdown: every summary column; json: summary and per-block rows; csv: the
@@ -272,12 +278,10 @@ def render_compare(results: dict[str, ProbeResult], fmt: str = "table", threshol
                   for row in per_block_rows(r, threshold, k, reduction)]
         if fmt == "csv":
             return csv_text(blocks)
-        return json.dumps({"settings": {"threshold": threshold, "neighbors": k, "reduction": reduction},
-                           "summary": json_rows(summary), "per_block": json_rows(blocks)}, indent=1, allow_nan=False)
+        return json.dumps(finite({"settings": {"threshold": threshold, "neighbors": k, "reduction": reduction},
+                                  "summary": summary, "per_block": blocks}), indent=1, allow_nan=False)
     if fmt == "markdown":
-        head = list(SUMMARY_COLUMNS)
-        body = [[_fmt(r[c]) if c != "similar_blocks" else ", ".join(map(str, r[c])) or "none" for c in head]
-                for r in summary]
+        head, body = _summary_cells(summary)
         return _md_table(head, body) + f"\n\n{note}\n"
     head = ["checkpoint", "kind", "depth", "similar_blocks", "similar_ratio", "onset", "cross_head_mean",
             "effective_rank_min"]
@@ -308,10 +312,7 @@ def compare(
     if output is not None:
         from ..plots.report import figure_png, plot_relative_depth
 
-        summary = compare_rows(results, threshold, neighbors, reduction)
-        head = list(SUMMARY_COLUMNS)
-        rows = [[_fmt(r[c]) if c != "similar_blocks" else ", ".join(map(str, r[c])) or "none" for c in head]
-                for r in summary]
+        head, rows = _summary_cells(compare_rows(results, threshold, neighbors, reduction))
         png = figure_png(plot_relative_depth(results, "auto", neighbors, reduction, threshold).figure)
         uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
         md = f"# Attention-collapse comparison\n\n{table}\n![curves]({uri})\n"
@@ -321,8 +322,7 @@ def compare(
         metrics = {"tool": {"name": "collapse-probe", "version": __version__},
                    "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                               **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}},
-                   "checkpoints": {n: {**r.to_dict(), "verdict": verdict(r, threshold, neighbors, reduction),
-                                       "per_block": json_rows(per_block_rows(r, threshold, neighbors, reduction))}
+                   "checkpoints": {n: {**r.to_dict(), "verdict": verdict(r, threshold, neighbors, reduction)}
                                    for n, r in results.items()}}
         write_folder(output, {"compare.md": md.encode(), "compare.html": page.encode(), "curves.png": png,
                               "metrics.json": json.dumps(finite(metrics), indent=1, allow_nan=False).encode()})

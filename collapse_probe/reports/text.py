@@ -104,11 +104,6 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with NaN as None (valid JSON)."""
-    return [{k: (None if _missing(v) else v) for k, v in r.items()} for r in rows]
-
-
 def render(result: ProbeResult, fmt: str = "table") -> str:
     """``fmt`` is "table", "csv" or "json" (``ProbeResult.to_json``: every matrix, the summary, the settings and
     ``per_block``, the rows of the table and the CSV).
