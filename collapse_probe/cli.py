@@ -162,13 +162,19 @@ def _probe_options(f):
         click.option("--num-images", type=click.IntRange(1, 1 << 24), metavar="N",
                      help="Images to use (default: all in DIR or the set; for photos, more adds seeded crops)."),
         click.option("--batch-size", type=click.IntRange(1, 1 << 16), default=16, show_default=True),
-        click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
-                     help="A block is similar (collapsed) when its similarity with the previous block(s) exceeds "
-                     "this."),
+        click.option("--block-threshold", "--threshold", "threshold", type=click.FloatRange(0, 1), default=0.9,
+                     show_default=True, help="Block criterion: a block is similar when its similarity with the "
+                     "previous block(s) (under --reduction) exceeds this."),
+        click.option("--entry-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+                     help="Per-entry cut of --reduction ratio: the fraction of column cosines above this is the "
+                     "block's similarity."),
         click.option("--neighbors", "-k", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Compare each block with the mean over this many previous blocks."),
         click.option("--reduction", type=click.Choice(["mean", "ratio"]), default="mean", show_default=True,
-                     help="mean: mean column cosine; ratio: fraction of column cosines above the threshold."),
+                     help="mean: mean column cosine; ratio: fraction of column cosines above --entry-threshold "
+                     "(two readings of the paper, whose own reduction is unpublished)."),
+        click.option("--baseline-seed", type=int, default=0, show_default=True, metavar="SEED",
+                     help="Seed of the untrained twin's initialisation."),
         click.option("--rank-images", type=click.IntRange(min=0), default=16, show_default=True, metavar="N",
                      callback=lambda _c, _p, v: v or None,
                      help="Images whose maps enter the (SVD-based) attention rank, the costly metric; 0: all."),
@@ -191,6 +197,8 @@ def _probe_options(f):
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               help="Default: from --output's extension (.json, .csv; .txt, .md or none: table); table on stdout.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")
+@click.option("--baseline/--no-baseline", default=False, show_default=True,
+              help="Also measure the untrained twin (same architecture, fresh init, same images) and show it beside.")
 @_probe_options
 def similarity(checkpoint, fmt, output, **kwargs):
     """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
@@ -203,6 +211,7 @@ def similarity(checkpoint, fmt, output, **kwargs):
       collapse-probe similarity checkpoints/vit_micro_d32.safetensors --images builtin:digits
       collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --threshold 0.9
       collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 -o sim.json   # format from .json
+      collapse-probe similarity ckpt.pt --baseline --reduction ratio --entry-threshold 0.9 --block-threshold 0.5
     """
     from .distributed import is_main
     from .outputs import file_target, is_stdout
@@ -222,6 +231,9 @@ def similarity(checkpoint, fmt, output, **kwargs):
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True, metavar="DIR",
               help="Report folder: report.md, report.html, metrics.json and the figures (replaced atomically).")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
+              "it; --no-baseline skips it (about half the time).")
 @_probe_options
 def audit(checkpoint, output, **kwargs):
     """Run every collapse metric on CHECKPOINT and write a self-contained report with a verdict.
@@ -237,7 +249,7 @@ def audit(checkpoint, output, **kwargs):
     from .reports.audit import audit as run_audit
 
     metrics = run_audit(checkpoint, output, **_default_images(checkpoint, kwargs))
-    click.echo("\n".join(metrics["verdict"]["text"]))
+    click.echo("\n".join(metrics["summary"]["text"]))
     click.echo(f"wrote {output}/report.html (heads: {metrics['heads_source']})", err=True)
 
 
@@ -249,6 +261,9 @@ def audit(checkpoint, output, **kwargs):
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json", "csv"]), default="table",
               show_default=True, help="What stdout gets: table (one short line per checkpoint), markdown (every "
               "summary column), json (summary and per-block rows) or csv (per-block rows with a checkpoint column).")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
+              "it; --no-baseline skips it (about half the time).")
 @_probe_options
 def compare(checkpoints, output, fmt, **kwargs):
     """Side-by-side collapse table (and overlaid curves with --output) of two or more CHECKPOINTS.
@@ -354,6 +369,9 @@ def train(config_file, preset, model, depth, data_dir, epochs, batch_size, lr, o
 @click.option("--per-model", is_flag=True, help="Per-model figures for every checkpoint, not only the deepest ViT "
               "and DeepViT.")
 @click.option("--pdf/--no-pdf", default=True, show_default=True, help="Also write each figure as PDF.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
+              "it; --no-baseline skips it (about half the time).")
 @_probe_options
 def figures(checkpoints, more, output, per_model, pdf, **kwargs):
     """Regenerate the paper's Fig. 1, 3, 4 and 8 analyses from checkpoints, with the numbers as CSV.

@@ -59,11 +59,18 @@ def test_audit_every_family_writes_a_complete_report(tmp_path, index, name):
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["tool"]["version"] == __version__ and on_disk["config"]["threshold"] == 0.5
     assert on_disk["heads_source"] and on_disk["heads_source"] == on_disk["model"]["heads_source"]
-    applied = on_disk["attention"][on_disk["verdict"]["kind"]]  # the verdict judges the maps that multiply V
-    assert on_disk["verdict"]["kind"] == on_disk["applied_kind"] == ("mixed" if "mixed" in on_disk["attention"]
-                                                                    else "probs")
-    assert len(applied["blocks"]) == on_disk["model"]["depth"] == on_disk["verdict"]["depth"]
-    assert on_disk["verdict"]["collapsed_blocks"] == _similar_from_matrix(applied["similarity"], 0.5)
+    summary = on_disk["summary"]
+    applied = on_disk["attention"][summary["kind"]]  # the verdict judges the maps that multiply V
+    assert summary["kind"] == on_disk["applied_kind"] == ("mixed" if "mixed" in on_disk["attention"] else "probs")
+    assert len(applied["blocks"]) == on_disk["model"]["depth"] == summary["depth"]
+    # 1-based block numbers in the summary, 0-based module indices in the raw matrices (and the JSON says so)
+    assert summary["similar_blocks"] == [i + 1 for i in _similar_from_matrix(applied["similarity"], 0.5)]
+    assert "1-based" in summary["block_numbering"] and summary["schema_version"] >= 2
+    twin = on_disk["baseline"]  # the untrained twin, measured by default, on the same images
+    assert twin is not None and twin["images"]["count"] == on_disk["images"]["count"]
+    assert twin["attention"][summary["kind"]]["similarity"] != applied["similarity"]
+    assert summary["baseline"]["count"] == len(_similar_from_matrix(twin["attention"][summary["kind"]]["similarity"],
+                                                                     0.5))
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(FIGURES) and "src='http" not in html
     assert (out / "report.md").read_text().count("](data:image/png;base64,") == len(FIGURES)
@@ -80,20 +87,23 @@ def _stats(sim: np.ndarray, cross: list[float]) -> AttentionStats:
                           cross_head=np.array(cross), effective_rank=np.ones(n), energy_rank=np.ones(n))
 
 
-def test_verdict_names_collapsed_blocks_onset_and_redundant_heads():
+def test_verdict_numbers_blocks_from_one_and_says_what_it_lacks():
     sim = np.eye(6)
-    for i, v in enumerate([0.2, 0.95, 0.3, 0.92, 0.97], start=1):  # block i vs block i-1
+    for i, v in enumerate([0.2, 0.95, 0.3, 0.92, 0.97], start=1):  # module i vs module i-1
         sim[i, i - 1] = sim[i - 1, i] = v
     result = ProbeResult({"probs": _stats(sim, [0.1, 0.1, 0.95, 0.96, 0.2, 0.1])},
                          images={"count": 3, "source": "test"}, model={"depth": 6})
     vd = verdict(result, threshold=0.9)
-    assert vd["collapsed_blocks"] == [2, 4, 5] and vd["collapse_onset"] == 4
-    assert vd["redundant_head_blocks"] == [2, 3]
+    assert vd["similar_blocks"] == [3, 5, 6] and vd["onset"] == 5 and vd["count"] == 3  # modules 2, 4, 5
+    assert vd["baseline"] is None and vd["collapsed_beyond_twin"] is None
     text = " ".join(vd["text"])
-    assert "3 of 6 blocks are collapsed" in text and "From block 4" in text and "reuse block 3's" in text
-    assert "Blocks 2 repeat" in text and "In blocks 2-3 all heads" in text
+    assert "3 of 6 blocks similar by the paper's metric (column cosine, uncentred (Eq. 3)" in text
+    assert "no untrained twin measured" in text and "Similar blocks (paper's criterion): 3, 5-6" in text
+    # without a twin or centred similarity there is no evidence of redundancy, so nothing is recommended
+    assert "reuse" not in text and "removal" not in text
+    assert "In blocks 3-4 all heads" in text  # cross-head similarity above the threshold: modules 2 and 3
     none = verdict(ProbeResult({"probs": _stats(np.eye(3), [0.0] * 3)}, images={}, model={"depth": 3}), 0.9)
-    assert none["collapsed_blocks"] == [] and none["collapse_onset"] is None and "No collapsed block" in none["text"][0]
+    assert none["similar_blocks"] == [] and none["onset"] is None and "0 of 3 blocks" in none["text"][0]
 
 
 def test_failed_audit_leaves_no_output_and_reports_replace_atomically(tmp_path):

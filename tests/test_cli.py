@@ -40,8 +40,8 @@ def test_timm_vit_small_state_dict_prints_per_block_table(timm_vit_small_ckpt):
     lines = res.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("block"))
     rows = lines[header + 1: header + 13]
-    assert [int(r.split()[0]) for r in rows] == list(range(12))
-    assert "vit_small_patch16_224 (--model)" in res.stdout and "similar blocks of 12" in res.stdout
+    assert [int(r.split()[0]) for r in rows] == list(range(1, 13))  # 1-based, as in the paper
+    assert "vit_small_patch16_224 (--model)" in res.stdout and "blocks similar by the paper's metric" in res.stdout
 
 
 def test_deepvit_reports_probs_and_mixed_as_json(deepvit_ckpt):
@@ -53,7 +53,10 @@ def test_deepvit_reports_probs_and_mixed_as_json(deepvit_ckpt):
     sim = data["attention"]["probs"]["similarity"]
     assert len(sim) == 3 and all(len(r) == 3 for r in sim)
     assert data["model"]["architecture"] == "deepvit_micro" and data["images"]["count"] == 3
-    assert "summary" in data and data["summary"]["probs"]["depth"] == 3
+    summary = data["summary"]  # the one versioned schema every command shares
+    assert summary["schema"] == "collapse-probe/summary" and summary["schema_version"] >= 2
+    assert summary["depth"] == 3 and summary["kind"] == "mixed" and summary["other_kind"]["kind"] == "probs"
+    assert "1-based" in summary["block_numbering"] and data["baseline"] is None  # similarity: twin only on request
     assert data["settings"]["rank_images"] == 16  # the costly SVD rank is capped by default on the command line
 
 
@@ -63,7 +66,7 @@ def test_csv_to_output_file(tmp_path, deepvit_ckpt):
                                     "-o", str(out), "--no-progress", "--threshold", "0.5", "-k", "2"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert [int(r["block"]) for r in rows] == [0, 1, 2] * 2
+    assert [int(r["block"]) for r in rows] == [1, 2, 3] * 2 and [int(r["index"]) for r in rows] == [0, 1, 2] * 2
     probs = [r for r in rows if r["kind"] == "probs"]
     assert probs[0]["sim_prev"] == "" and probs[1]["sim_prev"] == ""  # k = 2: first two have none
     assert probs[2]["sim_prev"] != ""
@@ -118,7 +121,7 @@ def _similarity(ckpt, *args):
 
 def test_output_format_follows_the_extension(tmp_path, deepvit_ckpt):
     for name, check in (("out.json", lambda t: json.loads(t)["per_block"][0]["kind"] == "probs"),
-                        ("out.csv", lambda t: t.startswith("kind,block,block_number,sim_prev")),
+                        ("out.csv", lambda t: t.startswith("kind,block,index,sim_prev")),
                         ("out.txt", lambda t: t.startswith("model ")), ("out", lambda t: t.startswith("model "))):
         res = _similarity(deepvit_ckpt, "-o", str(tmp_path / name))
         assert res.exit_code == 0, res.output
@@ -141,7 +144,7 @@ def test_one_name_per_quantity_in_table_csv_json_and_audit(tmp_path, deepvit_ckp
     for text in (table, csv_text, report, json.dumps(rows)):
         assert "sim_prev" in text and "cross_head" in text and "effective_rank" in text
         assert "probs:cos" not in text and "similarity w/ previous" not in text and "probs_sim_prev" not in text
-    assert [r["block"] for r in rows if r["kind"] == "mixed"] == [0, 1, 2]
+    assert [r["block"] for r in rows if r["kind"] == "mixed"] == [1, 2, 3]
     assert {r["kind"] for r in csv.DictReader(io.StringIO(csv_text))} == {"probs", "mixed"}
 
 
@@ -166,13 +169,13 @@ def test_to_pandas_has_one_row_per_kind_and_block(deepvit_ckpt):
 
     result = probe(deepvit_ckpt, num_images=2, progress=False, device="cpu")
     df = result.to_pandas()
-    assert list(df.columns[:9]) == ["kind", "block", "block_number", "sim_prev", "ratio_prev", "similar", "cross_head",
-                                    "effective_rank", "energy_rank"]
+    assert list(df.columns[:5]) == ["kind", "block", "index", "sim_prev", "ratio_prev"]
+    assert {"cross_head", "effective_rank", "energy_rank", "similar", "regime"} <= set(df.columns)
     assert {"feature_sim_last", "feature_residual"} <= set(df.columns)
-    assert len(df) == 2 * 3 and (df.block_number == df.block + 1).all() and df.similar.dtype == bool
+    assert len(df) == 2 * 3 and (df.block == df["index"] + 1).all() and df.similar.dtype == bool
     probs = df[df.kind == "probs"].set_index("block")
     assert probs.sim_prev.isna().tolist() == [True, False, False]
-    assert probs.sim_prev[2] == pytest.approx(result.attention["probs"].neighbor(1)[2])
+    assert probs.sim_prev[3] == pytest.approx(result.attention["probs"].neighbor(1)[2])  # block 3 = module 2
     assert result.to_frame().equals(df)
     assert len(repr(result)) < 300
 

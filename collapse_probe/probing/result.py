@@ -17,6 +17,8 @@ import numpy as np
 from .._version import __version__
 from ..loading.info import ImageInfo, ModelInfo
 from ..metrics.functional import blocks_above, collapse_onset
+from .blocks import Criterion, block_rows
+from .verdict import judge
 
 Reduction = Literal["mean", "ratio"]
 REDUCTIONS = ("mean", "ratio")
@@ -124,6 +126,7 @@ class FeatureStats:
 class ProbeResult:
     """Everything one probe run measured, plus what it ran on (``model``, ``images``) and the settings used.
 
+    ``baseline``: the untrained twin's result on the same images (``probe(..., baseline=True)``), or None.
     ``findings``: problems seen per site, e.g. ``{"name": "blocks.5.attn.probs", "kind": "probs", "block": 5,
     "problem": "non-finite values", "nonfinite_values": 2352, "images": 2, "action": ...}``; those images are left out
     of that block's numbers rather than averaged in.
@@ -135,6 +138,7 @@ class ProbeResult:
     images: ImageInfo = field(default_factory=ImageInfo)
     settings: dict[str, Any] = field(default_factory=dict)
     findings: list[dict[str, Any]] = field(default_factory=list)
+    baseline: ProbeResult | None = None
 
     def __post_init__(self) -> None:  # plain dicts (JSON, hand-built results) become the typed records
         if isinstance(self.model, dict):
@@ -163,8 +167,9 @@ class ProbeResult:
 
     def summary(self, kind: str, threshold: float | None = None, k: int | None = None,
                 reduction: Reduction | None = None) -> dict[str, Any]:
-        """Similar blocks of one kind, their count, the ratio count / depth and the onset, with the settings used
-        (default: those the result was probed with)."""
+        """Similar blocks of one kind (0-based module indices, for code), their count, count / depth and the onset,
+        with the settings used (default: those the result was probed with). What commands print is
+        ``probing.verdict.judge`` (1-based block numbers, intervals, the twin)."""
         s = self.settings
         threshold = s.get("threshold", 0.9) if threshold is None else threshold
         k = s.get("neighbors", 1) if k is None else k
@@ -177,21 +182,17 @@ class ProbeResult:
 
     def to_pandas(self, threshold: float | None = None, k: int | None = None,
                   reduction: Reduction | None = None) -> Any:
-        """A ``pandas.DataFrame`` with one row per (kind, block), the columns of the text table and the CSV:
-
-        kind ("probs" softmax maps / "mixed" after Re-attention), block (0-based), block_number (1-based), sim_prev
-        (mean column cosine with the previous k blocks; NaN where there are none), ratio_prev (fraction of those
-        cosines above the threshold), similar (bool: a collapsed block), cross_head, effective_rank, energy_rank, and
-        feature_sim_last, feature_residual when block outputs were probed. Defaults: the settings probed with.
+        """A ``pandas.DataFrame`` with one row per (kind, block): the rows of the text table, the CSV and JSON's
+        ``per_block`` (``probing.blocks.block_rows``; block is 1-based, index 0-based). Defaults: the settings probed
+        with.
 
             df = result.to_pandas()
-            df[df.kind == result.applied_kind].plot(x="block_number", y="sim_prev")
+            df[df.kind == result.applied_kind].plot(x="block", y=["sim_prev", "twin_sim_prev"])
         """
         import pandas as pd  # only here: the package itself does not need pandas to load
 
-        cols = list(COLUMNS) + (list(FEATURE_COLUMNS) if self.features is not None else [])
-        df = pd.DataFrame(per_block_rows(self, threshold, k, reduction), columns=cols)
-        return df.astype({"block": "int64", "block_number": "int64", "similar": "bool"})
+        df = pd.DataFrame(per_block_rows(self, threshold, k, reduction))
+        return df.astype({"block": "int64", "index": "int64", "similar": "bool"})
 
     to_frame = to_pandas
 
@@ -200,11 +201,12 @@ class ProbeResult:
         return {
             "tool": {"name": "collapse-probe", "version": __version__},
             "model": self.model.to_dict(), "images": self.images.to_dict(), "settings": s,
-            "summary": {k: self.summary(k) for k in self.attention}, "applied_kind": self.applied_kind,
+            "summary": judge(self), "applied_kind": self.applied_kind,
             "attention": {k: v.to_dict() for k, v in self.attention.items()},
             "features": self.features.to_dict() if self.features else None,
             "per_block": per_block_rows(self),  # the rows of the text table and the CSV (NaN -> null in to_json)
             "findings": self.findings,
+            "baseline": self.baseline.to_dict() if self.baseline is not None else None,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -219,6 +221,7 @@ class ProbeResult:
             model=ModelInfo.from_dict(d.get("model")), images=ImageInfo.from_dict(d.get("images")),
             settings=d.get("settings", {}),
             findings=list(d.get("findings") or []),
+            baseline=cls.from_dict(d["baseline"]) if d.get("baseline") else None,
         )
 
     @classmethod
@@ -226,34 +229,7 @@ class ProbeResult:
         return cls.from_dict(json.loads(text))
 
 
-COLUMNS = ("kind", "block", "block_number", "sim_prev", "ratio_prev", "similar", "cross_head", "effective_rank",
-           "energy_rank")
-FEATURE_COLUMNS = ("feature_sim_last", "feature_residual")
-
-
 def per_block_rows(result: ProbeResult, threshold: float | None = None, k: int | None = None,
                    reduction: str | None = None) -> list[dict[str, Any]]:
-    """One dict per (kind, block) with the ``COLUMNS`` (and ``FEATURE_COLUMNS`` when features were probed); NaN where
-    a number does not exist (e.g. sim_prev of block 0). Defaults: the settings the result was probed with."""
-    s = result.settings
-    t0, k0, r0 = s.get("threshold", 0.9), s.get("neighbors", 1), s.get("reduction", "mean")
-    threshold, k, reduction = (t0 if threshold is None else threshold, k0 if k is None else k,
-                               r0 if reduction is None else reduction)
-    feats: dict[int, dict[str, float]] = {}
-    if result.features is not None:
-        f = result.features
-        feats = {b: {"feature_sim_last": float(f.similarity[pos, -1]), "feature_residual": float(f.residual[pos])}
-                 for pos, b in enumerate(f.blocks)}
-    rows: list[dict[str, Any]] = []
-    for kind, st in result.attention.items():
-        mean_prev, ratio_prev = st.neighbor(k, "mean"), st.neighbor(k, "ratio")
-        similar = set(st.similar_blocks(threshold, k, reduction))
-        for pos, b in enumerate(st.blocks):
-            row = {"kind": kind, "block": b, "block_number": b + 1, "sim_prev": float(mean_prev[pos]),
-                   "ratio_prev": float(ratio_prev[pos]), "similar": b in similar,
-                   "cross_head": float(st.cross_head[pos]), "effective_rank": float(st.effective_rank[pos]),
-                   "energy_rank": float(st.energy_rank[pos])}
-            if feats:
-                row.update(feats.get(b, dict.fromkeys(FEATURE_COLUMNS, math.nan)))
-            rows.append(row)
-    return rows
+    """One dict per (kind, block): ``probing.blocks.block_rows`` with the settings probed with, or these."""
+    return block_rows(result, Criterion.of(result, threshold=threshold, neighbors=k, reduction=reduction))

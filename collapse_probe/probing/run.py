@@ -30,6 +30,7 @@ from ..hooks.capture import Site, capture
 from ..loading.build import describe, load_model
 from ..loading.images import image_loader
 from ..loading.info import ImageInfo, LoadedModel
+from .baseline import recalibrate_bn, untrained_twin
 from .collector import STORAGE_DTYPES, CollapseCollector
 from .memory import fit_batch, parse_bytes
 from .result import REDUCTIONS, ProbeResult
@@ -92,6 +93,7 @@ def probe(
     batch_size: int = 16,
     workers: int = 0,
     threshold: float = 0.9,
+    entry_threshold: float | None = None,
     neighbors: int = 1,
     reduction: str = "mean",
     rank_images: int | None = None,
@@ -102,6 +104,8 @@ def probe(
     progress: bool = True,
     all_reduce: bool | None = None,
     observers: Sequence[Observer] = (),
+    baseline: bool = False,
+    baseline_seed: int = 0,
 ) -> ProbeResult:
     """Measure collapse of a checkpoint (path), a ``load_model`` result or a model in memory.
 
@@ -112,7 +116,9 @@ def probe(
             eval transform), a tensor [B, 3, H, W] already preprocessed, or an iterable of such batches / (x, y).
         model_name, num_heads, mean, std, key, trust_pickle: how to read a path (``load_model``).
         num_images, batch_size, workers: how many images of a folder / built-in set, in batches of this size.
-        threshold: the similarity above which a block is similar; also the per-entry cut of the ratio reduction.
+        threshold: the block criterion: a block is similar when its similarity with the previous block(s) exceeds it.
+        entry_threshold: the per-entry cut of the ratio reduction (fraction of column cosines above it; default
+            ``threshold``), fixed while probing.
         neighbors, reduction: how ``result.summary`` counts similar blocks (stored in ``settings``).
         rank_images: images whose maps enter the SVD-based ranks (None: all).
         storage: precision of the per-batch maps kept for the all-pairs similarity ("float16" halves memory).
@@ -121,10 +127,15 @@ def probe(
         all_reduce: shard the images over torchrun ranks and all-reduce the sums (default: for paths only, so a lone
             rank such as the trainer's collapse tracking can probe a model alone).
         observers: extra ``fn(site, tensor)`` callbacks that see every captured tensor in the same forward passes.
+        baseline: also measure the untrained twin (``probing.baseline``: same architecture, fresh init with
+            ``baseline_seed``, BatchNorm statistics re-estimated on these images) and store it as ``result.baseline``.
 
     The model is switched to eval mode (dropout and BatchNorm statistics frozen) and restored afterwards.
     """
+    entry_threshold = threshold if entry_threshold is None else entry_threshold
     _check(threshold, neighbors, reduction, max_memory)
+    if not 0.0 <= entry_threshold <= 1.0:
+        raise BadArgumentError(f"--entry-threshold must be between 0 and 1, got {entry_threshold}")
     storage_dtype, storage_name = _storage(storage)
     from_file = isinstance(model_or_path, (str, Path))
     given = {k: v for k, v in zip(LOAD_OPTIONS, (model_name, num_heads, mean, std, key, trust_pickle))
@@ -151,17 +162,40 @@ def probe(
         if not isinstance(batches, DataLoader):
             raise BadArgumentError("all_reduce shards a folder or built-in image set over the ranks; pass one")
         batches = distributed.shard_loader(batches)
-    result, max_batch = _measure(model, batches, kinds, threshold, rank_images, storage_dtype, max_memory, dev,
-                                 progress and distributed.is_main(), all_reduce, observers)
+    show = progress and distributed.is_main()
+    if baseline and iter(batches) is batches:
+        raise BadArgumentError("the untrained twin needs images it can read twice: pass a folder, a built-in set, a "
+                               "tensor or a list of batches, not a one-shot iterator")
+    result, max_batch = _measure(model, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory, dev,
+                                 show, all_reduce, observers)
     if not result.attention:
         bad = sum(f["images"] for f in result.findings)
         raise BadArgumentError(f"no finite attention map: every image gave NaN/Inf maps ({bad} image-blocks); check "
                                "the images and --mean/--std" if bad else "no image reached the model: the images "
                                "given are empty")
     result.model, result.images = model_info, image_info
-    result.settings = {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
-                       "rank_images": rank_images, "storage_dtype": storage_name, "max_memory": max_memory,
-                       "max_batch": max_batch, "batch_size": batch_size, "device": str(dev), "world_size": world}
+    result.settings = {"threshold": threshold, "entry_threshold": entry_threshold, "neighbors": neighbors,
+                       "reduction": reduction, "rank_images": rank_images, "storage_dtype": storage_name,
+                       "max_memory": max_memory, "max_batch": max_batch, "batch_size": batch_size, "device": str(dev),
+                       "world_size": world}
+    if baseline:
+        result.baseline = _twin_result(model, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory,
+                                       dev, show, all_reduce, baseline_seed, result)
+    return result
+
+
+def _twin_result(model: nn.Module, batches: Iterable, kinds: Sequence[str], entry_threshold: float,
+                 rank_images: int | None, storage_dtype: torch.dtype, max_memory: int | str | None,
+                 dev: torch.device, show: bool, all_reduce: bool, seed: int, trained: ProbeResult) -> ProbeResult:
+    """The untrained twin measured on the same batches with the same settings (``probing.baseline``)."""
+    twin, how = untrained_twin(model, seed)
+    bn_batches = recalibrate_bn(twin, tqdm(batches, desc="twin: BatchNorm statistics", unit="batch", leave=False,
+                                           disable=not show), dev, all_reduce=all_reduce)
+    result, _ = _measure(twin, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory, dev, show,
+                         all_reduce, ())
+    del twin
+    result.model, result.images = trained.model, trained.images
+    result.settings = {**trained.settings, "twin": {"init": how, "seed": seed, "batchnorm_batches": bn_batches}}
     return result
 
 

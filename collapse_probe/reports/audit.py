@@ -14,16 +14,21 @@ import base64
 import html
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .._version import __version__
 from ..errors import BadArgumentError
 from ..outputs import check_replaceable, write_folder
 from ..probing.result import ProbeResult, finite
 from ..probing.run import probe
-from .text import _SPECS, aligned, cell, csv_text, per_block_rows
+from ..probing.blocks import Criterion, block_rows
+from ..probing.verdict import judge, spans
+from .text import _SPECS, aligned, cell, csv_text
 
 FIGURES = ("similarity_heatmap", "block_curves", "rank", "cross_head")
 
@@ -38,79 +43,17 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return str(v)
 
 
-def _runs(blocks: list[int]) -> list[tuple[int, int]]:
-    """Consecutive runs [(first, last), ...] of sorted block indices."""
-    runs: list[tuple[int, int]] = []
-    for b in blocks:
-        if runs and b == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], b)
-        else:
-            runs.append((b, b))
-    return runs
+def verdict(result: ProbeResult, threshold: float | None = None, k: int | None = None, reduction: str | None = None,
+            notes: Sequence[str] = ()) -> dict[str, Any]:
+    """``probing.verdict.judge`` with these settings (default: those probed with): which blocks are similar by the
+    paper's metric, which are collapsed beyond the untrained twin, the regimes, and sentences (1-based blocks).
 
-
-def _span(a: int, b: int) -> str:
-    return str(a) if a == b else f"{a}-{b}"
-
-
-def verdict(result: ProbeResult, threshold: float = 0.9, k: int = 1, reduction: str = "mean") -> dict[str, Any]:
-    """Which blocks are collapsed and what that suggests, as data plus sentences (0-based block indices).
-
-    Judged on the maps that multiply V (``ProbeResult.applied_kind``); the softmax maps of Re-attention models are
-    reported beside them.
-    """
-    kind = result.applied_kind
-    st = result.attention[kind]
-    depth = len(st.blocks)
-    collapsed = st.similar_blocks(threshold, k, reduction)
-    runs = _runs(collapsed)
-    onset = st.onset(threshold, k, reduction)
-    tail = runs[-1] if onset is not None else None
-    heads = [b for b, v in zip(st.blocks, st.cross_head) if not math.isnan(v) and v > threshold]
-    reattn = set(result.model.reattn_blocks or [])
-    text: list[str] = []
-    if "guess" in (result.model.heads_source or ""):
-        text.append(f"The head count ({result.model.num_heads}) is a guess ({result.model.heads_source}); every "
-                    "per-head number below assumes it, so confirm it or pass --num-heads N.")
-    maps = "maps after Re-attention (Θ, Norm, scale)" if kind == "mixed" else "softmax attention maps"
-    crit = f"attention similarity with the previous {k} block(s) > {threshold} ({reduction}, {maps})"
-    if not collapsed:
-        text.append(f"No collapsed block: at {crit} every block attends differently from the block before it, "
-                    "so these maps give no reason to reuse or remove attention.")
-    else:
-        listed = ", ".join(_span(a, b) for a, b in runs)
-        text.append(f"{len(collapsed)} of {depth} blocks are collapsed ({crit}): {listed}.")
-        if onset is not None:
-            cure = "" if set(range(onset, st.blocks[-1] + 1)) <= reattn else \
-                ", or for re-attention (DeepViT) when retraining a deeper model"
-            text.append(f"From block {onset} to the last block attention barely changes: blocks "
-                        f"{onset}-{st.blocks[-1]} could reuse block {onset - 1}'s attention map (attention reuse / "
-                        f"sharing), or are candidates for removal{cure}.")
-        inner = [r for r in runs if r is not tail]
-        if inner:
-            text.append("Blocks " + ", ".join(_span(a, b) for a, b in inner) + " repeat the attention of the block "
-                        "just before them: candidates for sharing that block's map.")
-    if heads:
-        mix = "" if set(heads) <= reattn else " or for mixing heads (re-attention)"
-        text.append(f"In blocks {', '.join(_span(a, b) for a, b in _runs(heads))} all heads attend nearly alike "
-                    f"(cross-head similarity > {threshold}): redundant heads, candidates for head pruning{mix}.")
-    if kind == "mixed" and "probs" in result.attention:
-        before = result.attention["probs"].similar_blocks(threshold, k, reduction)
-        text.append(f"Re-attention: {len(collapsed)} blocks are collapsed after head mixing (the maps that multiply "
-                    f"V), {len(before)} in the softmax maps before it.")
-    if result.features is not None:
-        low = [b for b, r in zip(result.features.blocks, result.features.residual) if not math.isnan(r) and r < 0.1]
-        if low:
-            text.append(f"Token features are close to rank one (residual < 0.1, Dong et al. 2021) in blocks "
-                        f"{', '.join(_span(a, b) for a, b in _runs(low))}: rank collapse of the representation.")
-    im = result.images
-    text.append(f"Measured on {im.count} images ({im.source}); a verdict on untrained or random weights "
-                "describes the initialisation, not a trained model.")
-    return {"kind": kind, "collapsed_blocks": collapsed, "collapse_onset": onset, "redundant_head_blocks": heads,
-            "depth": depth, "threshold": threshold, "neighbors": k, "reduction": reduction, "text": text}
+    Judged on the maps that multiply V (``ProbeResult.applied_kind``); the other kind is reported beside."""
+    return judge(result, Criterion.of(result, threshold=threshold, neighbors=k, reduction=reduction), notes=notes)
 
 
 def _figures(result: ProbeResult, threshold: float, k: int, reduction: str) -> dict[str, bytes]:
+    """The report's figures; each curve the twin has is drawn beside it (plots.report)."""
     from ..plots.report import figure_png, plot_block_curves, plot_rank
     from ..plots.similarity import plot_cross_head, plot_similarity_heatmap
 
@@ -131,23 +74,47 @@ def _model_rows(result: ProbeResult) -> list[tuple[str, str]]:
         ("tokens", str(m.tokens or "-")), ("parameters", f"{m.params / 1e6:.2f}M"),
         ("input", f"{m.input_size} mean {m.mean} std {m.std} (source: {m.data_source})"),
         ("images", f"{im.count} from {im.source}"),
+        ("untrained twin", _twin_text(result)),
         ("tool", f"collapse-probe {__version__}"),
     ]
 
 
+def _twin_text(result: ProbeResult) -> str:
+    if result.baseline is None:
+        return "not measured (--no-baseline): counts cannot be told apart from initialisation"
+    t = result.baseline.settings.get("twin", {})
+    return f"{t.get('init', '?')}; BatchNorm statistics re-estimated on the same images ({t.get('batchnorm_batches')} "\
+        "batches)"
+
+
 # the names of reports/text.py (one scheme for table, CSV, JSON and this report)
-_COLUMNS = ("kind", "block", "sim_prev", "similar", "cross_head", "effective_rank", "energy_rank", "feature_residual")
+_COLUMNS = ("block", "kind", "sim_prev", "sim_prev_low", "sim_prev_high", "twin_sim_prev", "floor_prev",
+            "pearson_prev", "twin_pearson_prev", "row_cosine_prev", "entropy", "tv_uniform", "rank1_residual",
+            "cross_head", "effective_rank", "feature_residual", "token_uniformity", "similar", "beyond_twin", "regime")
 
 
 def _table_rows(result: ProbeResult, threshold: float, k: int, reduction: str) -> tuple[list[str], list[list[str]]]:
-    rows = per_block_rows(result, threshold, k, reduction)
-    cols = [c for c in _COLUMNS if any(c in r for r in rows)]
-    return cols, [[cell(r.get(c), _SPECS.get(c, ""), yes="yes") for c in cols] for r in rows]
+    rows = block_rows(result, Criterion.of(result, threshold=threshold, neighbors=k, reduction=reduction))
+    cols = [c for c in _COLUMNS if any(c in r and not _missing(r[c]) for r in rows) or c in ("block", "kind")]
+    return cols, [[cell(r.get(c), _SPECS.get(c, ".3f"), yes="yes") for c in cols] for r in rows]
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def _table_note(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
-    return (f"similar: sim_prev ({reduction} attention similarity with the previous {k} block(s)) > {threshold}; "
-            f"the verdict judges kind {result.applied_kind} (probs: softmax maps, mixed: after Re-attention).")
+    vd = verdict(result, threshold, k, reduction, )
+    return (f"block: 1-based. similar: {vd['metric']}, {vd['reduction_text']} ({vd['paper_reduction']}); "
+            f"beyond_twin: also above the twin's centred similarity by {vd['criterion']['twin_margin']}; the verdict "
+            f"judges kind {result.applied_kind} (probs: softmax maps, mixed: after Re-attention). Definitions of every "
+            "column: the README's metric section.")
+
+
+def _sweep_table(vd: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["block threshold", "similar (mean)", "twin (mean)", "similar (ratio)", "twin (ratio)"]
+    return head, [[f"{r['threshold']:.2f}", _fmt(r["count_mean"]), _fmt(r["twin_count_mean"]),
+                   _fmt(r["count_ratio"]), _fmt(r["twin_count_ratio"])] for r in vd["sweep"]]
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -176,6 +143,9 @@ def render_markdown(result: ProbeResult, vd: dict[str, Any], figures: dict[str, 
     parts = [f"# Attention-collapse audit: {Path(str(result.model.checkpoint)).name}", "",
              _md_table(["", ""], [[a, b] for a, b in _model_rows(result)]), "", "## Verdict", ""]
     parts += [f"- {t}" for t in vd["text"]]
+    sh, sr = _sweep_table(vd)
+    parts += ["", "## Threshold sweep", "", f"Similar blocks of kind {vd['kind']} for each block threshold (per-entry "
+              f"cut {vd['criterion']['entry_threshold']} for ratio).", "", _md_table(sh, sr)]
     parts += ["", "## Figures", ""]
     for name, png in figures.items():
         parts += [f"### {_CAPTIONS[name]}", "", f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})",
@@ -195,7 +165,8 @@ def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, byte
     verdict_html = "".join(f"<li>{html.escape(t)}</li>" for t in vd["text"])
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style></head>"
             f"<body><h1>{title}</h1>{_html_table(['', ''], [[a, b] for a, b in _model_rows(result)])}"
-            f"<h2>Verdict</h2><ul class='verdict'>{verdict_html}</ul><h2>Figures</h2>{figs}"
+            f"<h2>Verdict</h2><ul class='verdict'>{verdict_html}</ul><h2>Threshold sweep</h2>"
+            f"{_html_table(*_sweep_table(vd))}<h2>Figures</h2>{figs}"
             f"<h2>Per block</h2>{_html_table(head, rows)}<p>{html.escape(_table_note(result, threshold, k, reduction))}"
             f"</p><p>Settings: threshold {threshold}, neighbours {k}, "
             f"reduction {html.escape(reduction)}. All numbers: metrics.json.</p></body></html>\n")
@@ -207,18 +178,29 @@ def audit(
     threshold: float = 0.9,
     neighbors: int = 1,
     reduction: str = "mean",
+    baseline: bool = True,
+    notes: Sequence[str] = (),
     **probe_kwargs: Any,
 ) -> dict[str, Any]:
-    """Probe ``checkpoint`` and write the report folder; returns the metrics.json content.
+    """Probe ``checkpoint`` (and, unless ``baseline=False``, its untrained twin) and write the report folder; returns
+    the metrics.json content. ``notes``: extra verdict sentences (e.g. an intervention's measured change).
 
     ``probe_kwargs`` go to ``probing.run.probe`` (model_name, images, num_images, batch_size, device, trust_pickle,
-    key, rank_images, num_heads, mean, std, max_memory, storage, progress).
+    key, rank_images, num_heads, mean, std, max_memory, storage, progress, entry_threshold, baseline_seed).
     """
     check_replaceable(output)  # before minutes of probing, not after
-    result = probe(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
-    vd = verdict(result, threshold, neighbors, reduction)
+    result = probe(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
+                   **probe_kwargs)
+    return write_audit(result, output, threshold, neighbors, reduction, notes, probe_kwargs)
+
+
+def write_audit(result: ProbeResult, output: str | Path, threshold: float, neighbors: int, reduction: str,
+                notes: Sequence[str] = (), config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Render a probed ``result`` into the report folder ``output`` (replaced atomically); returns metrics.json."""
+    probe_kwargs = config or {}
+    vd = verdict(result, threshold, neighbors, reduction, notes)
     figures = _figures(result, threshold, neighbors, reduction)
-    metrics = finite({**result.to_dict(), "verdict": vd, "heads_source": result.model.heads_source,
+    metrics = finite({**result.to_dict(), "summary": vd, "heads_source": result.model.heads_source,
                       "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                                  **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}}})
     files = {"metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode(),
@@ -238,57 +220,75 @@ def _names(paths: Sequence[str | Path]) -> list[str]:
 
 
 SUMMARY_COLUMNS = ("checkpoint", "architecture", "kind", "depth", "num_heads", "heads_source", "similar_blocks",
-                   "similar_ratio", "onset", "cross_head_mean", "effective_rank_min")
+                   "similar_count", "count_low", "count_high", "twin_similar_count", "collapsed_beyond_twin",
+                   "similar_ratio", "onset", "regimes", "cross_head_mean", "effective_rank_min")
 COMPARE_FORMATS = ("table", "markdown", "json", "csv")
 
 
-def compare_rows(results: dict[str, ProbeResult], threshold: float = 0.9, k: int = 1,
-                 reduction: str = "mean") -> list[dict[str, Any]]:
-    """One dict per checkpoint with ``SUMMARY_COLUMNS``, judged on its applied kind (see ``verdict``)."""
+def compare_rows(results: dict[str, ProbeResult], threshold: float | None = None, k: int | None = None,
+                 reduction: str | None = None) -> list[dict[str, Any]]:
+    """One dict per checkpoint with ``SUMMARY_COLUMNS`` (1-based block numbers), from the same verdict as ``audit``."""
     rows = []
     for name, r in results.items():
         vd = verdict(r, threshold, k, reduction)
         st, m = r.attention[vd["kind"]], r.model
+        iv, base = vd["count_interval"] or [None, None], vd["baseline"]
         rows.append({"checkpoint": name, "architecture": m.architecture, "kind": vd["kind"], "depth": vd["depth"],
                      "num_heads": m.num_heads, "heads_source": m.heads_source,
-                     "similar_blocks": vd["collapsed_blocks"],
-                     "similar_ratio": len(vd["collapsed_blocks"]) / max(vd["depth"], 1), "onset": vd["collapse_onset"],
-                     "cross_head_mean": float(st.cross_head.mean()),
-                     "effective_rank_min": float(st.effective_rank.min())})
+                     "similar_blocks": vd["similar_blocks"], "similar_count": vd["count"], "count_low": iv[0],
+                     "count_high": iv[1], "twin_similar_count": base["count"] if base else None,
+                     "collapsed_beyond_twin": vd["collapsed_beyond_twin"], "similar_ratio": vd["ratio"],
+                     "onset": vd["onset"],
+                     "regimes": "; ".join(f"{n} {spans(b)}" for n, b in vd["regimes"].items() if b) or "none",
+                     "cross_head_mean": float(np.nanmean(st.cross_head)),
+                     "effective_rank_min": float(np.nanmin(st.effective_rank))})
     return rows
 
 
 def _summary_cells(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """``SUMMARY_COLUMNS`` and one row of cells per checkpoint, for the markdown and HTML tables."""
     head = list(SUMMARY_COLUMNS)
-    return head, [[_fmt(r[c]) if c != "similar_blocks" else ", ".join(map(str, r[c])) or "none" for c in head]
-                  for r in summary]
+    lists = ("similar_blocks", "collapsed_beyond_twin")
+    return head, [[spans(r[c]) if c in lists and r[c] is not None else _fmt(r[c]) for c in head] for r in summary]
 
 
-def render_compare(results: dict[str, ProbeResult], fmt: str = "table", threshold: float = 0.9, k: int = 1,
-                   reduction: str = "mean") -> str:
-    """table: short plain-text lines; markdown: every summary column; json: summary and per-block rows; csv: the
-    per-block rows of every checkpoint (``reports.text`` names) with a leading checkpoint column."""
+def render_compare(results: dict[str, ProbeResult], fmt: str = "table", threshold: float | None = None,
+                   k: int | None = None, reduction: str | None = None) -> str:
+    """table: short plain-text lines; markdown: every summary column; json: the versioned summary of every
+    checkpoint and per-block rows; csv: the per-block rows of every checkpoint (``reports.text`` names) with a leading
+    checkpoint column. Block numbers are 1-based everywhere."""
     if fmt not in COMPARE_FORMATS:
         raise BadArgumentError(f"unknown format {fmt!r}; choose {', '.join(COMPARE_FORMATS)}")
     summary = compare_rows(results, threshold, k, reduction)
-    note = f"similar: attention similarity with the previous {k} block(s) > {threshold} ({reduction})"
+    first = next(iter(results.values()))
+    vd = verdict(first, threshold, k, reduction)
+    note = (f"similar: {vd['metric']}, {vd['reduction_text']}; blocks 1-based; ci_low/ci_high (count_low/high): 95% "
+            "interval of the count over images; twin: untrained twin on the same images; beyond_twin: also above the "
+            "twin's centred "
+            f"similarity by {vd['criterion']['twin_margin']}. {vd['paper_reduction']}.")
+    note = textwrap.fill(note, 120)
     if fmt in ("csv", "json"):
         blocks = [{"checkpoint": n, **row} for n, r in results.items()
-                  for row in per_block_rows(r, threshold, k, reduction)]
+                  for row in block_rows(r, Criterion.of(r, threshold=threshold, neighbors=k, reduction=reduction))]
         if fmt == "csv":
             return csv_text(blocks)
-        return json.dumps(finite({"settings": {"threshold": threshold, "neighbors": k, "reduction": reduction},
-                                  "summary": summary, "per_block": blocks}), indent=1, allow_nan=False)
+        return json.dumps(finite({"schema": vd["schema"], "schema_version": vd["schema_version"],
+                                  "block_numbering": vd["block_numbering"], "criterion": vd["criterion"],
+                                  "summary": summary,
+                                  "verdicts": {n: verdict(r, threshold, k, reduction) for n, r in results.items()},
+                                  "per_block": blocks}), indent=1, allow_nan=False)
     if fmt == "markdown":
         head, body = _summary_cells(summary)
         return _md_table(head, body) + f"\n\n{note}\n"
-    head = ["checkpoint", "kind", "depth", "similar_blocks", "similar_ratio", "onset", "cross_head_mean",
-            "effective_rank_min"]
-    spans = {"similar_blocks": lambda v: ",".join(_span(a, b) for a, b in _runs(v)) or "none"}
-    body = [[spans.get(c, lambda v, c=c: cell(v, ".1f" if c == "effective_rank_min" else ".3f"))(r[c])
-             for c in head] for r in summary]
-    return aligned(head, body) + f"\n\n{note}\n"
+    head = ["checkpoint", "kind", "depth", "similar_count", "count_low", "count_high", "twin_similar_count",
+            "collapsed_beyond_twin", "onset", "regimes"]
+    fmts = {"similar_count": str, "count_low": lambda v: cell(v, ".0f"), "count_high": lambda v: cell(v, ".0f"),
+            "twin_similar_count": lambda v: cell(v), "collapsed_beyond_twin": lambda v: "-" if v is None else spans(v),
+            "onset": lambda v: cell(v)}
+    body = [[fmts.get(c, str)(r[c]) for c in head] for r in summary]
+    short = {"similar_count": "similar", "count_low": "ci_low", "count_high": "ci_high", "twin_similar_count": "twin",
+             "collapsed_beyond_twin": "beyond_twin"}  # the markdown / CSV / JSON forms keep the full names
+    return aligned([short.get(c, c) for c in head], body) + f"\n\n{note}\n"
 
 
 def compare(
@@ -297,6 +297,7 @@ def compare(
     threshold: float = 0.9,
     neighbors: int = 1,
     reduction: str = "mean",
+    baseline: bool = True,
     **probe_kwargs: Any,
 ) -> tuple[str, dict[str, ProbeResult]]:
     """Probe several checkpoints on the same images; a markdown table side by side (and, with ``output``, a folder
@@ -306,7 +307,8 @@ def compare(
         raise BadArgumentError("compare needs at least two checkpoints")
     if output is not None:
         check_replaceable(output)
-    results = {n: probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, **probe_kwargs)
+    results = {n: probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
+                        **probe_kwargs)
                for n, c in zip(_names(checkpoints), checkpoints)}
     table = render_compare(results, "markdown", threshold, neighbors, reduction)
     if output is not None:
@@ -322,7 +324,7 @@ def compare(
         metrics = {"tool": {"name": "collapse-probe", "version": __version__},
                    "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                               **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}},
-                   "checkpoints": {n: {**r.to_dict(), "verdict": verdict(r, threshold, neighbors, reduction)}
+                   "checkpoints": {n: {**r.to_dict(), "summary": verdict(r, threshold, neighbors, reduction)}
                                    for n, r in results.items()}}
         write_folder(output, {"compare.md": md.encode(), "compare.html": page.encode(), "curves.png": png,
                               "metrics.json": json.dumps(finite(metrics), indent=1, allow_nan=False).encode()})

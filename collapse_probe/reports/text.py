@@ -3,16 +3,18 @@
     print(render(result, "table"))     # threshold, neighbours and reduction: the ones in result.settings
 
 One naming scheme everywhere (text table, CSV, JSON ``per_block``, the audit report, ``ProbeResult.to_pandas()``):
-one row per (kind, block), the map kind in its own column, and these quantity names (``COLUMNS``):
+one row per (kind, block) from ``probing.blocks.block_rows``; the README's metric section defines every column:
 
-    kind            "probs" (softmax maps) or "mixed" (maps after Re-attention's head mixing)
-    block           0-based model block index (``blocks.{block}``); block_number is the same, 1-based
-    sim_prev        mean column cosine with the previous k block(s) (k = --neighbors)
-    ratio_prev      fraction of those column cosines above the threshold
-    similar         sim_prev (or ratio_prev with --reduction ratio) above the threshold: a collapsed block
-    cross_head      mean similarity between different heads of the block
-    effective_rank  attention rank (entropy of the singular values); energy_rank: singular values for 99% energy
-    feature_sim_last, feature_residual   token-feature similarity with the last block, residual to rank one
+    kind            "probs" (softmax maps) or "mixed" (maps after Re-attention's Θ and BatchNorm)
+    block           1-based block number (block 1 = module blocks.0), as in the paper; index is the 0-based module
+    sim_prev        the paper's metric: mean column cosine (uncentred, Eq. 3) with the previous k block(s)
+    ratio_prev      fraction of those column cosines above the per-entry cut (--entry-threshold)
+    floor_prev, excess_prev   what two uncorrelated columns score, and sim_prev above it
+    pearson_prev    centred similarity (column Pearson) with the previous block: the cross-family comparison
+    row_cosine_prev, jsd_prev, matched_prev   row-wise similarity, Jensen-Shannon divergence, head-matched similarity
+    entropy, tv_uniform, rank1_residual       entropy / log N, TV distance from uniform, |A - 1 mean row| / |A|
+    *_low, *_high   95% bootstrap interval over images; twin_*: the untrained twin's value
+    similar         the paper's criterion; beyond_twin: also collapsed beyond the twin; regime: the verdict's reading
 """
 from __future__ import annotations
 
@@ -22,15 +24,16 @@ import math
 from typing import Any
 
 from ..loading.info import ModelInfo
-from ..probing.result import COLUMNS, FEATURE_COLUMNS, ProbeResult, per_block_rows
+from ..probing.blocks import Criterion, block_rows
+from ..probing.result import ProbeResult
+from ..probing.verdict import judge
 
-_SPECS = {"block": "d", "block_number": "d", "sim_prev": ".3f", "ratio_prev": ".3f", "similar": "", "cross_head": ".3f",
-          "effective_rank": ".1f", "energy_rank": ".1f", "feature_sim_last": ".3f", "feature_residual": ".3f"}
-
-
-def _settings(result: ProbeResult) -> tuple[float, int, str]:
-    s = result.settings
-    return s.get("threshold", 0.9), s.get("neighbors", 1), s.get("reduction", "mean")
+_SPECS = {"block": "d", "index": "d", "similar": "", "beyond_twin": "", "regime": "", "kind": "",
+          "effective_rank": ".1f", "energy_rank": ".1f", "attention_distance": ".2f"}
+# what the text table shows (CSV and JSON have every column); twin columns only when a twin was measured
+TABLE_COLUMNS = ("block", "kind", "sim_prev", "sim_prev_low", "sim_prev_high", "twin_sim_prev", "pearson_prev",
+                 "twin_pearson_prev", "entropy", "rank1_residual", "cross_head", "effective_rank", "similar",
+                 "beyond_twin", "regime")
 
 
 def _missing(v: Any) -> bool:
@@ -67,29 +70,34 @@ def _heads_source(model: ModelInfo) -> str:
     return f" (from {src})" if src else ""
 
 
-def _table(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
-    rows = per_block_rows(result, threshold, k, reduction)
-    cols = [c for c in ("block", *COLUMNS[3:], *FEATURE_COLUMNS) if any(c in r for r in rows)]
-    cols.insert(1, "kind")
-    body = [[cell(r.get(c), _SPECS.get(c, "")) for c in cols] for r in rows]
+def _present(rows: list[dict[str, Any]], c: str) -> bool:
+    return any(c in r and not _missing(r[c]) for r in rows)
+
+
+def _table(result: ProbeResult, crit: Criterion) -> str:
+    rows = block_rows(result, crit)
+    cols = [c for c in TABLE_COLUMNS if _present(rows, c) or c in ("block", "kind", "similar")]
+    body = [[cell(r.get(c), _SPECS.get(c, ".3f")) for c in cols] for r in rows]
     m, im = result.model, result.images
+    summary = judge(result, crit)
+    twin = result.baseline.settings.get("twin", {}) if result.baseline is not None else None
     head = [f"model    {m.architecture or '?'} ({m.architecture_source or '?'}): depth {m.depth}, "
             f"{m.num_heads or '?'} heads{_heads_source(m)}, {m.tokens or '?'} tokens, {m.params / 1e6:.2f}M params",
             f"images   {im.count} from {im.source}, input {im.input_size}",
-            f"columns  sim_prev / ratio_prev: mean column cosine with the previous {k} block(s) / fraction above "
-            f"{threshold}",
-            "         similar: collapsed block (*); cross_head: cross-head similarity; effective_rank / energy_rank: "
-            "attention rank",
-            "         kind: probs = softmax maps, mixed = after Re-attention; feature_*: token features", ""]
-    foot = [""]
-    for kind in result.attention:
-        s = result.summary(kind, threshold, k, reduction)
-        listed = ", ".join(map(str, s["similar_blocks"])) or "none"
-        foot.append(f"{kind}: {s['count']} similar blocks of {result.depth} (ratio {s['ratio']:.3f}; {reduction} "
-                    f"similarity with previous {k} > {threshold}): {listed}")
+            "twin     " + (f"untrained twin: {twin.get('init', '?')}, BatchNorm re-estimated on these images"
+                           if twin is not None else "none (pass --baseline to measure the untrained twin)"),
+            f"columns  block: 1-based; sim_prev: {summary['metric']} with the previous {crit.neighbors} block(s), "
+            "_low/_high its 95% interval over images",
+            "         pearson_prev: centred similarity with the previous block; twin_*: the untrained twin; entropy: "
+            "/ log N; rank1_residual: 0 = rows alike",
+            f"         similar: {summary['reduction_text']}; beyond_twin: also above the twin's centred similarity "
+            f"by {crit.margin}",
+            "         kind: probs = softmax maps, mixed = after Re-attention (not on the softmax scale); all columns: "
+            "--format csv", ""]
+    foot = ["", *summary["text"]]
     for f in result.findings:
-        foot.append(f"WARNING {f['name']} ({f['kind']}, block {f['block']}): {f['nonfinite_values']} {f['problem']} "
-                    f"in {f['images']} image(s); {f['action']}")
+        foot.append(f"WARNING {f['name']} ({f['kind']}, block {f['block'] + 1}): {f['nonfinite_values']} "
+                    f"{f['problem']} in {f['images']} image(s); {f['action']}")
     return "\n".join(head + [aligned(cols, body)] + foot)
 
 
@@ -105,16 +113,16 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def render(result: ProbeResult, fmt: str = "table") -> str:
-    """``fmt`` is "table", "csv" or "json" (``ProbeResult.to_json``: every matrix, the summary, the settings and
-    ``per_block``, the rows of the table and the CSV).
+    """``fmt`` is "table", "csv" or "json" (``ProbeResult.to_json``: every matrix, the versioned summary of
+    ``probing.verdict.judge``, the settings and ``per_block``, the rows of the table and the CSV).
 
-    Similar blocks are counted with the threshold, neighbours and reduction the result was probed with.
+    Similar blocks are counted with the criterion the result was probed with (``Criterion.of(result)``).
     """
-    threshold, k, reduction = _settings(result)
     if fmt == "json":
         return result.to_json()
+    crit = Criterion.of(result)
     if fmt == "csv":
-        return csv_text(per_block_rows(result, threshold, k, reduction))
+        return csv_text(block_rows(result, crit))
     if fmt == "table":
-        return _table(result, threshold, k, reduction)
+        return _table(result, crit)
     raise ValueError(f"unknown format {fmt!r}; choose table, csv or json")

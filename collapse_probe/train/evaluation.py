@@ -11,51 +11,22 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..distributed import DistInfo, all_reduce_sum
-
-
-def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+from ..probing.baseline import bn_modules  # noqa: F401  (re-exported for the engine)
+from ..probing.baseline import recalibrate_bn as _recalibrate
 
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches, device: torch.device, num_batches: int,
                    info: DistInfo | None = None, autocast=nullcontext) -> int:
     """Re-estimate every BatchNorm's running statistics on ``num_batches`` batches (as the official DeepViT trainer does
-    before evaluating): statistics reset, cumulative average (momentum None), only BatchNorm layers in train mode.
+    before evaluating): ``probing.baseline.recalibrate_bn``, the same routine the untrained twin's statistics come from.
     Under DDP the per-rank estimates are averaged. Returns the number of batches used (0 when there is no BatchNorm).
     """
-    bns = bn_modules(model)
-    if not bns or num_batches <= 0:
-        return 0
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    used = 0
-    try:
-        for images, _ in batches:
-            if used >= num_batches:
-                break
-            with autocast():
-                model(images.to(device, non_blocking=True))
-            used += 1
-    finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
-        model.train(was_training)
-    if info is not None and info.distributed:
-        for bn in bns:
-            for buf in (bn.running_mean, bn.running_var):
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf /= info.world
-    return used
+    return _recalibrate(model, batches, device, num_batches, all_reduce=info is not None and info.distributed,
+                        autocast=autocast)
 
 
 @torch.no_grad()
@@ -87,19 +58,27 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo, aut
 def track_collapse(model: nn.Module, images: torch.Tensor, threshold: float = 0.9) -> dict[str, Any]:
     """Similar-block count and per-block neighbour similarity of ``model`` on one fixed batch [B, 3, H, W].
 
-    Uses the maps that multiply V ("mixed" in Re-attention blocks, else "probs"); both kinds are returned.
+    The same verdict engine as every command (``probing.verdict.judge``): the maps that multiply V
+    (``ProbeResult.applied_kind``), the paper's metric under the mean reduction; both kinds are returned, with 1-based
+    block numbers (``blocks``, ``similar_blocks``) as in the reports.
     """
+    from ..probing.blocks import BlockView, Criterion
     from ..probing.run import probe
+    from ..probing.verdict import judge
 
-    res = probe(model, [images], kinds=("probs", "mixed"), progress=False)
+    res = probe(model, [images], kinds=("probs", "mixed"), progress=False, threshold=threshold)
+    crit = Criterion.of(res)
     out: dict[str, Any] = {}
-    for kind, st in res.attention.items():
-        nb = st.neighbor(1)
-        out[kind] = {"blocks": list(st.blocks), "neighbor": [None if math.isnan(v) else float(v) for v in nb],
-                     "similar_blocks": st.similar_blocks(threshold), "cross_head": [float(v) for v in st.cross_head]}
-    main_kind = res.applied_kind
+    for kind in res.attention:
+        view = BlockView.of(res, kind, crit)
+        out[kind] = {"blocks": [b + 1 for b in view.blocks],
+                     "neighbor": [None if math.isnan(v) else float(v) for v in view.values["sim_prev"]],
+                     "similar_blocks": [b + 1 for b, m in zip(view.blocks, view.similar) if m],
+                     "cross_head": [float(v) for v in view.values["cross_head"]]}
+    summary = judge(res, crit, sweep_thresholds=None)
+    main_kind = summary["kind"]
     out["kind"] = main_kind
-    out["similar_blocks"] = len(out[main_kind]["similar_blocks"])
-    out["similar_ratio"] = out["similar_blocks"] / max(len(out[main_kind]["blocks"]), 1)
+    out["similar_blocks"] = summary["count"]
+    out["similar_ratio"] = summary["count"] / max(len(out[main_kind]["blocks"]), 1)
     out["similar_blocks_probs"] = len(out["probs"]["similar_blocks"])
     return out

@@ -1,0 +1,220 @@
+"""The one verdict engine: what every command (``similarity``, ``audit``, ``compare``, ``figures``, the trainer's
+collapse tracking) says about a ``Result``, as one versioned JSON summary plus sentences.
+
+    summary = judge(result)                       # settings from result.settings; result.baseline = untrained twin
+    summary["headline"], summary["text"]          # what people read
+    summary["similar_blocks"], summary["count_interval"], summary["collapsed_beyond_twin"]   # 1-based block numbers
+
+Three things make a count a finding rather than a number: the twin (``probe(..., baseline=True)``: same architecture,
+fresh init, same images; a block is *collapsed beyond the twin* only when its centred similarity exceeds the twin's),
+the interval (bootstrap over images), and the map kind (the maps that multiply V: ``Result.applied_kind``). The
+paper's metric is reported as such ("column cosine, uncentred, Eq. 3") under the chosen reduction; the paper does not
+publish its reduction, so both readings are offered and each number says which it uses. Recommendations (reuse,
+removal, head pruning, Re-attention) are made only from collapse beyond the twin, never Re-attention for blocks that
+have it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..metrics import bootstrap
+from .blocks import TOKEN_UNIFORM_RESIDUAL, UNIFORM_ENTROPY, BlockView, Criterion, Result, _arr
+
+SCHEMA = "collapse-probe/summary"
+SCHEMA_VERSION = 2
+NUMBERING = ("block numbers are 1-based (block 1 is module blocks.0), as in the paper; fields named index or "
+             "*_index are 0-based module indices")
+PAPER_METRIC = "column cosine, uncentred (Eq. 3)"
+REDUCTION_TEXT = {"mean": "mean column cosine with the previous {k} block(s) > {t}",
+                  "ratio": "fraction of column cosines above {e} with the previous {k} block(s) > {t}"}
+PAPER_REDUCTION = ("The paper does not publish how it reduces Eq. 3 over heads, tokens and images; 'mean' and 'ratio' "
+                   "are two readings of it")
+KIND_TEXT = {"probs": "softmax maps", "mixed": "maps after Re-attention (Θ, BatchNorm), the maps that multiply V"}
+SWEEP = tuple(round(0.80 + 0.02 * i, 2) for i in range(10))  # 0.80 ... 0.98
+
+
+def runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive runs [(first, last), ...] of sorted numbers."""
+    out: list[tuple[int, int]] = []
+    for b in numbers:
+        if out and b == out[-1][1] + 1:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((b, b))
+    return out
+
+
+def spans(numbers: Sequence[int]) -> str:
+    """"1, 4-9, 12" (or "none")."""
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs(sorted(numbers))) or "none"
+
+
+def _numbers(view: BlockView, mask: np.ndarray | None) -> list[int] | None:
+    return None if mask is None else [b + 1 for b, m in zip(view.blocks, mask) if m]
+
+
+def _onset(view: BlockView, mask: np.ndarray) -> int | None:
+    """1-based block from which every later block satisfies ``mask`` (the paper's "after block 17"), or None."""
+    onset = None
+    for b, m in zip(reversed(view.blocks), reversed(mask.tolist())):
+        if not m:
+            break
+        onset = b + 1
+    return onset  # never the first block: it has nothing to compare with, so its mask entry is False
+
+
+def _count_interval(view: BlockView, per_image: np.ndarray | None) -> list[float] | None:
+    if per_image is None or view.weights is None:
+        return None
+    lo, hi = bootstrap.interval(bootstrap.count_draws(per_image, view.weights, view.criterion.threshold))
+    return [float(lo), float(hi)]
+
+
+def _median(x: np.ndarray, mask: Sequence[bool]) -> float:
+    v = x[np.asarray(mask, dtype=bool)]
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else math.nan
+
+
+def sweep(result: Result, crit: Criterion, kind: str, thresholds: Sequence[float] = SWEEP) -> list[dict]:
+    """Similar-block counts of ``kind`` for each block threshold, both reductions, the twin beside (None without)."""
+    st, twin = result.attention[kind], (result.baseline.attention.get(kind) if result.baseline else None)
+    out = []
+    for t in thresholds:
+        row: dict[str, Any] = {"threshold": t}
+        for red in ("mean", "ratio"):
+            row[f"count_{red}"] = len(st.similar_blocks(t, crit.neighbors, red))
+            row[f"twin_count_{red}"] = None if twin is None else len(twin.similar_blocks(t, crit.neighbors, red))
+        out.append(row)
+    return out
+
+
+def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Sequence[float] | None = SWEEP,
+          notes: Sequence[str] = ()) -> dict[str, Any]:
+    """The summary of ``result`` (schema ``SCHEMA`` version ``SCHEMA_VERSION``): counts with intervals, the twin's,
+    uniform attention's, collapse beyond the twin, regimes per block, a threshold sweep and the sentences.
+
+    ``notes``: extra sentences to cite (e.g. an intervention's measured output change)."""
+    crit = crit or Criterion.of(result)
+    kind = result.applied_kind
+    view = BlockView.of(result, kind, crit)
+    probs = result.attention.get("probs")
+    ent = _arr(probs, "entropy", len(view.blocks)) if (kind != "probs" and probs is not None
+                                                        and list(probs.blocks) == view.blocks) else None
+    regimes = view.regimes(ent)
+    depth = result.depth
+    similar, beyond = view.similar, view.beyond_twin
+    sim_numbers = _numbers(view, similar)
+    twin_mask = view.twin_similar
+    comparable = sum(1 for p in range(len(view.blocks)) if np.isfinite(view.values["sim_prev"][p]))
+    out: dict[str, Any] = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "block_numbering": NUMBERING,
+        "kind": kind, "kind_text": KIND_TEXT.get(kind, kind), "metric": PAPER_METRIC,
+        "reduction_text": REDUCTION_TEXT[crit.reduction].format(k=crit.neighbors, t=crit.threshold,
+                                                                 e=crit.entry_threshold),
+        "paper_reduction": PAPER_REDUCTION, "criterion": crit.to_dict(), "depth": depth,
+        "images": result.images.count,
+        "similar_blocks": sim_numbers, "count": len(sim_numbers), "ratio": len(sim_numbers) / max(depth, 1),
+        "count_interval": _count_interval(view, view.per_image_prev),
+        "onset": _onset(view, similar),
+        "uniform_attention": {"count": comparable, "note": "uniform maps (1/N) give column cosine 1 between any two "
+                              "blocks, so every block with a previous block would count"},
+        "baseline": None, "collapsed_beyond_twin": _numbers(view, beyond),
+        "regimes": {name: [b + 1 for b, r in zip(view.blocks, regimes) if r == name]
+                    for name in ("uniform", "token-uniform", "redundant")},
+    }
+    if view.twin:
+        tb = result.baseline
+        twin_numbers = _numbers(view, twin_mask) or []
+        out["baseline"] = {"what": "untrained twin", **(tb.settings.get("twin") or {}),
+                           "similar_blocks": twin_numbers, "count": len(twin_numbers),
+                           "count_interval": _count_interval(view, view.twin_per_image_prev)}
+    other = [k for k in result.attention if k != kind]
+    if other:
+        ov = BlockView.of(result, other[0], crit)
+        on = _numbers(ov, ov.similar) or []
+        out["other_kind"] = {"kind": other[0], "kind_text": KIND_TEXT.get(other[0], other[0]),
+                             "similar_blocks": on, "count": len(on)}
+    out["sweep"] = sweep(result, crit, kind, sweep_thresholds) if sweep_thresholds else []
+    out["headline"], out["text"] = _sentences(result, view, regimes, out, notes)
+    return out
+
+
+def _heads_note(result: Result) -> list[str]:
+    m = result.model
+    if "guess" in (m.heads_source or ""):
+        return [(f"HEADS GUESSED: the head count ({m.num_heads}) is a guess ({m.heads_source}); every per-head "
+                 "number below assumes it, so confirm it or pass --num-heads N.")]
+    return []
+
+
+def _ci(iv: list[float] | None) -> str:
+    return "" if iv is None else f" [95% CI {iv[0]:.0f}-{iv[1]:.0f} over images]"
+
+
+def _sentences(result: Result, view: BlockView, regimes: list[str], s: dict[str, Any],
+               notes: Sequence[str]) -> tuple[str, list[str]]:
+    crit, v = view.criterion, view.values
+    name = result.model.architecture or "model"
+    base = s["baseline"]
+    head = (f"{name}, {s['kind_text']}: {s['count']} of {s['depth']} blocks similar by the paper's metric "
+            f"({PAPER_METRIC}; {s['reduction_text']}){_ci(s['count_interval'])}")
+    head += (f"; untrained twin {base['count']}{_ci(base['count_interval'])}; uniform attention "
+             f"{s['uniform_attention']['count']}; collapsed beyond the twin: {len(s['collapsed_beyond_twin'])}"
+             + (f" (blocks {spans(s['collapsed_beyond_twin'])})" if s["collapsed_beyond_twin"] else "")
+             if base else "; no untrained twin measured, so this count cannot be told apart from initialisation")
+    text = _heads_note(result) + [head + "."]
+    if s["similar_blocks"]:
+        text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
+    mask = {r: [x == r for x in regimes] for r in ("uniform", "token-uniform", "redundant")}
+    reattn = {b + 1 for b in (result.model.reattn_blocks or [])}
+    if s["regimes"]["uniform"]:
+        text.append(f"Blocks {spans(s['regimes']['uniform'])} attend near-uniformly (softmax entropy >= "
+                    f"{UNIFORM_ENTROPY} of log N; median {_median(v['entropy'], mask['uniform']):.3f} here, TV from "
+                    f"uniform {_median(v['tv_uniform'], mask['uniform']):.3f}): the paper's cosine sits at its floor "
+                    f"(median floor {_median(v['floor_prev'], mask['uniform']):.3f}), so their similarity says little "
+                    "about redundancy.")
+    if s["regimes"]["token-uniform"]:
+        text.append(f"Blocks {spans(s['regimes']['token-uniform'])} have rows alike (rank-1 residual <= "
+                    f"{TOKEN_UNIFORM_RESIDUAL}; median {_median(v['rank1_residual'], mask['token-uniform']):.3f}): "
+                    "every query attends the same way (token-uniform maps). Eq. 3 scores such maps 1 even on disjoint "
+                    f"keys; row cosine with the previous block, median "
+                    f"{_median(v['row_cosine_prev'], mask['token-uniform']):.3f}.")
+    red = s["regimes"]["redundant"]
+    if red:
+        tw = f" vs the twin's {_median(view.twin['pearson_prev'], mask['redundant']):.3f}" if view.twin else ""
+        text.append(f"Blocks {spans(red)} are redundant: centred similarity (column Pearson) with the previous block, "
+                    f"median {_median(v['pearson_prev'], mask['redundant']):.3f}{tw}"
+                    + (f" (margin >= {crit.margin}, paired 95% bound above 0)." if view.twin else
+                       f" (> {crit.threshold}; no twin measured)."))
+        last = runs(red)[-1]
+        if last[1] == view.blocks[-1] + 1 and last[0] > view.blocks[0] + 1:
+            cure = "" if set(range(last[0], last[1] + 1)) <= reattn else \
+                ", or for Re-attention (DeepViT) when retraining a deeper model"
+            text.append(f"From block {last[0]} to the last block attention repeats: blocks {last[0]}-{last[1]} could "
+                        f"reuse block {last[0] - 1}'s attention map (attention sharing), or are candidates for "
+                        f"removal{cure}. Check it with `collapse-probe intervene`.")
+    if not any(s["regimes"].values()):
+        text.append("No regime of collapse: attention is not near-uniform, rows differ between queries, and no block "
+                    "repeats the previous block's centred attention pattern" + (" beyond the twin." if view.twin
+                                                                                else "."))
+    ch, tch = v["cross_head"], view.twin.get("cross_head")
+    heads = [b + 1 for i, b in enumerate(view.blocks) if ch[i] > crit.threshold
+             and (tch is None or ch[i] - tch[i] >= crit.margin)]
+    if heads:
+        mix = "" if set(heads) <= reattn else " or for mixing heads (Re-attention)"
+        text.append(f"In blocks {spans(heads)} all heads attend nearly alike (cross-head similarity > {crit.threshold}"
+                    + (f", beyond the twin by >= {crit.margin}" if tch is not None else "")
+                    + f"): redundant heads, candidates for head pruning{mix}.")
+    if "other_kind" in s and s["kind"] == "mixed":
+        o = s["other_kind"]
+        text.append(f"Re-attention: {s['count']} blocks similar after head mixing ({s['kind_text']}), {o['count']} in "
+                    "the softmax maps before it; the two are not on one scale (BatchNorm centres the mixed maps).")
+    text += list(notes)
+    im = result.images
+    text.append(f"Measured on {im.count} images ({im.source}).")
+    return head, text
