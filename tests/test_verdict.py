@@ -1,0 +1,106 @@
+"""The verdict engine and what it stands on: bootstrap intervals, Wilson intervals, the untrained twin.
+
+    PYTHONPATH=. pytest tests/test_verdict.py -q
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import collapse_probe.models  # noqa: F401  (registers our presets)
+from collapse_probe.metrics import bootstrap
+from collapse_probe.probing.baseline import recalibrate_bn, untrained_twin
+from collapse_probe.probing.run import probe
+
+
+def test_wilson_matches_the_closed_form():
+    # successes 0 of n: the upper bound is z^2 / (n + z^2) exactly
+    z = 1.959963984540054
+    lo, hi = bootstrap.wilson(0, 20)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(z * z / (20 + z * z), rel=1e-9)
+    lo, hi = bootstrap.wilson(50, 100)  # symmetric around 1/2, half-width z sqrt(1/4n + z^2/4n^2) / (1 + z^2/n)
+    half = z * math.sqrt(0.25 / 100 + z * z / (4 * 100**2)) / (1 + z * z / 100)
+    assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half), rel=1e-9)
+    assert all(math.isnan(v) for v in bootstrap.wilson(0, 0))
+
+
+def test_resampled_means_use_equal_image_weights_and_skip_missing_images():
+    v = np.array([[1.0, np.nan], [3.0, 2.0], [5.0, 4.0]])
+    w = np.array([[1.0, 1.0, 1.0], [3.0, 0.0, 0.0], [0.0, 2.0, 1.0]])  # three draws of 3 images
+    m = bootstrap.weighted_means(v, w)
+    assert m[0].tolist() == [3.0, 3.0]  # the NaN image is left out of block 2 only
+    assert m[1, 0] == 1.0 and math.isnan(m[1, 1])  # a draw of only the missing image: no number
+    assert m[2].tolist() == pytest.approx([(2 * 3 + 5) / 3, (2 * 2 + 4) / 3])
+    draws = bootstrap.resample_weights(7, n_boot=50, seed=3)
+    assert draws.shape == (50, 7) and (draws.sum(1) == 7).all()
+    assert (draws == bootstrap.resample_weights(7, n_boot=50, seed=3)).all()  # seedable
+
+
+def test_count_interval_brackets_the_count_and_shrinks_with_agreement():
+    rng = np.random.default_rng(0)
+    # block 1: clearly above 0.9 in every image; block 2: right at the threshold (noisy); block 3: clearly below
+    per_image = np.stack([0.97 + 0.01 * rng.standard_normal(200), 0.9 + 0.05 * rng.standard_normal(200),
+                          0.5 + 0.01 * rng.standard_normal(200)], axis=1)
+    w = bootstrap.resample_weights(200, 500, seed=1)
+    lo, hi = bootstrap.interval(bootstrap.count_draws(per_image, w, 0.9))
+    assert lo == 1 and hi == 2  # the borderline block is in some draws and not in others
+    lo, hi = bootstrap.interval(bootstrap.count_draws(per_image[:, [0, 2]], w, 0.9))
+    assert lo == hi == 1
+
+
+class _BNOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+def test_batchnorm_recalibration_is_the_mean_of_the_batch_statistics():
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5) * s + m for s, m in ((1.0, 0.0), (2.0, 3.0), (0.5, -1.0))]
+    model = _BNOnly().eval()
+    used = recalibrate_bn(model, batches, torch.device("cpu"))
+    assert used == 3 and not model.bn.training and model.bn.momentum == 0.1
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    vars_ = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    assert torch.allclose(model.bn.running_mean, means, atol=1e-6)
+    assert torch.allclose(model.bn.running_var, vars_, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit_micro", "deepvit_micro"])
+def test_untrained_twin_is_a_fresh_seeded_copy_that_leaves_the_callers_rng_alone(name):
+    model = timm.create_model(name, depth=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # "trained": far from any init
+    state = torch.random.get_rng_state()
+    twin, how = untrained_twin(model, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert "timm init_weights" in how and "seed 5" in how and "N(0, 0.02" not in how  # every tensor re-drawn
+    again, _ = untrained_twin(model, seed=5)
+    other, _ = untrained_twin(model, seed=6)
+    for (n, p), q, r, s in zip(model.named_parameters(), twin.parameters(), again.parameters(), other.parameters()):
+        assert p.shape == q.shape and torch.equal(q, r), n
+        if p.numel() > 8 and not n.endswith(("bias", "norm.weight", "norm1.weight", "norm2.weight")):
+            assert not torch.equal(p, q) and not torch.equal(q, s), n
+    assert next(model.parameters()).abs().mean() > 0.5  # the model itself is untouched
+
+
+def test_probe_with_baseline_measures_the_twin_on_the_same_images():
+    model = timm.create_model("deepvit_micro", depth=3)
+    images = torch.randn(6, 3, 32, 32)
+    result = probe(model, images, batch_size=4, progress=False, baseline=True, baseline_seed=2)
+    twin = result.baseline
+    assert twin is not None and twin.images == result.images and twin.baseline is None
+    assert twin.settings["twin"]["seed"] == 2 and twin.settings["twin"]["batchnorm_batches"] == 2
+    assert set(twin.attention) == set(result.attention) == {"probs", "mixed"}
+    assert not np.allclose(twin.attention["mixed"].similarity, result.attention["mixed"].similarity)
+    with pytest.raises(Exception, match="read twice"):
+        probe(model, (b for b in images.split(3)), progress=False, baseline=True)
