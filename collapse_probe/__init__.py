@@ -38,16 +38,20 @@ _LAZY = {
     "ModelInfo": "collapse_probe.loading.info",
     "ImageInfo": "collapse_probe.loading.info",
     "LoadedModel": "collapse_probe.loading.info",
+    "judge": "collapse_probe.probing.verdict",
+    "Criterion": "collapse_probe.probing.blocks",
 }
 
-__all__ = ["__version__", "load_model", "probe", "capture", "ProbeResult", "AttentionStats", "FeatureStats",
-           "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError", "BadArgumentError", "RefusedContentError",
+__all__ = ["__version__", "load_model", "probe", "capture", "judge", "Criterion", "ProbeResult", "AttentionStats",
+           "FeatureStats", "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError", "BadArgumentError", "RefusedContentError",
            "MalformedFileError", "UnsupportedLayoutError", "UnsupportedModelError"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below are resolved lazily
     from .hooks.capture import capture
     from .loading.build import load_model
     from .loading.info import ImageInfo, LoadedModel, ModelInfo
+    from .probing.blocks import Criterion
+    from .probing.verdict import judge
     from .probing.result import AttentionStats, FeatureStats, ProbeResult
     from .probing.run import probe
 
