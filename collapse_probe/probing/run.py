@@ -102,6 +102,7 @@ def probe(
     progress: bool = True,
     all_reduce: bool | None = None,
     observers: Sequence[Observer] = (),
+    prefix_tokens: int | None = None,
 ) -> ProbeResult:
     """Measure collapse of a checkpoint (path), a ``load_model`` result or a model in memory.
 
@@ -121,6 +122,8 @@ def probe(
         all_reduce: shard the images over torchrun ranks and all-reduce the sums (default: for paths only, so a lone
             rank such as the trainer's collapse tracking can probe a model alone).
         observers: extra ``fn(site, tensor)`` callbacks that see every captured tensor in the same forward passes.
+        prefix_tokens: class / distillation / register tokens before the patch tokens, for the mean attention
+            distance (default: the model's ``num_prefix_tokens``, else its token parameters; see ``prefix_tokens_of``).
 
     The model is switched to eval mode (dropout and BatchNorm statistics frozen) and restored afterwards.
     """
@@ -151,8 +154,9 @@ def probe(
         if not isinstance(batches, DataLoader):
             raise BadArgumentError("all_reduce shards a folder or built-in image set over the ranks; pass one")
         batches = distributed.shard_loader(batches)
+    prefix = prefix_tokens_of(model) if prefix_tokens is None else prefix_tokens
     result, max_batch = _measure(model, batches, kinds, threshold, rank_images, storage_dtype, max_memory, dev,
-                                 progress and distributed.is_main(), all_reduce, observers)
+                                 progress and distributed.is_main(), all_reduce, observers, prefix)
     if not result.attention:
         bad = sum(f["images"] for f in result.findings)
         raise BadArgumentError(f"no finite attention map: every image gave NaN/Inf maps ({bad} image-blocks); check "
@@ -165,9 +169,22 @@ def probe(
     return result
 
 
+def prefix_tokens_of(model: nn.Module) -> int | None:
+    """Tokens before the patch tokens: timm's ``num_prefix_tokens``, else the class / distillation / register token
+    parameters of torchvision, transformers and vit-pytorch ViTs; None when the model shows neither."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if n is not None:
+        return int(n)
+    names = ("cls_token", "class_token", "dist_token", "distillation_token", "register_tokens", "reg_token")
+    sizes = [p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
+             if name.rsplit(".", 1)[-1] in names]
+    return int(sum(sizes)) if sizes else None
+
+
 def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshold: float, rank_images: int | None,
              storage_dtype: torch.dtype, max_memory: int | str | None, device: torch.device, progress: bool,
-             all_reduce: bool, observers: Sequence[Observer]) -> tuple[ProbeResult, int | None]:
+             all_reduce: bool, observers: Sequence[Observer],
+             prefix_tokens: int | None = None) -> tuple[ProbeResult, int | None]:
     """The probe loop: hooks planned once, every batch streamed into one collector; (result, max batch used)."""
     rank_cap = rank_images
     if rank_images is not None and all_reduce:
@@ -191,7 +208,7 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
         if first is not None and max_memory is not None:  # sized with its own 1-image forward, before the hooks
             max_batch = fit_batch(model, _images(first).to(device), kinds, max_memory, storage_dtype)
         with capture(model, kinds, callback=callback) as cap:
-            collector = CollapseCollector(cap.sites, threshold, rank_cap, storage_dtype, cap.num_heads)
+            collector = CollapseCollector(cap.sites, threshold, rank_cap, storage_dtype, cap.num_heads, prefix_tokens)
             batch = first
             while batch is not None:
                 x = _images(batch).to(device)
