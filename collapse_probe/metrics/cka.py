@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .columns import CONSTANT
 from .sums import ImageSums
 
 
@@ -27,7 +28,8 @@ class CkaAccumulator(ImageSums):
     ``end_batch`` takes all L x L inner products per image with one batched matmul and frees it. Cost per block and
     image: one N x N x C matmul (the N x N form is the cheaper one while N < C, e.g. ViT-S: 197 tokens, 384 channels).
     Sums (float64): sum_cka, count [L, L] (images valid in both blocks). Images marked invalid are not counted, nor
-    is a pair where an image's tokens are all equal in one block (no centred geometry: CKA undefined).
+    is a pair where an image's tokens are all equal in one block (their centred part under ``columns.CONSTANT`` of
+    their norm: no geometry, CKA undefined).
     """
 
     _names = ("sum_cka", "count")
@@ -52,9 +54,11 @@ class CkaAccumulator(ImageSums):
         centred = x - x.mean(dim=1, keepdim=True)
         gram = self._buf[:, block].view(B, N, N)
         torch.bmm(centred, centred.transpose(1, 2), out=gram)
+        # tokens equal within float32 rounding (centred part under CONSTANT of the norm) have no geometry to compare
+        spread = gram.diagonal(dim1=1, dim2=2).sum(-1) > CONSTANT**2 * x.square().sum((1, 2))
         if valid is not None:
             gram[~valid] = 0
-        self._valid[block] = True if valid is None else valid
+        self._valid[block] = spread if valid is None else spread & valid
 
     def end_batch(self) -> None:
         if self._buf is None:
@@ -63,8 +67,8 @@ class CkaAccumulator(ImageSums):
         norm = hsic.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # |K_l|_F
         v = self._valid.T  # [B, L]
         den = norm[:, :, None] * norm[:, None]
-        both = v[:, :, None] & v[:, None] & (den > 0)
-        cka = hsic / torch.where(den > 0, den, 1.0)
+        both = v[:, :, None] & v[:, None]
+        cka = hsic / torch.where(both, den, 1.0)
         self.sum_cka += torch.where(both, cka, 0.0).sum(0).double()
         self.count += both.sum(0).double()
         self._buf = None

@@ -79,6 +79,9 @@ class DistanceAccumulator(ImageSums):
         self.sum_dist[block] += d.sum(0)
         self.images[block] += B if valid is None else valid.sum()
 
+    def end_batch(self) -> None:
+        """Nothing is held between blocks (kept for the accumulators' common call sequence)."""
+
     def heads(self) -> torch.Tensor:
         """[L, H] mean distance in patches per block and head."""
         return self.sum_dist.cpu() / self.images.cpu()[:, None]
