@@ -43,8 +43,8 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "load_model", "probe", "capture", "judge", "Criterion", "ProbeResult", "AttentionStats",
-           "FeatureStats", "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError", "BadArgumentError", "RefusedContentError",
-           "MalformedFileError", "UnsupportedLayoutError", "UnsupportedModelError"]
+           "FeatureStats", "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError", "BadArgumentError",
+           "RefusedContentError", "MalformedFileError", "UnsupportedLayoutError", "UnsupportedModelError"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below are resolved lazily
     from .hooks.capture import capture

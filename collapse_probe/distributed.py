@@ -7,11 +7,13 @@ Without torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE) everything runs in o
 
 Rank r takes images r, r + W, r + 2W, ... (like ``DistributedSampler`` with ``shuffle=False`` but without the padding
 duplicates, which would count some images twice and bias the means). Every accumulator holds sums and counts, so the
-all-reduced state equals the single-process state up to float rounding; only rank 0 writes output.
+all-reduced state equals the single-process state up to float rounding; per-image rows (for bootstrap intervals) are
+not summable and are gathered instead, back into image order. Only rank 0 writes output.
 Backend: NCCL on CUDA, gloo on the CPU. The trainer (``collapse_probe.train``) uses the same setup.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,12 +109,13 @@ def shard_loader(loader: DataLoader) -> DataLoader:
 
 
 def all_reduce_sums(accumulators: Sequence, device: torch.device) -> None:
-    """Sum every accumulator's ``state()`` over the ranks (one flat float64 all-reduce) and load it back."""
+    """Sum every accumulator's ``state()`` over the ranks (one flat float64 all-reduce) and load it back; gather the
+    per-image rows of those that keep them (``per_image_state`` / ``load_per_image``) with ``gather_images``."""
     if not active():
         return
     states = [acc.state() for acc in accumulators]
     flat = torch.cat([t.reshape(-1).to(torch.float64) for st in states for t in st.values()])
-    flat = flat.to(device if dist.get_backend() == "nccl" else "cpu")
+    flat = flat.to(_comm_device(device))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat, offset = flat.cpu(), 0
     for acc, st in zip(accumulators, states):
@@ -121,6 +124,45 @@ def all_reduce_sums(accumulators: Sequence, device: torch.device) -> None:
             new[name] = flat[offset:offset + t.numel()].view(t.shape)
             offset += t.numel()
         acc.load_state(new)
+    for acc in accumulators:  # the same accumulators in the same order on every rank: the collectives pair up
+        if hasattr(acc, "per_image_state"):
+            rows = acc.per_image_state()
+            if rows:
+                whole = gather_images(torch.cat([t.reshape(t.shape[0], -1) for t in rows.values()], 1), device)
+                parts = whole.split([math.prod(t.shape[1:]) for t in rows.values()], 1)
+                acc.load_per_image({n: p.reshape(-1, *t.shape[1:]) for (n, t), p in zip(rows.items(), parts)})
+
+
+def _comm_device(device: torch.device) -> torch.device | str:
+    return device if dist.get_backend() == "nccl" else "cpu"
+
+
+def gather_images(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """This rank's per-image rows [n_r, K] -> every rank's, [sum n_r, K], in global image order.
+
+    Ranks hold different numbers of images, so each pads to the largest count for ``all_gather``. With the strided
+    shards of ``shard_indices`` (rank r holds images r, r + W, ...) image g is row g // W of rank g % W, which restores
+    the single-process order; counts that do not fit that pattern are concatenated in rank order.
+    """
+    world, dev = dist.get_world_size(), _comm_device(device)
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=dev)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    if max(counts) == 0:
+        return rows.cpu()
+    padded = torch.zeros(max(counts), rows.shape[1], dtype=rows.dtype, device=dev)
+    padded[:rows.shape[0]] = rows.to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts = [p[:c].cpu() for p, c in zip(parts, counts)]
+    total = sum(counts)
+    if counts != [shard_count(total, r, world) for r in range(world)]:
+        return torch.cat(parts)
+    out = torch.empty(total, rows.shape[1], dtype=rows.dtype)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -33,10 +33,21 @@ def _env() -> dict:
     return env
 
 
+ATTENTION = ("similarity", "ratio", "head_similarity", "cross_head", "effective_rank", "energy_rank", "entropy",
+             "tv_uniform", "cosine_floor", "pearson", "row_cosine", "row_jsd_prev", "matched", "rank1_residual",
+             "attention_distance", "attention_distance_heads")
+
+
 def _arrays(d: dict) -> dict:
     out = {f"{k}.{name}": np.array(v[name], dtype=float) for k, v in d["attention"].items()
-           for name in ("similarity", "ratio", "head_similarity", "cross_head", "effective_rank", "energy_rank")}
-    out.update({f"features.{n}": np.array(d["features"][n], dtype=float) for n in ("similarity", "residual")})
+           for name in ATTENTION if v[name] is not None}
+    out.update({f"features.{n}": np.array(d["features"][n], dtype=float)
+                for n in ("similarity", "residual", "token_uniformity", "cka")})
+    # per-image rows are gathered, not summed: same rows in the same image order as one process
+    out.update({f"{k}.per_image.{n}": np.array(rows, dtype=float) for k, v in d["attention"].items()
+                for n, rows in v["per_image"].items()})
+    out.update({f"features.per_image.{n}": np.array(rows, dtype=float)
+                for n, rows in d["features"]["per_image"].items()})
     return out
 
 

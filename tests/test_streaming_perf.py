@@ -13,6 +13,8 @@ import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.errors import BadArgumentError
 from collapse_probe.hooks.capture import capture
 from collapse_probe.metrics import functional as MF
+from collapse_probe.metrics.columns import ColumnAccumulator
+from collapse_probe.metrics.rows import RowAccumulator
 from collapse_probe.metrics.streaming import CrossLayerAccumulator, FeatureAccumulator, unit_columns
 from collapse_probe.probing.memory import estimate_bytes_per_image, fit_batch, parse_bytes
 from collapse_probe.probing.result import ProbeResult
@@ -82,8 +84,8 @@ def test_max_memory_splits_batches_without_changing_results(model_and_images):
 def test_estimate_counts_every_stored_map():
     shapes = {"a.probs": (1, 4, 10, 10), "b.probs": (1, 4, 10, 10), "a.out": (1, 10, 8)}
     fp32, fp16 = estimate_bytes_per_image(shapes, torch.float32), estimate_bytes_per_image(shapes, torch.float16)
-    assert fp32 - fp16 == 2 * 4 * 10 * 10 * 2  # two stored maps, 2 bytes saved per entry
-    assert fp32 == 2 * 400 * 4 + 10 * 8 * 4 + 8 * 400 * 4 + 12 * 80 * 4
+    assert fp32 - fp16 == 2 * 2 * 4 * 10 * 10 * 2  # two maps stored as columns and rows, 2 bytes saved per entry
+    assert fp32 == 2 * (2 * 400 * 4 + 4 * 10 * 8) + (10 * 8 + 10 * 10) * 4 + 11 * 400 * 4 + 12 * 80 * 4
 
 
 @pytest.mark.parametrize("text,expected", [("2GiB", 2 * 2**30), ("500MB", 500 * 10**6), ("1.5g", int(1.5 * 2**30)),
@@ -103,21 +105,26 @@ def test_buffers_depend_on_batch_size_not_on_image_count(model_and_images):
     model, images = model_and_images
     peaks = []
     for n_batches in (1, 2):
-        peak = [0]
-        orig = CrossLayerAccumulator.end_batch
+        peak = {ColumnAccumulator: 0, RowAccumulator: 0}
+        origs = {cls: cls.end_batch for cls in peak}
 
-        def spy(self, _orig=orig, _peak=peak):
-            _peak[0] = max(_peak[0], self.buffer_bytes())
-            _orig(self)
+        def spy(self, _peak=peak, _origs=origs):
+            _peak[type(self)] = max(_peak[type(self)], self.buffer_bytes())
+            _origs[type(self)](self)
             assert self.buffer_bytes() == 0
 
-        CrossLayerAccumulator.end_batch = spy
+        for cls in peak:
+            cls.end_batch = spy
         try:
             probe(model, [images] * n_batches, progress=False)
         finally:
-            CrossLayerAccumulator.end_batch = orig
-        peaks.append(peak[0])
-    assert peaks[0] == peaks[1] == 7 * 4 * 65 * 4 * 65 * 4  # B*H*N rows x L blocks x N entries x 4 bytes
+            for cls, orig in origs.items():
+                cls.end_batch = orig
+        peaks.append(peak)
+    B, H, N, L = 7, 4, 65, 4
+    # columns: B*N rows x L*H columns x N entries, plus a and |x|^2 per column; rows: L blocks x B*H*N*N entries
+    assert peaks[0] == peaks[1] == {ColumnAccumulator: (B * N * L * H * N + 2 * B * N * L * H) * 4,
+                                    RowAccumulator: L * B * H * N * N * 4}
 
 
 @pytest.mark.parametrize("dtype,unit", [(torch.float16, 2**-11), (torch.bfloat16, 2**-8)])

@@ -104,3 +104,38 @@ def test_probe_with_baseline_measures_the_twin_on_the_same_images():
     assert not np.allclose(twin.attention["mixed"].similarity, result.attention["mixed"].similarity)
     with pytest.raises(Exception, match="read twice"):
         probe(model, (b for b in images.split(3)), progress=False, baseline=True)
+
+
+def test_every_command_names_the_same_similar_blocks_with_the_same_numbers(tmp_path):
+    """(g): similarity, audit, compare and figures on one checkpoint: one list, one count, 1-based everywhere."""
+    import csv
+    import json
+
+    from click.testing import CliRunner
+
+    from collapse_probe.cli import main
+    from collapse_probe.loading.save import save_checkpoint
+
+    ckpt, twin = tmp_path / "m.safetensors", tmp_path / "copy.safetensors"
+    save_checkpoint(timm.create_model("vit_micro", depth=6), ckpt)  # random init: near-uniform, many similar blocks
+    twin.write_bytes(ckpt.read_bytes())
+    common = ["--num-images", "4", "--batch-size", "4", "--no-progress", "--threshold", "0.9"]
+
+    def run(*args: str) -> str:
+        res = CliRunner().invoke(main, [*args, *common])
+        assert res.exit_code == 0, res.output
+        return res.stdout
+
+    sim = json.loads(run("similarity", str(ckpt), "--format", "json"))["summary"]
+    run("audit", str(ckpt), "-o", str(tmp_path / "audit"), "--no-baseline")
+    aud = json.loads((tmp_path / "audit" / "metrics.json").read_text())["summary"]
+    cmp_ = json.loads(run("compare", str(ckpt), str(twin), "--format", "json", "--no-baseline"))["summary"][0]
+    run("figures", str(ckpt), "-o", str(tmp_path / "figs"), "--no-pdf", "--no-baseline")
+    fig = next(csv.DictReader((tmp_path / "figs" / "summary.csv").open()))
+    expected = sim["similar_blocks"]
+    assert expected and min(expected) >= 2  # block 1 has no previous block: 1-based numbers
+    assert aud["similar_blocks"] == cmp_["similar_blocks"] == expected
+    assert [int(b) for b in fig["similar_block_numbers"].split()] == expected
+    assert aud["count"] == int(fig["similar_blocks"]) == len(expected) == sim["count"]
+    headline = run("similarity", str(ckpt)).splitlines()
+    assert any(f"{len(expected)} of 6 blocks similar" in line for line in headline)

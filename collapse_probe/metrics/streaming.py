@@ -12,26 +12,12 @@ big batch, and two accumulators (e.g. from two ranks) combine with ``merge`` or 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import functional as MF
-
-
-class _Sums:
-    """Named float64 sum tensors that merge by addition (and all-reduce as a flat vector)."""
-
-    _names: tuple[str, ...] = ()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self._names}
-
-    def merge(self, other: _Sums) -> None:
-        for n in self._names:
-            setattr(self, n, getattr(self, n) + getattr(other, n).to(getattr(self, n)))
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        for n in self._names:
-            setattr(self, n, state[n].to(torch.float64).cpu())
+from .sums import ImageSums, _Sums
 
 
 class CrossLayerAccumulator(_Sums):
@@ -205,21 +191,25 @@ class RankAccumulator(_Sums):
         return self.sum_energy / self.count
 
 
-class FeatureAccumulator(_Sums):
-    """Token-feature cosine between block outputs (Fig. 4) as [L, L], plus Dong et al.'s residual ratio per block.
+class FeatureAccumulator(ImageSums):
+    """Token-feature cosine between block outputs (Fig. 4) as [L, L], plus per block Dong et al.'s residual ratio and
+    the token uniformity: the mean cosine between different tokens of one image, averaged over images (1: every token
+    points the same way), from the sum S of an image's unit tokens: (|S|^2 - sum_n |u_n|^2) / (N (N - 1)).
 
     Like ``CrossLayerAccumulator``: unit token vectors of the batch in an [L, B*N*C] buffer, one Gram at ``end_batch``;
-    invalid samples are zeroed and not counted.
+    invalid samples are zeroed and not counted. Per-image rows: "residual", "token_uniformity" [L] (NaN: excluded).
     """
 
-    _names = ("sum_cos", "count", "sum_resid", "images")
+    _names = ("sum_cos", "count", "sum_resid", "images", "sum_unif")
 
     def __init__(self, num_blocks: int, storage_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__({"residual": (num_blocks,), "token_uniformity": (num_blocks,)})
         self.L, self.storage_dtype = num_blocks, storage_dtype
         self.sum_cos = torch.zeros(num_blocks, num_blocks, dtype=torch.float64)
         self.count = torch.zeros_like(self.sum_cos)
         self.sum_resid = torch.zeros(num_blocks, dtype=torch.float64)
         self.images = torch.zeros_like(self.sum_resid)
+        self.sum_unif = torch.zeros_like(self.sum_resid)
         self._buf: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._filled = [False] * num_blocks
@@ -231,6 +221,7 @@ class FeatureAccumulator(_Sums):
         if self._buf is None:
             self._buf = torch.empty(self.L, B * N * C, dtype=self.storage_dtype, device=feats.device)
             self._valid = torch.ones(self.L, B, dtype=torch.bool, device=feats.device)
+            self._stage = torch.full((2, self.L, B), math.nan, device=feats.device)  # residual, uniformity
             self._tokens = N
         elif self._buf.shape[1] != B * N * C:
             raise ValueError(f"block {block} has features {tuple(feats.shape)}, unlike the batch's earlier blocks")
@@ -240,16 +231,22 @@ class FeatureAccumulator(_Sums):
             finite = torch.isfinite(tok).all(1)
             valid = None if bool(finite.all()) else finite
         slot = self._buf[block].view(B, N, C)
-        torch.div(x, tok.clamp_min(MF.EPS).unsqueeze(-1), out=slot)
+        safe = tok.clamp_min(MF.EPS)
+        torch.div(x, safe.unsqueeze(-1), out=slot)
         # Dong et al.'s residual |X - 1 mean(X)|_F / |X|_F, as MF.residual_norm_ratio but reusing the token norms
         resid = torch.linalg.vector_norm(x - x.mean(dim=1, keepdim=True), dim=(1, 2))
         resid = resid / tok.square().sum(1).sqrt().clamp_min(MF.EPS)
+        unit_sq = (tok / safe).square().sum(1)  # sum_n |u_n|^2 (N unless some token is zero)
+        unif = (slot.sum(1, dtype=torch.float32).square().sum(1) - unit_sq) / max(N * (N - 1), 1)
+        unif = unif if N > 1 else torch.full_like(unif, math.nan)  # one token: no pair to compare
+        self._stage[0, block], self._stage[1, block] = resid, unif
         if valid is not None and not bool(valid.all()):
             slot[~valid] = 0
-            resid = resid[valid]
+            resid, unif = resid[valid], unif[valid]
             self._valid[block] = valid
         self._filled[block] = True
         self.sum_resid[block] += resid.sum(dtype=torch.float64).cpu()
+        self.sum_unif[block] += unif.sum(dtype=torch.float64).cpu()
         self.images[block] += resid.shape[0]
         return valid
 
@@ -262,6 +259,9 @@ class FeatureAccumulator(_Sums):
         v = self._valid[idx.to(self._valid.device)].double()
         self.sum_cos[grid] += (x @ x.T).double().cpu()
         self.count[grid] += (v @ v.T).cpu() * self._tokens
+        filled = torch.tensor(self._filled, device=self._valid.device)[:, None]
+        stage = torch.where(self._valid & filled, self._stage, math.nan)
+        self._append({"residual": stage[0].T, "token_uniformity": stage[1].T})
         self._buf, self._valid, self._filled = None, None, [False] * self.L
 
     def buffer_bytes(self) -> int:
@@ -272,6 +272,10 @@ class FeatureAccumulator(_Sums):
 
     def residual(self) -> torch.Tensor:
         return self.sum_resid / self.images
+
+    def token_uniformity(self) -> torch.Tensor:
+        """[L] mean cosine between different tokens of an image (Dong et al.'s rank collapse seen as directions)."""
+        return self.sum_unif / self.images
 
 
 class FindingsAccumulator(_Sums):

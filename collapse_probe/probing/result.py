@@ -47,13 +47,43 @@ def finite(x: Any) -> Any:
     return x
 
 
+def _rounded(a: np.ndarray, digits: int = 6) -> Any:
+    """``_list`` of ``a`` rounded to ``digits`` significant digits (per-image rows: short JSON, enough to bootstrap)."""
+    a = np.asarray(a, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = 10.0 ** (digits - 1 - np.floor(np.log10(np.abs(a))))
+        r = np.where(np.isfinite(scale) & (a != 0), np.round(a * scale) / scale, a)
+    return _list(r)
+
+
+def _nan_fill(obj: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Fields left None (a result saved before they existed, or built by hand) become NaN arrays of their shape."""
+    for name, shape in shapes.items():
+        if getattr(obj, name) is None:
+            setattr(obj, name, np.full(shape, math.nan))
+
+
 @dataclass
 class AttentionStats:
     """Per-block statistics of one kind of map ("probs" or "mixed") over the probed images.
 
-    ``blocks`` are 0-based model block indices (``blocks.{i}``); every array is indexed by position in ``blocks``.
+    ``blocks`` are 0-based model block indices (``blocks.{i}``); every array is indexed by position in ``blocks``
+    (L of them; H heads).
     similarity / ratio: [L, L] mean column cosine and fraction of cosines above ``threshold``.
     head_similarity: [L, H, H]; cross_head: [L] mean over different heads; effective_rank, energy_rank: [L].
+
+    Companion metrics (``metrics.columns``, ``metrics.rows``, ``metrics.distance`` define them; NaN arrays where a
+    metric does not apply to the kind, e.g. the distribution measures for "mixed", or was not in a saved result):
+    entropy [L] row entropy / log N and tv_uniform [L] total-variation distance from uniform rows ("probs" only);
+    cosine_floor [L, L] what uncorrelated columns with the same means and norms score (similarity - cosine_floor is
+    the excess); pearson [L, L] centred column similarity; row_cosine [L, L] the same-query row cosine; row_jsd_prev
+    [L] Jensen-Shannon divergence (nats) of each block's rows from the previous block's (NaN for the first block and
+    where that block is not probed; "probs" only); matched [L, L] mean column cosine after the best one-to-one head
+    matching (invariant to permuting heads); rank1_residual [L] |A - 1 abar^T|_F / |A|_F; attention_distance [L] and
+    attention_distance_heads [L, H] mean attention distance in patches, or None with the reason in distance_note.
+    per_image: {name: [n_images, ...]} float rows for bootstrap intervals: "similarity", "ratio" [n, L, L] and
+    "entropy", "tv_uniform", "rank1_residual", "cross_head", "pearson_prev" (centred similarity with the previous
+    block) [n, L]; NaN where an image was excluded; np.nanmean over images gives the per-block mean.
     """
 
     kind: str
@@ -66,6 +96,22 @@ class AttentionStats:
     cross_head: np.ndarray
     effective_rank: np.ndarray
     energy_rank: np.ndarray
+    entropy: np.ndarray | None = None
+    tv_uniform: np.ndarray | None = None
+    cosine_floor: np.ndarray | None = None
+    pearson: np.ndarray | None = None
+    row_cosine: np.ndarray | None = None
+    row_jsd_prev: np.ndarray | None = None
+    matched: np.ndarray | None = None
+    rank1_residual: np.ndarray | None = None
+    attention_distance: np.ndarray | None = None
+    attention_distance_heads: np.ndarray | None = None
+    distance_note: str | None = None
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        L = len(self.blocks)
+        _nan_fill(self, {k: (L, L) if k in _ATTN_MATRICES else (L,) for k in _ATTN_COMPANIONS})
 
     def matrix(self, reduction: Reduction = "mean") -> np.ndarray:
         if reduction not in REDUCTIONS:
@@ -90,36 +136,59 @@ class AttentionStats:
         return collapse_onset(self.neighbor(k, reduction), threshold, self.blocks)
 
     def to_dict(self) -> dict[str, Any]:
+        dist = {k: None if getattr(self, k) is None else _list(getattr(self, k)) for k in _ATTN_DISTANCE}
         return {
             "kind": self.kind, "blocks": self.blocks, "names": self.names, "threshold": self.threshold,
-            **{k: _list(getattr(self, k)) for k in _ATTN_ARRAYS},
+            **{k: _list(getattr(self, k)) for k in _ATTN_ARRAYS + _ATTN_COMPANIONS}, **dist,
+            "distance_note": self.distance_note, "per_image": {k: _rounded(v) for k, v in self.per_image.items()},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AttentionStats:
+        saved = "attention_distance" in d
         return cls(kind=d["kind"], blocks=list(d["blocks"]), names=list(d["names"]), threshold=d["threshold"],
-                   **{k: _array(d[k]) for k in _ATTN_ARRAYS})
+                   **{k: _array(d[k]) for k in _ATTN_ARRAYS},
+                   **{k: _array(d[k]) if d.get(k) is not None else None for k in _ATTN_COMPANIONS + _ATTN_DISTANCE},
+                   distance_note=d.get("distance_note") if saved else "not in this saved result",
+                   per_image={k: _array(v) for k, v in (d.get("per_image") or {}).items()})
 
 
 _ATTN_ARRAYS = ("similarity", "ratio", "head_similarity", "cross_head", "effective_rank", "energy_rank")
+_ATTN_COMPANIONS = ("entropy", "tv_uniform", "cosine_floor", "pearson", "row_cosine", "row_jsd_prev", "matched",
+                    "rank1_residual")
+_ATTN_MATRICES = ("cosine_floor", "pearson", "row_cosine", "matched")
+_ATTN_DISTANCE = ("attention_distance", "attention_distance_heads")
 
 
 @dataclass
 class FeatureStats:
-    """Block-output statistics: similarity [L, L] (mean token cosine), residual [L] (Dong et al.; 0 = rank one)."""
+    """Block-output statistics: similarity [L, L] (mean token cosine), residual [L] (Dong et al.; 0 = rank one),
+    token_uniformity [L] (mean cosine between different tokens of an image), cka [L, L] (linear CKA per image over
+    its tokens, averaged over images; ``metrics.cka``), per_image {"residual", "token_uniformity": [n_images, L]}.
+    Fields missing from a saved result are NaN arrays."""
 
     blocks: list[int]
     names: list[str]
     similarity: np.ndarray
     residual: np.ndarray
+    token_uniformity: np.ndarray | None = None
+    cka: np.ndarray | None = None
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        L = len(self.blocks)
+        _nan_fill(self, {"token_uniformity": (L,), "cka": (L, L)})
 
     def to_dict(self) -> dict[str, Any]:
         return {"blocks": self.blocks, "names": self.names, "similarity": _list(self.similarity),
-                "residual": _list(self.residual)}
+                "residual": _list(self.residual), "token_uniformity": _list(self.token_uniformity),
+                "cka": _list(self.cka), "per_image": {k: _rounded(v) for k, v in self.per_image.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureStats:
-        return cls(list(d["blocks"]), list(d["names"]), _array(d["similarity"]), _array(d["residual"]))
+        opt = {k: _array(d[k]) if d.get(k) is not None else None for k in ("token_uniformity", "cka")}
+        return cls(list(d["blocks"]), list(d["names"]), _array(d["similarity"]), _array(d["residual"]), **opt,
+                   per_image={k: _array(v) for k, v in (d.get("per_image") or {}).items()})
 
 
 @dataclass

@@ -106,6 +106,7 @@ def probe(
     observers: Sequence[Observer] = (),
     baseline: bool = False,
     baseline_seed: int = 0,
+    prefix_tokens: int | None = None,
 ) -> ProbeResult:
     """Measure collapse of a checkpoint (path), a ``load_model`` result or a model in memory.
 
@@ -129,6 +130,8 @@ def probe(
         observers: extra ``fn(site, tensor)`` callbacks that see every captured tensor in the same forward passes.
         baseline: also measure the untrained twin (``probing.baseline``: same architecture, fresh init with
             ``baseline_seed``, BatchNorm statistics re-estimated on these images) and store it as ``result.baseline``.
+        prefix_tokens: class / distillation / register tokens before the patch tokens, for the mean attention
+            distance (default: the model's ``num_prefix_tokens``, else its token parameters; see ``prefix_tokens_of``).
 
     The model is switched to eval mode (dropout and BatchNorm statistics frozen) and restored afterwards.
     """
@@ -166,8 +169,9 @@ def probe(
     if baseline and iter(batches) is batches:
         raise BadArgumentError("the untrained twin needs images it can read twice: pass a folder, a built-in set, a "
                                "tensor or a list of batches, not a one-shot iterator")
+    prefix = prefix_tokens_of(model) if prefix_tokens is None else prefix_tokens
     result, max_batch = _measure(model, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory, dev,
-                                 show, all_reduce, observers)
+                                 show, all_reduce, observers, prefix)
     if not result.attention:
         bad = sum(f["images"] for f in result.findings)
         raise BadArgumentError(f"no finite attention map: every image gave NaN/Inf maps ({bad} image-blocks); check "
@@ -180,28 +184,42 @@ def probe(
                        "world_size": world}
     if baseline:
         result.baseline = _twin_result(model, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory,
-                                       dev, show, all_reduce, baseline_seed, result)
+                                       dev, show, all_reduce, baseline_seed, result, prefix)
     return result
 
 
 def _twin_result(model: nn.Module, batches: Iterable, kinds: Sequence[str], entry_threshold: float,
                  rank_images: int | None, storage_dtype: torch.dtype, max_memory: int | str | None,
-                 dev: torch.device, show: bool, all_reduce: bool, seed: int, trained: ProbeResult) -> ProbeResult:
+                 dev: torch.device, show: bool, all_reduce: bool, seed: int, trained: ProbeResult,
+                 prefix: int | None) -> ProbeResult:
     """The untrained twin measured on the same batches with the same settings (``probing.baseline``)."""
     twin, how = untrained_twin(model, seed)
     bn_batches = recalibrate_bn(twin, tqdm(batches, desc="twin: BatchNorm statistics", unit="batch", leave=False,
                                            disable=not show), dev, all_reduce=all_reduce)
     result, _ = _measure(twin, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory, dev, show,
-                         all_reduce, ())
+                         all_reduce, (), prefix)
     del twin
     result.model, result.images = trained.model, trained.images
     result.settings = {**trained.settings, "twin": {"init": how, "seed": seed, "batchnorm_batches": bn_batches}}
     return result
 
 
+def prefix_tokens_of(model: nn.Module) -> int | None:
+    """Tokens before the patch tokens: timm's ``num_prefix_tokens``, else the class / distillation / register token
+    parameters of torchvision, transformers and vit-pytorch ViTs; None when the model shows neither."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if n is not None:
+        return int(n)
+    names = ("cls_token", "class_token", "dist_token", "distillation_token", "register_tokens", "reg_token")
+    sizes = [p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
+             if name.rsplit(".", 1)[-1] in names]
+    return int(sum(sizes)) if sizes else None
+
+
 def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshold: float, rank_images: int | None,
              storage_dtype: torch.dtype, max_memory: int | str | None, device: torch.device, progress: bool,
-             all_reduce: bool, observers: Sequence[Observer]) -> tuple[ProbeResult, int | None]:
+             all_reduce: bool, observers: Sequence[Observer],
+             prefix_tokens: int | None = None) -> tuple[ProbeResult, int | None]:
     """The probe loop: hooks planned once, every batch streamed into one collector; (result, max batch used)."""
     rank_cap = rank_images
     if rank_images is not None and all_reduce:
@@ -225,7 +243,7 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
         if first is not None and max_memory is not None:  # sized with its own 1-image forward, before the hooks
             max_batch = fit_batch(model, _images(first).to(device), kinds, max_memory, storage_dtype)
         with capture(model, kinds, callback=callback) as cap:
-            collector = CollapseCollector(cap.sites, threshold, rank_cap, storage_dtype, cap.num_heads)
+            collector = CollapseCollector(cap.sites, threshold, rank_cap, storage_dtype, cap.num_heads, prefix_tokens)
             batch = first
             while batch is not None:
                 x = _images(batch).to(device)
