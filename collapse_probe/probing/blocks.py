@@ -148,12 +148,15 @@ class BlockView:
 
     @property
     def beyond_twin(self) -> np.ndarray | None:
-        """[L] bool or None (no twin): similar, and the centred similarity with the previous block exceeds the twin's
-        by at least the margin, with the paired bootstrap's 95% lower bound of that difference above 0."""
+        """[L] bool or None (no twin): similar by the paper's criterion, *and* the centred similarity with the previous
+        block is itself above the block threshold (the attention pattern repeats, not only its uniform part) and exceeds
+        the twin's by at least the margin, with the paired bootstrap's 95% lower bound of that difference above 0."""
         if not self.twin:
             return None
-        diff = self.values["pearson_prev"] - self.twin["pearson_prev"]
-        ok = np.nan_to_num(diff, nan=-np.inf) >= self.criterion.margin
+        pearson = self.values["pearson_prev"]
+        diff = pearson - self.twin["pearson_prev"]
+        ok = (np.nan_to_num(diff, nan=-np.inf) >= self.criterion.margin) & (
+            np.nan_to_num(pearson, nan=-np.inf) > self.criterion.threshold)
         if self.twin_difference_low is not None:
             ok &= np.nan_to_num(self.twin_difference_low, nan=-np.inf) > 0
         return self.similar & ok

@@ -152,6 +152,13 @@ def _heads_note(result: Result) -> list[str]:
     return []
 
 
+def _not_above(s: dict[str, Any], base: dict[str, Any]) -> bool:
+    """True when the trained count is not clearly above the twin's (intervals overlap, or the twin scores more)."""
+    if s["count_interval"] and base["count_interval"]:
+        return s["count_interval"][0] <= base["count_interval"][1]
+    return s["count"] <= base["count"]
+
+
 def _ci(iv: list[float] | None) -> str:
     return "" if iv is None else f" [95% CI {iv[0]:.0f}-{iv[1]:.0f} over images]"
 
@@ -170,6 +177,9 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], s: dict[str,
     text = _heads_note(result) + [head + "."]
     if s["similar_blocks"]:
         text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
+    if base and s["similar_blocks"] and _not_above(s, base):
+        text.append(f"The untrained twin scores {base['count']} on the same images: the paper's count alone does "
+                    "not show collapse that training produced.")
     mask = {r: [x == r for x in regimes] for r in ("uniform", "token-uniform", "redundant")}
     reattn = {b + 1 for b in (result.model.reattn_blocks or [])}
     if s["regimes"]["uniform"]:
