@@ -504,3 +504,26 @@ def test_cross_head_reference_only_with_softmax_curves():
     ax = plot_cross_head({"v": make_result([0.5, 0.6]), "d": make_result([0.1, 0.2], kind="mixed")})
     assert _legend(ax) == ["v (probs)", "d (mixed)", "paper: below 0.3 (softmax maps)"]
     assert MIXED_NOTE in _notes(ax)
+
+
+def test_measure_checkpoint_reads_size_seed_and_recreates_theta_init(tmp_path):
+    from collapse_probe.loading.save import save_checkpoint
+    from collapse_probe.reports.figures import measure_checkpoint
+    from collapse_probe.train.config import resolve_config
+    from collapse_probe.train.engine import build_model
+    from collapse_probe.train.state import seed_everything
+
+    cfg = resolve_config("digits", model="deepvit_micro", model_args={"depth": 2, "patch_size": 8}, seed=3)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, 10)
+    init = ThetaWeights.from_state_dict(model.state_dict())
+    with torch.no_grad():  # "training": Θ moves by a known amount
+        for blk in model.blocks:
+            blk.attn.theta.weight.add_(0.01)
+    path = tmp_path / "deepvit_micro_d2.safetensors"
+    save_checkpoint(model, path, extra={"eval": {"top1": 50.0, "val_images": 40}, "train_config": cfg.to_dict()})
+    r = measure_checkpoint(path, "d2", num_images=2, progress=False)
+    assert (r.top1, r.val_images, r.val_images_source, r.seed) == (50.0, 40, "metadata eval.val_images", 3)
+    np.testing.assert_allclose(r.theta_init.weight, init.weight, atol=1e-7)
+    np.testing.assert_allclose(r.theta.weight - r.theta_init.weight, 0.01, atol=1e-6)
+    assert r.maps["mixed"].first_image.shape == (2, 4, 17, 17) and r.baseline is None

@@ -215,7 +215,7 @@ def plot_theta_change(final: ThetaWeights, init: ThetaWeights, title: str | None
                 im_delta = im
             _theta_ticks(ax, h, False, False)
             if r == 0:
-                ax.set_title(f"block {final.blocks[i] + 1}: {rel[i]:.2g}", fontsize=7, pad=2)
+                ax.set_title(f"block {final.blocks[i] + 1}: Δ {100 * rel[i]:.2g}%", fontsize=7, pad=2)
             if c == 0:
                 ax.set_ylabel(rows[r], fontsize=7)
             out.append(ax)
