@@ -178,7 +178,7 @@ def plot_cross_head(results: Mapping[str, ProbeResult], kind: str = "auto", refe
                     ax: Axes | None = None) -> Axes:
     """Fig. 3(c): mean similarity between different heads of each block (``AttentionStats.cross_head``).
 
-    Legend entries name the map kind; ``baselines`` ({label: untrained twin}) are grey dashed; the paper's
+    Legend entries name the map kind (the title does, for one model); ``baselines`` ({label: untrained twin}) are grey dashed; the paper's
     ``reference`` (stated for softmax maps) is drawn only when a softmax curve is on the axes."""
     ax = axes_or_new(ax)
     cols = _colors(list(results), colors)
@@ -187,7 +187,7 @@ def plot_cross_head(results: Mapping[str, ProbeResult], kind: str = "auto", refe
         st = res.attention[pick_kind(res, kind)]
         kinds.add(st.kind)
         ax.plot(np.asarray(st.blocks) + 1, st.cross_head, color=cols[label], marker="o", ms=2.5,
-                label=f"{label} ({kind_name(res, st.kind)})")
+                label=f"{label} ({kind_name(res, st.kind)})" if len(results) > 1 else label)
     for label, base in (baselines or {}).items():
         st = base.attention[_kind_of(base, pick_kind(results[label], kind))]
         kinds.add(st.kind)
@@ -200,6 +200,9 @@ def plot_cross_head(results: Mapping[str, ProbeResult], kind: str = "auto", refe
     unit_ylim(ax)  # cross-head cosines of either kind lie in [-1, 1]: one scale keeps the kinds' levels visible
     ax.set(xlabel="block", ylabel="cross-head similarity")
     block_axis(ax)
-    ax.set_title("Similarity between heads of one block")
+    # one model: its kind goes in the title (a long model name would push a legend label past the figure)
+    only = next(iter(results.values())) if len(results) == 1 else None
+    ax.set_title("Similarity between heads of one block" + (
+        f" ({kind_name(only, pick_kind(only, kind))})" if only is not None else ""))
     ax.legend(loc="best")
     return ax
