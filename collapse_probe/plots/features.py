@@ -117,7 +117,8 @@ def plot_feature_heatmap(result: ProbeResult, ax: Axes | None = None) -> Axes:
     ax.set_yticks(pos, [str(f.blocks[p - 1] + 1) for p in pos])
     ax.grid(False)
     ax.set(xlabel="block", ylabel="block", title="Token-feature similarity")
-    ax.figure.colorbar(im, ax=ax, shrink=0.85, label=f"similarity (off-diagonal {lo:.3g} … {hi:.3g}; diagonal 1)")
+    bar = ax.figure.colorbar(im, ax=ax, shrink=0.95)
+    bar.set_label(f"similarity (off-diagonal {lo:.3g}…{hi:.3g})", fontsize=8)
     return ax
 
 

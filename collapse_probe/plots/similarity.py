@@ -158,7 +158,8 @@ def plot_similarity_heatmap(result: ProbeResult, kind: str = "auto", reduction: 
     ax.grid(False)
     ax.set(xlabel="block", ylabel="block")
     ax.set_title(title or f"Attention similarity ({k}, {reduction})")
-    ax.figure.colorbar(im, ax=ax, shrink=0.85, label=f"similarity (off-diagonal {lo:.3g} … {hi:.3g}; diagonal 1)")
+    bar = ax.figure.colorbar(im, ax=ax, shrink=0.85)
+    bar.set_label(f"similarity (off-diagonal {lo:.3g}…{hi:.3g})", fontsize=8)
     return ax
 
 
