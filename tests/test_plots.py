@@ -128,7 +128,12 @@ def test_cross_head_draws_cross_head_per_block():
     ax = plot_cross_head({"d": res}, reference=0.3)
     np.testing.assert_array_equal(ax.lines[0].get_xdata(), [1, 2, 3, 4])
     np.testing.assert_array_equal(ax.lines[0].get_ydata(), res.attention["mixed"].cross_head)
-    assert set(ax.lines[1].get_ydata()) == {0.3}
+    assert len(ax.lines) == 1  # the paper's 0.3 is stated for softmax maps: not drawn beside mixed curves alone
+    assert ax.get_title().endswith("(mixed)")  # one model: the kind is named in the title
+    assert any("not the same scale" in t.get_text() for t in ax.texts)
+    probs = make_result([0.5, 0.6, 0.7])
+    ax = plot_cross_head({"v": probs}, reference=0.3)
+    assert set(ax.lines[1].get_ydata()) == {0.3} and not ax.texts
 
 
 def test_similar_blocks_vs_depth_counts_and_ratios(tmp_path):
@@ -191,11 +196,16 @@ def test_attention_maps_grid_one_panel_per_block(tmp_path):
     assert len(axes) == 5
     for i, ax in enumerate(axes):
         np.testing.assert_array_equal(ax.images[0].get_array(), maps.maps[i])
-        assert ax.get_title() == f"block {i + 1}"
+        lo, hi = np.percentile(maps.maps[i], [1, 99])  # default: each panel its own 1st-99th percentile
+        assert ax.images[0].get_clim() == pytest.approx((lo, hi))
+        assert ax.get_title() == f"block {i + 1}: {lo:.3g}–{hi:.3g}"  # the range is printed
     assert sum(a.get_visible() and bool(a.images) for a in axes[0].figure.axes) == 5  # sixth grid cell hidden
-    assert {ax.images[0].get_clim() for ax in axes} == {(maps.maps.min(), maps.maps.max())}  # one shared scale
-    own = plot_attention_maps(maps, shared_scale=False)
+    shared = plot_attention_maps(maps, scale="shared")
+    assert {ax.images[0].get_clim() for ax in shared} == {(maps.maps.min(), maps.maps.max())}  # one shared scale
+    own = plot_attention_maps(maps, scale="panel")
     assert [ax.images[0].get_clim() for ax in own] == [(m.min(), m.max()) for m in maps.maps]
+    with pytest.raises(ValueError, match="scale"):
+        plot_attention_maps(maps, scale="global")
     save_figure(axes[0].figure, tmp_path / "maps")
     _png_pdf(tmp_path / "maps")
     fig = Figure()
@@ -251,6 +261,10 @@ def test_map_accumulator_equals_mean_of_captured_maps():
             full = torch.cat(kept[f"blocks.{i}.attn.{kind}"])  # [5, H, N, N]
             np.testing.assert_allclose(out[kind].maps[i], full.double().mean(dim=(0, 1)).numpy(), atol=1e-6)
     np.testing.assert_allclose(out["probs"].maps.sum(-1), 1.0, atol=1e-5)  # averaged softmax rows still sum to 1
+    for kind in ("probs", "mixed"):  # the first image's per-head maps, kept beside the means: [L, H, N, N]
+        first = np.stack([kept[f"blocks.{i}.attn.{kind}"][0][0].numpy() for i in range(2)])
+        assert out[kind].first_image.shape == first.shape and first.shape[1] == model.blocks[0].attn.num_heads
+        np.testing.assert_allclose(out[kind].first_image, first, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -287,21 +301,26 @@ def test_figures_command_writes_every_figure_with_its_numbers(tiny_checkpoints, 
     assert set(results) == {"deepvit_micro_d2", "deepvit_micro_d3", "vit_micro_d2"}
     d3 = results["deepvit_micro_d3"]
     rows = [r for r in read_csv(out / "fig3a_neighbor_similarity_deepvit_micro_d3.csv") if r["k"] == "1"]
-    assert [r["kind"] for r in rows] == ["mixed"] * 3
-    got = [float(r["similarity"]) if r["similarity"] else math.nan for r in rows]
+    assert [(r["kind"], r["applied"]) for r in rows] == [("probs", "0")] * 3 + [("mixed", "1")] * 3
+    got = [float(r["similarity"]) if r["similarity"] else math.nan for r in rows if r["kind"] == "mixed"]
     np.testing.assert_allclose(got, d3.attention["mixed"].neighbor(1), equal_nan=True, rtol=1e-12)
-    fig3b = {r["model"]: r for r in read_csv(out / "fig3b_similar_blocks_vs_depth.csv")}
+    fig3b = read_csv(out / "fig3b_similar_blocks_vs_depth.csv")
     for label, r in results.items():
         kind = "mixed" if label.startswith("deep") else "probs"
-        assert int(fig3b[label]["similar_blocks"]) == r.summary(kind, 0.9)["count"]
-        assert int(fig3b[label]["depth"]) == r.depth
+        for reduction in ("mean", "ratio"):
+            row, = [x for x in fig3b if (x["model"], x["kind"], x["reduction"]) == (label, kind, reduction)]
+            assert int(row["similar_blocks"]) == r.summary(kind, 0.9, 1, reduction)["count"]
+            assert int(row["depth"]) == r.depth
+    assert {x["reduction"] for x in fig3b if x["family"].startswith("paper")} == {"unpublished"}
     acc = read_csv(out / "fig1_accuracy_vs_depth.csv")
-    assert [(r["model"], float(r["top1"])) for r in acc] == [("deepvit_micro_d2", 61.5), ("deepvit_micro_d3", 64.0)]
+    assert [(r["models"], float(r["top1"]), r["seeds"]) for r in acc] == [("deepvit_micro_d2", 61.5, "1"),
+                                                                          ("deepvit_micro_d3", 64.0, "1")]
     fig8 = read_csv(out / "fig8_similarity_vit_vs_deepvit_d2.csv")
     assert sorted({(r["model"], r["kind"]) for r in fig8}) == [
         ("deepvit_micro_d2", "mixed"), ("deepvit_micro_d2", "probs"), ("vit_micro_d2", "probs")]
     theta = read_csv(out / "fig8_theta_deepvit_micro_d3.csv")
-    assert len(theta) == 3 * 4 * 4 and {r["block_number"] for r in theta} == {"1", "2", "3"}
+    assert len(theta) == 3 * 4 * (4 + 1) and {r["block_number"] for r in theta} == {"1", "2", "3"}  # + bias rows
+    assert all(r["init"] == "" for r in theta)  # no seed recorded in these files: final only
     summary = {r["model"]: r for r in read_csv(out / "summary.csv")}
     assert summary["vit_micro_d2"]["family"] == "vit" and summary["deepvit_micro_d3"]["depth"] == "3"
     json.loads((out / "results" / "vit_micro_d2.json").read_text())
@@ -336,7 +355,7 @@ def test_figures_bad_input_is_one_line_and_leaves_nothing(tmp_path):
 
 
 def test_interrupted_rendering_keeps_previous_files(tiny_checkpoints, tmp_path, monkeypatch):
-    import collapse_probe.reports.figures as figures
+    from collapse_probe.reports import figure_jobs, figures
 
     ckpt = tiny_checkpoints / "deepvit_micro_d2.safetensors"
     out = tmp_path / "figs"
@@ -346,7 +365,7 @@ def test_interrupted_rendering_keeps_previous_files(tiny_checkpoints, tmp_path, 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(figures, "_fig3c", boom)
+    monkeypatch.setattr(figure_jobs, "fig3c", boom)
     with pytest.raises(KeyboardInterrupt):
         figures.make_figures([ckpt], out, num_images=2, progress=False, formats=("png",))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figs"]  # staging folder removed

@@ -4,6 +4,7 @@ Plain numpy objects (no models), produced by ``collapse_probe.figures`` and cons
 
     maps = MeanMaps(kind="probs", blocks=[0, 1], maps=np.ones((2, 5, 5)) / 5, count=17)
     theta = ThetaWeights(blocks=[0, 1], weight=np.eye(4)[None].repeat(2, 0), bias=None)
+    theta.relative_change(init_theta)      # [L]: ||Θ - Θ0|| / ||Θ0|| per block
 """
 from __future__ import annotations
 
@@ -21,20 +22,26 @@ class MeanMaps:
     """Head- and batch-averaged attention map of each block.
 
     kind: "probs" (post-softmax) or "mixed" (after Re-attention); blocks: 0-based block indices;
-    maps: [L, N, N] (rows = queries, columns = keys); count: images averaged over.
+    maps: [L, N, N] (rows = queries, columns = keys); count: images averaged over;
+    first_image: [L, H, N, N], the per-head maps of the first image, or None. Centred "mixed" maps average out over
+    heads and images, so their single-head maps are the ones worth looking at.
     """
 
     kind: str
     blocks: list[int]
     maps: np.ndarray
     count: int
+    first_image: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "blocks": self.blocks, "count": self.count, "maps": _list(self.maps)}
+        return {"kind": self.kind, "blocks": self.blocks, "count": self.count, "maps": _list(self.maps),
+                "first_image": None if self.first_image is None else _list(self.first_image)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MeanMaps:
-        return cls(d["kind"], list(d["blocks"]), _array(d["maps"]), int(d["count"]))
+        first = d.get("first_image")
+        return cls(d["kind"], list(d["blocks"]), _array(d["maps"]), int(d["count"]),
+                   None if first is None else _array(first))
 
 
 @dataclass
@@ -64,6 +71,16 @@ class ThetaWeights:
     def to_json(self) -> str:
         return json.dumps({"blocks": self.blocks, "weight": _list(self.weight),
                            "bias": None if self.bias is None else _list(self.bias)})
+
+    def relative_change(self, init: ThetaWeights) -> np.ndarray:
+        """[L]: ||Theta - Theta_0||_F / ||Theta_0||_F per block (weights only), against ``init`` of the same blocks."""
+        if list(init.blocks) != list(self.blocks) or init.weight.shape != self.weight.shape:
+            raise ValueError(f"init Θ (blocks {init.blocks}, {init.weight.shape}) does not match final Θ (blocks "
+                             f"{self.blocks}, {self.weight.shape})")
+        num = np.linalg.norm((self.weight - init.weight).reshape(len(self.blocks), -1), axis=1)
+        den = np.linalg.norm(init.weight.reshape(len(self.blocks), -1), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
 def _numpy(t: Any) -> np.ndarray:

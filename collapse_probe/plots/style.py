@@ -86,6 +86,60 @@ def unit_ylim(ax: Axes) -> None:
     ax.set_ylim(low - 0.02, 1.02)
 
 
+# Post-BatchNorm maps are centred per head and rescaled, so their cosines are not comparable with softmax cosines;
+# every axis that shows them says so with this note.
+MIXED_NOTE = "mixed: after Θ + BatchNorm, centred — not the same scale as softmax maps"
+BASELINE_LABEL = "untrained twin"
+BASELINE_STYLE: dict[str, Any] = {"color": "0.55", "ls": "--", "lw": 1.2, "marker": None}
+
+
+def kind_name(result: Any, kind: str) -> str:
+    """How a legend names map kind ``kind`` of ``result``: "probs, before Θ" for a Re-attention model's softmax maps
+    (they are not the maps that multiply V), else the kind itself."""
+    return "probs, before Θ" if kind == "probs" and result.applied_kind == "mixed" else kind
+
+
+def note(ax: Axes, text: str, width: int | None = None) -> None:
+    """A small grey note under ``ax`` (below the x label; constrained layout makes room for it), wrapped to about
+    the axes' width, so that it never hides a curve. Kept in ``ax.texts``."""
+    import textwrap
+
+    if width is None:  # characters of 6.5 pt text that fit the axes' current width
+        width = max(30, int(ax.get_position().width * ax.figure.get_figwidth() * 72 / 3.6))
+    ax.annotate(textwrap.fill(text, width), xy=(0.5, 0.0), xycoords="axes fraction", xytext=(0, -30),
+                textcoords="offset points", ha="center", va="top", fontsize=6.5, color="0.3", annotation_clip=False)
+
+
+def block_axis(ax: Axes) -> None:
+    """Integer ticks on a block-number x axis (no "block 2.5")."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def data_ylim(ax: Axes, pad: float = 0.08) -> None:
+    """y fitted to the drawn data (with ``pad`` of its span either side): for curves that have no common scale."""
+    ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.lines]
+    ys = [y[np.isfinite(y)] for y in ys if np.isfinite(y).any()]
+    if not ys:
+        return
+    lo, hi = min(float(y.min()) for y in ys), max(float(y.max()) for y in ys)
+    span = hi - lo or max(abs(hi), 1e-3)
+    ax.set_ylim(lo - pad * span, hi + pad * span)
+
+
+def offdiag_limits(m: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite off-diagonal entries of a square matrix: the diagonal of a similarity matrix is 1 by
+    definition and would otherwise squeeze the informative entries into a sliver of the colour scale."""
+    m = np.asarray(m, dtype=float)
+    off = m[~np.eye(len(m), dtype=bool)] if len(m) > 1 else m.ravel()
+    off = off[np.isfinite(off)]
+    if not off.size:
+        return 0.0, 1.0
+    lo, hi = float(off.min()), float(off.max())
+    return (lo, hi) if hi > lo else (lo - 0.5e-3, hi + 0.5e-3)
+
+
 def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = DPI) -> list[Path]:
     """Write ``fig`` to ``path`` with each suffix in ``formats`` (replacing ``path``'s suffix); atomic per file."""
     path = Path(path)

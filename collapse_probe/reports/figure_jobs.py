@@ -1,0 +1,287 @@
+"""The figures of ``collapse-probe figures``: each job draws one figure from ``ModelRun`` results and writes
+``<stem>.png`` (+ .pdf / .svg) and ``<stem>.csv`` with the numbers it plots. ``reports.figures.plan_figures`` decides
+which jobs the checkpoints allow.
+
+CSV conventions: ``model`` is the checkpoint's file stem, ``<stem> (untrained twin)`` for a run's untrained baseline;
+``block_number`` counts blocks from 1; ``kind`` is the map kind ("probs": softmax; "mixed": after Θ + BatchNorm).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..plots import depth as pdepth
+from ..plots import features as pfeat
+from ..plots import maps as pmaps
+from ..plots import similarity as psim
+from ..plots.data import pick_kind
+from ..plots.style import family_color, new_figure, save_figure, styled, write_csv
+from ..probing.result import ProbeResult
+from .figure_inputs import ModelRun
+
+MAX_HEAD_PANELS = 64  # beyond this (blocks x heads) the single-image figure shows head 0 only; the CSV has all
+
+
+def twin(label: str) -> str:
+    """The CSV name of a run's untrained baseline."""
+    return f"{label} (untrained twin)"
+
+
+def family_order(run: ModelRun) -> tuple:
+    """ViT first, then DeepViT, then anything else; by depth within a family."""
+    return ({"vit": 0, "deepvit": 1}.get(run.family, 2), run.family, run.depth)
+
+
+def _nb(blocks: Sequence[int]) -> list[int]:
+    return [b + 1 for b in blocks]
+
+
+def _color(run: ModelRun, runs: Sequence[ModelRun]) -> Any:
+    same = sorted({r.depth for r in runs if r.family == run.family})
+    pos = same.index(run.depth) / max(1, len(same) - 1) if len(same) > 1 else 1.0
+    return family_color(run.family, pos)
+
+
+def _with_twins(runs: Sequence[ModelRun]) -> Iterator[tuple[str, ProbeResult, ProbeResult]]:
+    """(CSV model name, result, the trained run's result) for every run and every baseline a run carries."""
+    for r in runs:
+        yield r.label, r.result, r.result
+        if r.baseline is not None:
+            yield twin(r.label), r.baseline, r.result
+
+
+def _kinds(res: ProbeResult) -> list[str]:
+    return [k for k in ("probs", "mixed") if k in res.attention] + [k for k in res.attention if k not in
+                                                                      ("probs", "mixed")]
+
+
+def fig3a(runs: Sequence[ModelRun], all_runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str], threshold: float,
+          ks: Sequence[int] = (1, 2, 3), title: str | None = None) -> None:
+    """Fig. 3(a) (or Fig. 8's ViT-vs-DeepViT comparison with ``ks=(1,)``): one panel per map kind, so softmax curves
+    and post-BatchNorm curves never share a y scale or the threshold line."""
+    axes = psim.plot_neighbor_similarity_by_kind(
+        {r.label: r.result for r in runs}, ks, threshold, colors={r.label: _color(r, all_runs) for r in runs},
+        baselines={r.label: r.baseline for r in runs if r.baseline is not None})
+    if title:
+        axes[0].figure.suptitle(title)
+    rows = []
+    for name, res, trained in _with_twins(runs):
+        for kind in _kinds(res):
+            st = res.attention[kind]
+            for k in ks:
+                rows += [(name, kind, int(kind == trained.applied_kind), k, n, v)
+                         for n, v in zip(_nb(st.blocks), st.neighbor(k))]
+    write_csv(stem.with_suffix(".csv"), ["model", "kind", "applied", "k", "block_number", "similarity"], rows)
+    save_figure(axes[0].figure, stem, fmts)
+
+
+def heatmap(run: ModelRun, stem: Path, fmts: Sequence[str]) -> None:
+    kind = pick_kind(run.result)
+    ax = psim.plot_similarity_heatmap(run.result, kind, title=f"{run.label}: attention similarity ({kind})")
+    st = run.result.attention[kind]
+    nb = _nb(st.blocks)
+    rows = [(run.label, kind, nb[i], nb[j], st.similarity[i, j]) for i in range(len(nb)) for j in range(len(nb))]
+    write_csv(stem.with_suffix(".csv"), ["model", "kind", "block_number", "other_block_number", "similarity"], rows)
+    save_figure(ax.figure, stem, fmts)
+
+
+def _entry_cuts(runs: Sequence[ModelRun]) -> str:
+    cuts = sorted({float(st.threshold) for r in runs for st in r.result.attention.values()})
+    return "/".join(f"{c:g}" for c in cuts) or "?"
+
+
+@styled
+def fig3b(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str], threshold: float) -> None:
+    """Fig. 3(b) for both reductions (rows), count and ratio (columns), the paper's counts on panels of their own."""
+    fams: dict[str, list[ModelRun]] = {}
+    for r in sorted(runs, key=family_order):
+        fams.setdefault(r.family, []).append(r)
+    families = {f: [r.result for r in rs] for f, rs in fams.items()}
+    twins = {f: [r.baseline for r in rs if r.baseline is not None] for f, rs in fams.items()}
+    twins = {f: t for f, t in twins.items() if t}
+    fig = new_figure((14.0, 6.6))
+    grid = fig.subplots(2, 3)
+    cut = _entry_cuts(runs)
+    for row, reduction in enumerate(("mean", "ratio")):
+        for col, what in enumerate(("count", "ratio")):
+            pdepth.plot_similar_blocks(families, what, threshold, reduction=reduction, baselines=twins, premix=True,
+                                       ax=grid[row, col])
+        pdepth.plot_paper_similar_blocks("count" if row == 0 else "ratio", ax=grid[row, 2])
+    fig.suptitle(f"Similar blocks vs depth (similarity with the previous block > {threshold:g}), for two readings "
+                 "of the paper, whose own reduction is unpublished:\n"
+                 f"mean = mean column cosine > {threshold:g} (top row); ratio = fraction of column cosines above "
+                 f"{cut} (the per-entry cut) > {threshold:g} (bottom row)", fontsize=9)
+    rows: list[tuple] = []
+    for f, rs in fams.items():
+        for r in rs:
+            for name, res, trained in [(r.label, r.result, r.result)] + (
+                    [(twin(r.label), r.baseline, r.result)] if r.baseline is not None else []):
+                applied = trained.applied_kind
+                kinds = [applied] + (["probs"] if applied == "mixed" and "probs" in res.attention else [])
+                for kind in [k for k in kinds if k in res.attention]:
+                    for reduction in ("mean", "ratio"):
+                        s = res.summary(kind, threshold, 1, reduction)
+                        rows.append((f, name, kind, reduction, res.depth, s["count"], s["ratio"],
+                                     " ".join(str(b + 1) for b in s["similar_blocks"]),
+                                     res.attention[kind].threshold))
+    for fam, table in (("paper ViT (ImageNet)", pdepth.PAPER_SIMILAR_BLOCKS),
+                       ("paper DeepViT (ImageNet)", pdepth.PAPER_SIMILAR_BLOCKS_DEEPVIT)):
+        rows += [(fam, "", "unpublished", "unpublished", d, c, c / d, "", "") for d, c in sorted(table.items())]
+    write_csv(stem.with_suffix(".csv"), ["family", "model", "kind", "reduction", "depth", "similar_blocks", "ratio",
+                                         "similar_block_numbers", "entry_cut"], rows)
+    save_figure(fig, stem, fmts)
+
+
+def fig3c(runs: Sequence[ModelRun], all_runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str]) -> None:
+    ax = psim.plot_cross_head({r.label: r.result for r in runs}, colors={r.label: _color(r, all_runs) for r in runs},
+                              baselines={r.label: r.baseline for r in runs if r.baseline is not None})
+    rows = []
+    for name, res, trained in _with_twins(runs):
+        kind = trained.applied_kind if trained.applied_kind in res.attention else res.applied_kind
+        st = res.attention[kind]
+        rows += [(name, kind, n, v) for n, v in zip(_nb(st.blocks), st.cross_head)]
+    write_csv(stem.with_suffix(".csv"), ["model", "kind", "block_number", "cross_head_similarity"], rows)
+    save_figure(ax.figure, stem, fmts)
+
+
+def fig4(run: ModelRun, stem: Path, fmts: Sequence[str]) -> None:
+    """Fig. 4, with the partial correlation given the block index next to the raw Pearson r."""
+    kind = pick_kind(run.result)
+    base = run.baseline if run.baseline is not None and run.baseline.features is not None else None
+    axes = pfeat.plot_feature_figure(run.result, kind, title=f"{run.label}: token features vs attention ({kind})",
+                                     baseline=base)
+    rows: list[tuple] = []
+    for name, res in [(run.label, run.result)] + ([(twin(run.label), base)] if base is not None else []):
+        f = res.features
+        nb = _nb(f.blocks)
+        k = kind if kind in res.attention else res.applied_kind
+        rows += [(name, "feature_sim_last", n, nb[-1], v) for n, v in zip(nb, pfeat.feature_vs_last(res))]
+        rows += [(name, "feature_similarity", nb[i], nb[j], f.similarity[i, j]) for i in range(len(nb))
+                 for j in range(len(nb))]
+        st = res.attention[k]
+        rows += [(name, f"attention_sim_prev_{k}", n, n - 1, v) for n, v in zip(_nb(st.blocks), st.neighbor(1))]
+        rows.append((name, "pearson_r", "", "", pfeat.feature_attention_correlation(res, k)))
+        rows.append((name, "partial_r_given_block", "", "", pfeat.feature_attention_partial_correlation(res, k)))
+    write_csv(stem.with_suffix(".csv"), ["model", "quantity", "block_number", "other_block_number", "value"], rows)
+    save_figure(axes[0].figure, stem, fmts)
+
+
+def maps(run: ModelRun, kind: str, stem: Path, fmts: Sequence[str]) -> None:
+    """Fig. 8 map grids: softmax maps averaged over heads and images; centred "mixed" maps (which average out) as
+    single heads of the first image. Every panel on its own percentile scale, class token marked."""
+    m = run.maps[kind]
+    prefix = run.result.model.num_prefix_tokens
+    single = kind == "mixed" and m.first_image is not None
+    if single:
+        L, H = m.first_image.shape[:2]
+        heads = list(range(H)) if L * H <= MAX_HEAD_PANELS else [0]
+        which = f"all {H} heads" if len(heads) > 1 else f"head 0 of {H} (all heads in the CSV)"
+        axes = pmaps.plot_head_maps(m, heads, prefix_tokens=prefix, title=(
+            f"{run.label}: Re-attention maps after Θ + BatchNorm (centred, signed) of one image (the first of "
+            f"{m.count}), {which}\neach panel on its own ±99th-percentile scale (printed); cls = class token"))
+    else:
+        what = "self-attention (post-softmax)" if kind == "probs" else "Re-attention (after Θ and norm)"
+        axes = pmaps.plot_attention_maps(m, prefix_tokens=prefix, title=(
+            f"{run.label}: {what}, mean over heads and {m.count} images\neach panel on its own 1st–99th "
+            "percentile scale (printed); cls = class token"))
+
+    def rows() -> Iterator[tuple]:
+        n = m.maps.shape[2]
+        if single:
+            for i, b in enumerate(m.blocks):
+                for h in range(m.first_image.shape[1]):
+                    for q in range(n):
+                        yield (run.label, kind, "first", h, b + 1, q,
+                               *(format(v, ".6g") for v in m.first_image[i, h, q]))
+        else:
+            for i, b in enumerate(m.blocks):
+                for q in range(n):
+                    yield (run.label, kind, f"mean of {m.count}", "mean", b + 1, q,
+                           *(format(v, ".6g") for v in m.maps[i, q]))
+    write_csv(stem.with_suffix(".csv"), ["model", "kind", "image", "head", "block_number", "query",
+                                         *(f"key_{j}" for j in range(m.maps.shape[2]))], rows())
+    save_figure(axes[0].figure, stem, fmts)
+
+
+def theta(run: ModelRun, stem: Path, fmts: Sequence[str]) -> None:
+    """Θ per block: final, at initialisation and their difference when the init can be re-created, else final only
+    (the title says why)."""
+    th, th0 = run.theta, run.theta_init
+    if th0 is not None:
+        axes = pmaps.plot_theta_change(th, th0, title=f"{run.label}: Re-attention Θ after training vs at "
+                                                       f"initialisation ({run.theta_init_note})")
+        rel = th.relative_change(th0)
+    else:
+        axes = pmaps.plot_theta(th, title=f"{run.label}: learned Re-attention Θ per block (Θ at initialisation not "
+                                          f"shown: {run.theta_init_note or 'not re-created'})")
+        rel = np.full(len(th.blocks), math.nan)
+    rows = []
+    for n, b in enumerate(th.blocks):
+        for o in range(th.weight.shape[1]):
+            for i in range(th.weight.shape[2]):
+                w0 = th0.weight[n, o, i] if th0 is not None else math.nan
+                rows.append((run.label, b + 1, o, i, th.weight[n, o, i], w0, th.weight[n, o, i] - w0, rel[n]))
+            if th.bias is not None:  # the bias rows: input_head "bias"; not part of the relative change
+                b0 = th0.bias[n, o] if th0 is not None and th0.bias is not None else math.nan
+                rows.append((run.label, b + 1, o, "bias", th.bias[n, o], b0, th.bias[n, o] - b0, rel[n]))
+    write_csv(stem.with_suffix(".csv"), ["model", "block_number", "output_head", "input_head", "final", "init",
+                                         "change", "relative_change_block"], rows)
+    save_figure(axes[0].figure, stem, fmts)
+
+
+def fig1(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str]) -> None:
+    """Fig. 1: one point per (family, depth), checkpoints of both equal (seeds) pooled; Wilson 95% bars over the
+    validation images (pooled over seeds: image sampling only, not the spread between seeds)."""
+    groups: dict[tuple[str, int], list[ModelRun]] = {}
+    for r in sorted(runs, key=family_order):
+        groups.setdefault((r.family, r.depth), []).append(r)
+    accs: dict[str, dict[int, float]] = {}
+    cis: dict[str, dict[int, tuple[float, float]]] = {}
+    seeds: dict[str, dict[int, int]] = {}
+    per_seed: dict[str, dict[int, list[float]]] = {}
+    rows = []
+    for (fam, depth), rs in groups.items():
+        tops = [float(r.top1) for r in rs]
+        known = all(r.val_images for r in rs)
+        correct = sum(round(t / 100 * r.val_images) for t, r in zip(tops, rs)) if known else None
+        total = sum(r.val_images for r in rs) if known else None
+        lo, hi = pdepth.wilson_interval(correct, total) if known else (math.nan, math.nan)
+        accs.setdefault(fam, {})[depth] = float(np.mean(tops))
+        cis.setdefault(fam, {})[depth] = (100 * lo, 100 * hi)
+        seeds.setdefault(fam, {})[depth] = len(rs)
+        per_seed.setdefault(fam, {})[depth] = tops
+        rows.append((fam, depth, len(rs), " ".join(r.label for r in rs),
+                     " ".join("?" if r.seed is None else str(r.seed) for r in rs), float(np.mean(tops)),
+                     " ".join(repr(t) for t in tops), "" if correct is None else correct,
+                     "" if total is None else total, 100 * lo, 100 * hi,
+                     "; ".join(sorted({r.val_images_source for r in rs}))))
+    ax = pdepth.plot_accuracy_vs_depth(accs, intervals=cis, seeds=seeds, per_seed=per_seed)
+    write_csv(stem.with_suffix(".csv"), ["family", "depth", "seeds", "models", "seed_values", "top1",
+                                         "top1_per_seed", "correct", "images", "ci95_low", "ci95_high",
+                                         "images_source"], rows)
+    save_figure(ax.figure, stem, fmts)
+
+
+def summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
+    rows = []
+    for r in sorted(runs, key=family_order):
+        for name, res, trained in _with_twins([r]):
+            kind = trained.applied_kind if trained.applied_kind in res.attention else res.applied_kind
+            st = res.attention[kind]
+            s = res.summary(kind, threshold, 1, "mean")
+            onset = s["onset"]  # "similar after block X": from here every later block stays above the threshold
+            feats = res.features is not None
+            rows.append((name, r.architecture, r.family, r.depth, kind, res.images.count,
+                         r.top1 if res is r.result else None, s["count"], s["ratio"],
+                         " ".join(str(b + 1) for b in s["similar_blocks"]), "" if onset is None else onset + 1,
+                         res.summary("probs", threshold, 1, "mean")["count"] if "probs" in res.attention else "",
+                         float(np.nanmax(st.cross_head)), float(np.nanmean(st.cross_head)),
+                         pfeat.feature_attention_correlation(res, kind) if feats else math.nan,
+                         pfeat.feature_attention_partial_correlation(res, kind) if feats else math.nan))
+    write_csv(stem, ["model", "architecture", "family", "depth", "kind", "images", "top1", "similar_blocks", "ratio",
+                     "similar_block_numbers", "all_similar_from_block", "similar_blocks_probs", "cross_head_max",
+                     "cross_head_mean", "feature_attention_r", "feature_attention_partial_r"], rows)
