@@ -17,8 +17,8 @@ Every statistic below is then exact algebra on a, z and the Gram g = <z_p, z_q> 
 
 Centring first matters for near-uniform maps: there cosine and floor agree to ~1e-6 and (cosine - floor) from two
 float32 numbers would be rounding noise, while g is a product of small centred vectors, accurate to float32 relative
-precision. The per-(b, t) Gram spans all L x H columns of the batch's maps, so one buffer and one batched matmul give the
-same-head cross-layer statistics (its head diagonal), the within-block head-to-head matrices (Fig. 3c) and the
+precision. The per-(b, t) Gram spans all L x H columns of the batch's maps, so one buffer and one batched matmul give
+the same-head cross-layer statistics (its head diagonal), the within-block head-to-head matrices (Fig. 3c) and the
 head-permutation-invariant ``matched`` similarity (optimal head matching between two blocks) at once. Everything here
 applies to both kinds of map, "probs" and "mixed" (the floor's "non-negative" reading only to "probs").
 """

@@ -36,9 +36,9 @@ class RowAccumulator(ImageSums):
     ``distributions``: the rows are probability distributions ("probs"); False ("mixed") measures only the row
     cosine. Within a batch each block's unit rows are stored in an [L, B*H*N*N] buffer (``storage_dtype`` as in
     ``CrossLayerAccumulator``); ``end_batch`` turns it into all L x L row-cosine sums with batched matrix products
-    over chunks of ``chunk_bytes`` and frees it. The JSD of block l needs block l-1's map: it is held (a reference, not a copy;
-    no supported model writes to its attention map after the capture point) only until block l has arrived, and
-    blocks may arrive in any order within a batch.
+    over chunks of ``chunk_bytes`` and frees it. The JSD of block l needs block l-1's map: it is held (a reference,
+    not a copy; no supported model writes to its attention map after the capture point) only until block l has
+    arrived, and blocks may arrive in any order within a batch.
 
     JSD per row from entropies: with s = p + q, JSD = 1/2 (E(s) - E(p) - E(q)) + 1/2 log 2 (sum p + sum q), E(v) =
     -sum v log v, so each block pair costs one more log pass. Its absolute float32 error is ~1e-7 x log N per row.

@@ -179,7 +179,8 @@ def plot_cross_head(results: Mapping[str, ProbeResult], kind: str = "auto", refe
                     ax: Axes | None = None) -> Axes:
     """Fig. 3(c): mean similarity between different heads of each block (``AttentionStats.cross_head``).
 
-    Legend entries name the map kind (the title does, for one model); ``baselines`` ({label: untrained twin}) are grey dashed; the paper's
+    Legend entries name the map kind (the title does, for one model); ``baselines`` ({label: untrained twin}) are grey
+    dashed; the paper's
     ``reference`` (stated for softmax maps) is drawn only when a softmax curve is on the axes."""
     ax = axes_or_new(ax)
     cols = _colors(list(results), colors)

@@ -20,7 +20,9 @@ from ..plots import maps as pmaps
 from ..plots import similarity as psim
 from ..plots.data import pick_kind
 from ..plots.style import family_color, new_figure, save_figure, styled, write_csv
+from ..probing.blocks import Criterion
 from ..probing.result import ProbeResult
+from ..probing.verdict import judge, spans
 from .figure_inputs import ModelRun
 
 MAX_HEAD_PANELS = 64  # beyond this (blocks x heads) the single-image figure shows head 0 only; the CSV has all
@@ -267,21 +269,30 @@ def fig1(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str]) -> None:
 
 
 def summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
+    """summary.csv: one row per checkpoint (and per untrained twin), from the verdict engine every command uses
+    (``probing.verdict.judge``): 1-based block numbers, the count's 95% interval, the twin's count, the blocks
+    collapsed beyond the twin and the regimes, under the reduction the figures were probed with."""
     rows = []
     for r in sorted(runs, key=family_order):
         for name, res, trained in _with_twins([r]):
             kind = trained.applied_kind if trained.applied_kind in res.attention else res.applied_kind
             st = res.attention[kind]
-            s = res.summary(kind, threshold, 1, "mean")
-            onset = s["onset"]  # "similar after block X": from here every later block stays above the threshold
+            vd = judge(res, Criterion.of(res, threshold=threshold), sweep_thresholds=None)
+            other = vd.get("other_kind") or {}
+            iv, base, beyond = vd["count_interval"] or ["", ""], vd["baseline"], vd["collapsed_beyond_twin"]
             feats = res.features is not None
             rows.append((name, r.architecture, r.family, r.depth, kind, res.images.count,
-                         r.top1 if res is r.result else None, s["count"], s["ratio"],
-                         " ".join(str(b + 1) for b in s["similar_blocks"]), "" if onset is None else onset + 1,
-                         res.summary("probs", threshold, 1, "mean")["count"] if "probs" in res.attention else "",
+                         r.top1 if res is r.result else None, vd["criterion"]["reduction"], vd["count"], iv[0], iv[1],
+                         vd["ratio"], " ".join(map(str, vd["similar_blocks"])),
+                         "" if vd["onset"] is None else vd["onset"], "" if base is None else base["count"],
+                         "" if beyond is None else " ".join(map(str, beyond)),
+                         "; ".join(f"{k} {spans(v)}" for k, v in vd["regimes"].items() if v),
+                         other.get("count", "") if other.get("kind") == "probs" else "",
                          float(np.nanmax(st.cross_head)), float(np.nanmean(st.cross_head)),
                          pfeat.feature_attention_correlation(res, kind) if feats else math.nan,
                          pfeat.feature_attention_partial_correlation(res, kind) if feats else math.nan))
-    write_csv(stem, ["model", "architecture", "family", "depth", "kind", "images", "top1", "similar_blocks", "ratio",
-                     "similar_block_numbers", "all_similar_from_block", "similar_blocks_probs", "cross_head_max",
-                     "cross_head_mean", "feature_attention_r", "feature_attention_partial_r"], rows)
+    write_csv(stem, ["model", "architecture", "family", "depth", "kind", "images", "top1", "reduction",
+                     "similar_blocks", "count_ci_low", "count_ci_high", "ratio", "similar_block_numbers",
+                     "all_similar_from_block", "twin_similar_blocks", "collapsed_beyond_twin", "regimes",
+                     "similar_blocks_probs", "cross_head_max", "cross_head_mean", "feature_attention_r",
+                     "feature_attention_partial_r"], rows)

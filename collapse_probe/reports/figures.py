@@ -85,7 +85,7 @@ def measure_checkpoint(path: Path, label: str, **probe_options: Any) -> ModelRun
     n_val, n_source = validation_images(meta)
     return ModelRun(label, path, arch, family_of(arch), depth, result, maps.result(), theta, checkpoint_top1(meta),
                     val_images=n_val, val_images_source=n_source, seed=recorded_seed(meta), theta_init=theta0,
-                    theta_init_note=theta_note)
+                    theta_init_note=theta_note, baseline=result.baseline)
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -159,6 +159,7 @@ def make_figures(
     save_results: bool = True,
     threshold: float = 0.9,
     progress: bool = True,
+    baseline: bool = True,
     **probe_options: Any,
 ) -> FigureReport:
     """Probe every checkpoint and write every figure they allow (+ CSV of its numbers) as folder ``output``.
@@ -180,7 +181,7 @@ def make_figures(
     with tqdm(list(zip(paths, _labels(paths))), desc="checkpoints", unit="ckpt", disable=not progress) as bar:
         for path, label in bar:  # closed on any exit, so an interrupt's one line stays the last on stderr
             report.runs.append(measure_checkpoint(path, label, threshold=threshold, progress=progress,
-                                                  **probe_options))
+                                                  baseline=baseline, **probe_options))
     jobs, report.notes = plan_figures(report.runs, threshold, per_model)
 
     def fill(staging: Path) -> None:
