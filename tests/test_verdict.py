@@ -15,7 +15,9 @@ from torch import nn
 import collapse_probe.models  # noqa: F401  (registers our presets)
 from collapse_probe.metrics import bootstrap
 from collapse_probe.probing.baseline import recalibrate_bn, untrained_twin
+from collapse_probe.probing.blocks import block_rows
 from collapse_probe.probing.run import probe
+from collapse_probe.probing.verdict import judge
 
 
 def test_wilson_matches_the_closed_form():
@@ -139,3 +141,88 @@ def test_every_command_names_the_same_similar_blocks_with_the_same_numbers(tmp_p
     assert aud["count"] == int(fig["similar_blocks"]) == len(expected) == sim["count"]
     headline = run("similarity", str(ckpt)).splitlines()
     assert any(f"{len(expected)} of 6 blocks similar" in line for line in headline)
+
+
+# ------------------------------------------------------------------- planted ground truth through the real collector
+
+
+def _collect(maps: list[torch.Tensor], prefix: int = 1):
+    """A ProbeResult from planted softmax maps [B, H, N, N] per block, through CollapseCollector as a probe feeds it."""
+    from collapse_probe.hooks.capture import Site
+    from collapse_probe.probing.collector import CollapseCollector
+
+    sites = [Site(f"blocks.{i}.attn.probs", "probs", i) for i in range(len(maps))]
+    col = CollapseCollector(sites, threshold=0.9, num_heads=maps[0].shape[1], prefix_tokens=prefix)
+    for site, m in zip(sites, maps):
+        col(site, m)
+    col.end_batch()
+    result = col.result()
+    result.model.depth, result.images.count, result.images.source = len(maps), maps[0].shape[0], "planted"
+    result.settings = {"threshold": 0.9, "entry_threshold": 0.9, "neighbors": 1, "reduction": "mean"}
+    return result
+
+
+def _rows_alike(logits: torch.Tensor, B: int, H: int, N: int) -> torch.Tensor:
+    """[N] logits -> [B, H, N, N] maps whose every row is softmax(logits): rank one, every query attends alike."""
+    return logits.softmax(-1).expand(B, H, N, N).clone()
+
+
+def test_a_rank_one_maps_on_disjoint_keys_are_token_uniform_not_redundant():
+    B, H, N, L = 4, 2, 17, 4
+    maps = []
+    for layer in range(L):  # block l attends to keys 4l+1 ... 4l+4 only: consecutive blocks share no key
+        logits = torch.full((N,), -8.0)
+        logits[1 + 4 * layer: 5 + 4 * layer] = 0.0
+        maps.append(_rows_alike(logits, B, H, N))
+    vd = judge(_collect(maps))
+    rows = {r["block"]: r for r in block_rows(_collect(maps))}
+    for b in range(2, L + 1):
+        assert rows[b]["sim_prev"] == pytest.approx(1.0, abs=1e-6)  # Eq. 3's blind spot: constant columns
+        assert rows[b]["row_cosine_prev"] < 0.01 and rows[b]["rank1_residual"] == pytest.approx(0.0, abs=1e-5)
+    assert vd["similar_blocks"] == [2, 3, 4]  # the paper's criterion is fooled ...
+    assert vd["regimes"]["token-uniform"] == [1, 2, 3, 4] and vd["regimes"]["redundant"] == []  # ... the verdict not
+    text = " ".join(vd["text"])
+    assert "token-uniform" in text and "reuse" not in text
+
+
+def test_b_uniform_maps_read_as_uniform_attention():
+    B, H, N = 3, 2, 17
+    vd = judge(_collect([torch.full((B, H, N, N), 1.0 / N) for _ in range(3)]))
+    assert vd["regimes"]["uniform"] == [1, 2, 3] and vd["regimes"]["redundant"] == []
+    rows = block_rows(_collect([torch.full((B, H, N, N), 1.0 / N)] * 3))
+    assert all(r["entropy"] == pytest.approx(1.0, abs=1e-6) and r["tv_uniform"] == pytest.approx(0.0, abs=1e-6)
+               for r in rows)
+    assert "attend near-uniformly" in " ".join(vd["text"])
+
+
+def _sharp(B: int, H: int, N: int, gen: torch.Generator, scale: float) -> torch.Tensor:
+    return (scale * torch.randn(B, H, N, N, generator=gen)).softmax(-1)
+
+
+def test_d_planted_redundancy_is_collapse_beyond_the_twin_exactly_where_planted():
+    B, H, N, L, k = 8, 2, 17, 6, 3  # blocks k+1 ... L (1-based) repeat block k's sharp pattern
+    gen = torch.Generator().manual_seed(0)
+    trained = [_sharp(B, H, N, gen, 4.0) for _ in range(k)]
+    trained += [trained[-1].clone() for _ in range(L - k)]
+    twin = [_sharp(B, H, N, gen, 0.3) for _ in range(L)]  # an untrained model: near-uniform, unrelated blocks
+    result = _collect(trained)
+    result.baseline = _collect(twin)
+    vd = judge(result)
+    rows = {r["block"]: r for r in block_rows(result)}
+    for b in range(k + 1, L + 1):
+        assert rows[b]["pearson_prev"] == pytest.approx(1.0, abs=1e-5)
+    assert vd["collapsed_beyond_twin"] == list(range(k + 1, L + 1))
+    assert vd["regimes"]["redundant"] == list(range(k + 1, L + 1))
+    assert f"From block {k + 1} to the last block attention repeats" in " ".join(vd["text"])
+    assert vd["count_interval"] is not None and vd["baseline"]["count_interval"] is not None
+
+
+def test_c_an_untrained_model_is_not_collapsed_beyond_its_twin():
+    torch.manual_seed(1)  # another seed than the twin's
+    model = timm.create_model("vit_micro", depth=32)
+    result = probe(model, torch.randn(8, 3, 32, 32), batch_size=8, progress=False, baseline=True)
+    vd = judge(result)
+    assert vd["count"] >= 20  # the paper's metric calls it collapsed ...
+    assert vd["collapsed_beyond_twin"] == [] and vd["regimes"]["redundant"] == []  # ... beyond its twin it is not
+    assert "untrained twin" in vd["headline"] and "does not show collapse that training produced" in " ".join(
+        vd["text"])
