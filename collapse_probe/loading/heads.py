@@ -46,7 +46,8 @@ class ArchSpec:
                 "patch_size", "img_size", "image_size")
         shape = ", ".join(f"{k}={self.kwargs[k]}" for k in keys if k in self.kwargs)
         base = {"vit_base_patch16_224": "timm:VisionTransformer", "deit_base_distilled_patch16_224":
-                "timm:VisionTransformerDistilled", "beit_base_patch16_224": "timm:Beit"}.get(self.name, self.name)
+                "timm:VisionTransformerDistilled", "beit_base_patch16_224": "timm:Beit",
+                "cait_xxs24_224": "timm:Cait"}.get(self.name, self.name)
         return f"{base if self.family == 'timm' else f'{self.family}:{self.name}'}({shape})"
 
 
