@@ -149,6 +149,22 @@ def test_vit_mae_two_probes_give_identical_numbers_and_say_so(mae_folder):
     assert "random masking off while probing" in res.stdout.splitlines()[0]
 
 
+def test_vit_mae_with_mask_ratio_zero_still_keeps_the_patch_order():
+    """mask_ratio 0 drops nothing but HF still shuffles the patches with fresh noise: probed in image order too."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.ViTMAEModel(tf.ViTMAEConfig(**HF, mask_ratio=0.0)).eval()
+    with torch.no_grad():
+        shuffled = model(pixel_values=X).ids_restore
+        eager = copy.deepcopy(model)
+        eager.set_attn_implementation("eager")
+        want = eager(pixel_values=X, noise=torch.arange(16.0).expand(2, 16), output_attentions=True).attentions
+    assert not bool((shuffled == torch.arange(16)).all())  # as saved: a random order
+    _close(_maps(model, X), want)
+    assert "shuffles the patches at random" in probe(model, X, progress=False).model.adjustments[0]
+
+
 def test_vit_mae_pretraining_model_probes_the_encoder_only(tmp_path):
     import transformers as tf
 

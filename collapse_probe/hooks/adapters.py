@@ -267,8 +267,8 @@ def _mha(m: nn.Module, path: str) -> Plan | None:
 ADAPTERS: tuple[Callable[[nn.Module, str], Plan | None], ...] = (
     _ours, _timm_cait, _timm, _vit_pytorch, _hf_beit, _hf, _mha)
 LOOKED_FOR = ("collapse_probe Attention; timm Attention/AttentionRope/BEiT/EVA/RelPos attention and CaiT "
-              "TalkingHeadAttn; vit-pytorch Attention (ViT, SimpleViT, T2TViT, CrossViT, CaiT, DeepViT); transformers *Attention modules (ViT, "
-              "DeiT, DINOv2, CLIP, SigLIP, ViT-MAE, BEiT, Data2VecVision, ...); "
+              "TalkingHeadAttn; vit-pytorch Attention (ViT, SimpleViT, T2TViT, CrossViT, CaiT, DeepViT); "
+              "transformers *Attention modules (ViT, DeiT, DINOv2, CLIP, SigLIP, ViT-MAE, BEiT, Data2VecVision, ...); "
               "torch.nn.MultiheadAttention (torchvision vit_b_16)")
 
 

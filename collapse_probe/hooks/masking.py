@@ -20,11 +20,11 @@ from .adapters import Patch
 
 
 def _maskers(model: nn.Module) -> list[nn.Module]:
-    """Modules with HF's ``random_masking`` whose config drops a fraction of the patches."""
+    """Modules with HF's ``random_masking`` and a ``config.mask_ratio`` (even 0: the patches are still shuffled)."""
     out = []
     for m in model.modules():
         ratio = getattr(getattr(m, "config", None), "mask_ratio", None)
-        if callable(getattr(m, "random_masking", None)) and isinstance(ratio, (int, float)) and ratio > 0:
+        if callable(getattr(m, "random_masking", None)) and isinstance(ratio, (int, float)):
             out.append(m)
     return out
 
@@ -66,6 +66,9 @@ def masking_patches(model: nn.Module) -> list[Patch]:
 
 def masking_notes(model: nn.Module) -> list[str]:
     """What ``masking_patches`` switches, in words."""
+    def as_saved(ratio: float) -> str:
+        return f"drops {ratio:.0%} of the patches at random" if ratio > 0 else "shuffles the patches at random"
+
     return [f"random masking off while probing: {type(m).__name__} config.mask_ratio {m.config.mask_ratio:g} set to 0 "
-            "and every patch kept in image order (restored afterwards; as saved, the model drops "
-            f"{m.config.mask_ratio:.0%} of the patches at random in each forward)" for m in _maskers(model)]
+            "and every patch kept in image order (restored afterwards; as saved, the model "
+            f"{as_saved(m.config.mask_ratio)} in each forward)" for m in _maskers(model)]

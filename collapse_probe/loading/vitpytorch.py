@@ -113,6 +113,9 @@ def _unfold(size: int, layers: tuple[tuple[int, int], ...]) -> int:
 def _t2t(sd: SD, num_heads: int | None) -> ArchSpec:
     linears = [int(m.group(1)) for k, v in sd.items() if (m := re.fullmatch(r"to_patch_embedding\.(\d+)\.weight", k))
                and v.ndim == 2]
+    if not linears:
+        raise UnsupportedLayoutError("T2TViT-like checkpoint without the final patch projection "
+                                     "(to_patch_embedding.N.weight); pass the whole state dict")
     last = max(linears)
     n_layers = last // 4
     dims = [int(sd[f"to_patch_embedding.{4 * i + 3}.layers.0.0.to_qkv.weight"].shape[1]) for i in range(n_layers - 1)]
