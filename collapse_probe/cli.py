@@ -153,6 +153,9 @@ def _probe_options(f):
         click.option("--std", callback=_floats, metavar="S,S,S", help="Input normalisation std (with --mean)."),
         click.option("--key", help="Entry of a training checkpoint that holds the weights (default: the first of "
                      "state_dict, model, module, state_dict_ema, model_ema, teacher, student)."),
+        click.option("--prefix", metavar="PREFIX", help="Only keys under PREFIX are the model's (e.g. model or net "
+                     "in a Lightning file; the prefix is removed, other keys dropped). Default: wrapper prefixes "
+                     "shared by every key, and a Lightning file's model next to its loss buffers."),
         click.option("--trust-pickle", is_flag=True, help="Allow full pickle for this run. Unpickling can execute "
                      "arbitrary code: only for files you trust."),
         click.option("--images", type=click.Path(path_type=Path), metavar="DIR",

@@ -14,8 +14,11 @@ family (Plan.family)   attention module -> where "probs" is taken -> what is swi
   timm-cait            timm cait TalkingHeadAttn -> ``proj_w`` input, i.e. after the softmax -> nothing (never fused)
   vit-pytorch          vit_pytorch ``Attention`` with ``attend`` (ViT, CaiT, ...) -> ``attend`` output -> nothing
   vit-pytorch-deepvit  vit_pytorch.deepvit Attention -> ``dropout`` input (after softmax) -> nothing
-  transformers         HF ``*Attention`` (ViT, DeiT, DINOv2, CLIP, SigLIP, ...) -> its returned weights -> eager
-                       attention
+  transformers         HF ``*Attention`` (ViT, DeiT, DINOv2, CLIP, SigLIP, ViT-MAE, ...) -> its returned weights ->
+                       eager attention
+  transformers-beit    HF BEiT / Data2VecVision ``*SelfAttention`` (relative position bias inside) -> ``dropout``
+                       input, i.e. after the softmax -> the sdpa class swapped for its eager base class (the
+                       implementation is picked per module at construction, so ``set_attn_implementation`` cannot)
   torch-mha            ``nn.MultiheadAttention`` (torchvision ViT) -> its returned weights -> need_weights=True,
                        average_attn_weights=False
 
@@ -24,6 +27,9 @@ map before that mixing, and "mixed" the map after it (not row-stochastic) where 
 Not captured: class-attention layers (timm ``ClassAttn``, vit-pytorch CaiT ``cls_transformer``) and SigLIP's
 attention-pooling head: one query token, a [B, H, 1, N] map, not a token-to-token map.
 Refused with one line (exit 5, ``REFUSED``): Swin window attention and XCiT cross-covariance attention.
+Which of the modules found are probed when a model's stacks run on different token counts (T2T-ViT, CrossViT) or
+include a pre-training decoder (ViT-MAE) is decided in ``selection``; ViT-MAE's random masking is switched off while
+probing in ``masking``.
 """
 from __future__ import annotations
 
@@ -236,6 +242,20 @@ def _hf(m: nn.Module, _path: str) -> Plan | None:
     return Plan("transformers", heads, {"probs": Point(m, _output1)})  # HfEager added by caller
 
 
+def _hf_beit(m: nn.Module, _path: str) -> Plan | None:
+    """HF BEiT-like self-attention (BEiT, Data2VecVision): returns its map only when asked per call, and its sdpa
+    subclass never builds one; the eager parent class computes the same function with the map."""
+    cls = type(m)
+    if not cls.__module__.startswith("transformers.") or not cls.__name__.endswith("SelfAttention") or not hasattr(
+            m, "has_relative_position_bias") or not isinstance(getattr(m, "dropout", None), nn.Dropout):
+        return None
+    eager = next((c for c in cls.__mro__ if c.__name__ == cls.__name__.replace("Sdpa", "", 1)), None)
+    if eager is None or not isinstance(getattr(m, "num_attention_heads", None), int):
+        return None
+    patches: list[Patch] = [SetAttr(m, "__class__", eager)] if eager is not cls else []
+    return Plan("transformers-beit", m.num_attention_heads, {"probs": Point(m.dropout, _input0)}, patches)
+
+
 def _mha(m: nn.Module, path: str) -> Plan | None:
     if not isinstance(m, nn.MultiheadAttention):
         return None
@@ -244,10 +264,11 @@ def _mha(m: nn.Module, path: str) -> Plan | None:
     return Plan("torch-mha", m.num_heads, {"probs": Point(m, _output1)}, [MhaWeights(m)])
 
 
-ADAPTERS: tuple[Callable[[nn.Module, str], Plan | None], ...] = (_ours, _timm_cait, _timm, _vit_pytorch, _hf, _mha)
+ADAPTERS: tuple[Callable[[nn.Module, str], Plan | None], ...] = (
+    _ours, _timm_cait, _timm, _vit_pytorch, _hf_beit, _hf, _mha)
 LOOKED_FOR = ("collapse_probe Attention; timm Attention/AttentionRope/BEiT/EVA/RelPos attention and CaiT "
-              "TalkingHeadAttn; vit-pytorch Attention (ViT, CaiT, DeepViT); transformers *Attention modules (ViT, "
-              "DeiT, DINOv2, CLIP, SigLIP, ...); "
+              "TalkingHeadAttn; vit-pytorch Attention (ViT, SimpleViT, T2TViT, CrossViT, CaiT, DeepViT); "
+              "transformers *Attention modules (ViT, DeiT, DINOv2, CLIP, SigLIP, ViT-MAE, BEiT, Data2VecVision, ...); "
               "torch.nn.MultiheadAttention (torchvision vit_b_16)")
 
 

@@ -19,11 +19,13 @@ Site names follow the module path of the attention module plus a kind, Transform
 
 Supported families (see ``capture_adapters`` for where each map is taken): our models, timm ViT-family models (vit,
 deit incl. distilled, beit, eva, cait, anything built from timm's ``Attention``), torchvision ``vit_b_16``-style models
-(``nn.MultiheadAttention``), HuggingFace transformers ViT / DeiT / DINOv2, vit-pytorch ViT, CaiT and DeepViT.
+(``nn.MultiheadAttention``), HuggingFace transformers ViT / DeiT / DINOv2 / CLIP / SigLIP / ViT-MAE / BEiT /
+Data2VecVision, vit-pytorch ViT, SimpleViT, T2TViT and CrossViT (main stack only, ``selection``), CaiT and DeepViT.
 Paths that never build the map are switched only while capturing and restored afterwards: timm's fused SDPA
 (``fused_attn``), HF's sdpa implementation (eager while probing), torchvision's ``need_weights=False``. The switched
 paths compute the same function (outputs agree to float rounding, see tests/test_capture_families.py). Capture neither
-changes ``model.training`` nor requires grad to be off.
+changes ``model.training`` nor requires grad to be off. One switch does change the function, and ``probe_notes``
+says so: ViT-MAE's random masking is off while probing (``masking``).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .adapters import LOOKED_FOR, Getter, HfEager, Patch, Plan, _hf_root, match
+from .masking import masking_notes, masking_patches
+from .selection import select
 
 KINDS = ("probs", "mixed", "out")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -113,8 +117,17 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, Plan]]:
 
 
 def attention_plans(model: nn.Module) -> list[tuple[str, nn.Module, Plan]]:
-    """(raw path, module, plan) per attention module; ``plan.family`` and ``plan.num_heads`` describe it."""
-    return list(_walk(model))
+    """(raw path, module, plan) per probed attention module; ``plan.family`` and ``plan.num_heads`` describe it.
+
+    Models whose stacks run on different token counts keep only their main stack (``selection``).
+    """
+    return select(model, list(_walk(model)))[0]
+
+
+def probe_notes(model: nn.Module) -> list[str]:
+    """What capturing ``model`` changes or leaves out, in words: blocks not probed (``selection``), masking switched
+    off (``masking``). Empty for a model probed whole, as it runs."""
+    return select(model, list(_walk(model)))[1] + masking_notes(model)
 
 
 def find_sites(model: nn.Module, kinds: Sequence[str] = ("probs",)) -> tuple[list[_Hook], list[Patch]]:
@@ -152,6 +165,7 @@ def _plan(model: nn.Module, kinds: Sequence[str]) -> tuple[list[_Hook], list[Pat
             if root is not None:
                 hf_roots.setdefault(id(root), root)
     patches.extend(HfEager(r) for r in hf_roots.values())
+    patches.extend(masking_patches(model))
     return hooks, patches, attns[0][2].num_heads
 
 

@@ -8,11 +8,8 @@ inferred from the weight shapes), shapes compared before loading, and a typed de
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,56 +18,16 @@ import torch
 from torch import nn
 
 from .. import models  # noqa: F401  (registers our presets with timm)
-from ..errors import BadArgumentError, RefusedContentError, UnsupportedLayoutError, first_line
-from ..hooks.capture import attention_plans
+from ..errors import BadArgumentError, UnsupportedLayoutError, first_line
+from ..hooks.capture import attention_plans, probe_notes
 from . import official
+from .grid import fit_grid
+from .hf import build_transformers, hf_data_config
 from .infer import ArchSpec, infer_architecture
 from .info import LoadedModel, ModelInfo
 from .read import Checkpoint, num_classes, read_checkpoint, timm_folder_args
-from .safety import steering_keys
-
-
-def _compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in sd and sd[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
-    if problems:
-        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
-
-
-def real_elements(sd: dict[str, torch.Tensor]) -> int:
-    """How many values the file's tensors really hold: each storage counted once, by its bytes."""
-    storages: dict[tuple[int, int], float] = {}
-    for t in sd.values():
-        st = t.untyped_storage()
-        key = (st.data_ptr(), st.nbytes())
-        storages[key] = max(storages.get(key, 0.0), st.nbytes() / max(t.element_size(), 1))
-    return int(sum(storages.values()))
-
-
-def within_weights(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str, strict: bool = True
-                   ) -> nn.Module:
-    """``make()`` for real only after its meta-device twin fits ``sd``: every shape (``strict``) and no more
-    parameters than the file's tensors really hold, so a few bytes of config cannot make us allocate gigabytes."""
-    with torch.device("meta"):  # shapes only, no memory
-        meta = make()
-    if strict:
-        _compare(meta, sd, what)
-    need, have = sum(p.numel() for p in meta.parameters()), real_elements(sd)
-    if need > have * 1.01 + 100_000:  # slack: a few buffers or tied copies a file may legitimately omit
-        raise RefusedContentError(f"refused: {what} needs {need:,} parameters but the file's tensors hold only "
-                                  f"{have:,} values; pass --model NAME matching the weights")
-    del meta
-    return make()
+from .vitpytorch import build_vit_pytorch
+from .weights import compare, real_elements, within_weights  # noqa: F401  (re-exported)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -93,12 +50,7 @@ def instantiate(spec: ArchSpec) -> nn.Module:
 
         return VisionTransformer(**spec.kwargs)
     if spec.family == "vit-pytorch":
-        import vit_pytorch
-        from vit_pytorch.cait import CaiT
-        from vit_pytorch.deepvit import DeepViT
-
-        cls = {"ViT": vit_pytorch.ViT, "DeepViT": DeepViT, "CaiT": CaiT}[spec.name]
-        return cls(**spec.kwargs)
+        return build_vit_pytorch(spec)
     raise ValueError(f"unknown family {spec.family!r}")
 
 
@@ -112,6 +64,7 @@ def load_model(
     key: str | None = None,
     trust_pickle: bool = False,
     allow_nonfinite: bool = False,
+    prefix: str | None = None,
 ) -> LoadedModel:
     """The one safe entry point from a file or folder to a model: ``read_checkpoint`` (every check) + ``build_model``.
 
@@ -119,9 +72,10 @@ def load_model(
     >>> loaded.info.architecture, loaded.info.depth, loaded.info.num_heads
     ('vit_micro', 4, 4)
 
-    ``trust_pickle`` allows full unpickling for this call (it can execute code: only for files you trust).
+    ``trust_pickle`` allows full unpickling for this call (it can execute code: only for files you trust);
+    ``prefix``: only the keys under it are the model's (``loading.prefixes``).
     """
-    ckpt = read_checkpoint(path, trust_pickle=trust_pickle, key=key, allow_nonfinite=allow_nonfinite)
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle, key=key, allow_nonfinite=allow_nonfinite, prefix=prefix)
     model, info = build_model(ckpt, model_name, num_heads=num_heads, mean=mean, std=std)
     return LoadedModel(model, info, ckpt)
 
@@ -141,17 +95,18 @@ def build_model(
     there). Official DeepViT files (``loading.official``) are renamed to our keys first; an official name takes the
     shapes from the weights and the scales the weights cannot show from the name. ``mean`` / ``std`` override the input
     normalisation. Every safety check already ran in ``read_checkpoint``. Returns the model in eval mode and a
-    description (incl. ``heads_source``, ``data_source``).
+    description (incl. ``heads_source``, ``data_source``, and ``adjustments``: what was changed or left out so the
+    maps could be measured, e.g. a name built at the file's grid, ``loading.grid``).
     """
     sd = official.to_ours(ckpt.state_dict)  # an official DeepViT file loads into our modules under our names
-    heads_source, data, loaded, spec, notes = None, {}, False, None, []
-    n_classes = num_classes(sd)
+    heads_source, data, loaded, spec = None, {}, False, None
+    notes, adjustments = [ckpt.selection.note()] if ckpt.selection else [], []
     arch_entry = _arch_entry(ckpt)
     if model_name is not None and official.official_variant(model_name) is not None:
         spec, source = official.infer_deepvit(sd, num_heads, model_name), f"--model {model_name} (official DeepViT)"
     elif model_name is not None:
         arch, source = model_name, "--model"
-        model = within_weights(lambda: create_model(model_name, num_classes=n_classes), sd, arch)
+        model = _named(model_name, sd, adjustments)
     elif ckpt.metadata.get("architecture"):
         arch, source = ckpt.metadata["architecture"], "checkpoint metadata"
         model = within_weights(lambda: create_model(arch, **ckpt.metadata.get("model_args", {})), sd, arch)
@@ -161,29 +116,33 @@ def build_model(
         model = within_weights(lambda: create_model(arch, **timm_folder_args(ckpt)), sd, arch)
         data = ckpt.config.get("pretrained_cfg", {})
     elif ckpt.format == "hf-folder":
-        model, arch = _build_transformers(ckpt)
-        source, data, loaded = "HuggingFace config.json", _hf_data_config(ckpt), True
+        model, arch = build_transformers(ckpt)
+        source, data, loaded = "HuggingFace config.json", hf_data_config(ckpt), True
     elif arch_entry is not None and official.official_variant(arch_entry[0]) is not None:
         spec, source = official.infer_deepvit(sd, num_heads, arch_entry[0]), f"{arch_entry[1]} (official DeepViT)"
     elif arch_entry is not None:
         arch, source = arch_entry[0], arch_entry[1]
-        model = within_weights(lambda: create_model(arch, num_classes=n_classes), sd, arch)
+        model = _named(arch, sd, adjustments)
     else:
         if ckpt.arch:
             notes.append(f"the file's arch entry {ckpt.arch[:60]!r} names no model we know: inferred from shapes")
         spec, source = infer_architecture(sd, num_heads), "inferred from weight shapes"
     if spec is not None:
         arch, heads_source, notes = spec.architecture, spec.heads_source, notes + spec.notes
+        adjustments += spec.adjustments
         model = within_weights(lambda: instantiate(spec), sd, arch)
         if source == "inferred from weight shapes":
             data = {"input_size": spec.input_size} if spec.family != "timm" else {}
     if not loaded:
-        _compare(model, sd, arch)
+        compare(model, sd, arch)
         model.load_state_dict(sd, strict=False)
     model.eval()
-    info = dataclasses.replace(describe(model), architecture=arch, architecture_source=source,
+    described = describe(model)
+    adjustments += described.adjustments
+    info = dataclasses.replace(described, architecture=arch, architecture_source="; ".join([source, *adjustments]),
                                checkpoint=str(ckpt.path), format=ckpt.format, key=ckpt.key, notes=notes,
-                               layout=official.LAYOUT if official.is_official(ckpt.state_dict) else None)
+                               layout=official.LAYOUT if official.is_official(ckpt.state_dict) else None,
+                               adjustments=adjustments, prefix=ckpt.selection.prefix if ckpt.selection else None)
     if num_heads is not None and info.num_heads not in (None, num_heads):
         raise BadArgumentError(f"--num-heads {num_heads} contradicts the model built from {source} "
                                f"({info.num_heads} heads)")
@@ -197,6 +156,16 @@ def build_model(
     return model, info
 
 
+def _named(name: str, sd: dict[str, torch.Tensor], adjustments: list[str]) -> nn.Module:
+    """The timm model ``name`` for a file without a stored config (``--model``, a training file's ``arch``), built at
+    the file's patch grid when the name's default differs (``loading.grid``; the note joins ``adjustments``)."""
+    n_classes = num_classes(sd)
+    extra, note = fit_grid(name, sd, lambda **kw: create_model(name, num_classes=n_classes, **kw))
+    if note:
+        adjustments.append(note)
+    return within_weights(lambda: create_model(name, num_classes=n_classes, **extra), sd, name)
+
+
 def _arch_entry(ckpt: Checkpoint) -> tuple[str, str] | None:
     """(name, where it was found) from a timm training file: ``arch`` if it is a model name, else ``args.model``.
 
@@ -207,89 +176,6 @@ def _arch_entry(ckpt: Checkpoint) -> tuple[str, str] | None:
         if isinstance(name, str) and (official.official_variant(name) is not None or timm.is_model(name)):
             return name, where
     return None
-
-
-def _build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:
-    """A transformers model from a local folder's config.json and the weights we read safely: no network, no remote
-    code. transformers itself maps older key names (``attention.attention.query`` ...) onto the current modules.
-    """
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True,
-                                                         trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise UnsupportedLayoutError(f"cannot read {ckpt.path}/config.json with transformers: {first_line(e)}") \
-            from e
-    _refuse_steering_hf_config(ckpt.path, config)
-    names = [n for n in (config.architectures or []) if isinstance(n, str)]
-    cls = getattr(transformers, names[0], None) if names else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
-            and isinstance(config, cls.config_class)):  # a class of another model type would misread the config
-        mapping = getattr(transformers.AutoModel, "_model_mapping", None)
-        cls = mapping.get(type(config), None) if mapping is not None else None
-        if cls is None:
-            raise UnsupportedLayoutError(f"{ckpt.path}/config.json names no transformers model class we can build "
-                                         f"(architectures: {names or 'none'})")
-    what = f"transformers:{cls.__name__}"
-    with _quiet_transformers():
-        within_weights(lambda: cls(config), ckpt.state_dict, what, strict=False)
-        try:
-            model, loading = cls.from_pretrained(None, config=config, state_dict=ckpt.state_dict,
-                                                 output_loading_info=True)
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UnsupportedLayoutError(f"checkpoint does not fit {what}: {first_line(e)}") from e
-    problems = [f"{len(v)} {k.replace('_', ' ')} (e.g. {', '.join(sorted(map(str, v))[:3])})"
-                for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
-    if problems:
-        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
-    return model, what
-
-
-def _refuse_steering_hf_config(path: Path, config: Any) -> None:
-    """A config.json may not make a loader open other files (timm_wrapper's checkpoint_path ...) or need quantisation
-    libraries: refused with one line instead of following it."""
-    cfg = config.to_dict()
-    nested = [cfg, *(v for v in cfg.values() if isinstance(v, dict))]
-    steering = sorted({k for d in nested for k in steering_keys(d)})
-    if steering:
-        raise RefusedContentError(f"refused {path}: config.json sets {', '.join(steering)}, which would make the "
-                                  "loader open other files or download")
-    quant = cfg.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise UnsupportedLayoutError(f"{path}: quantized checkpoints ({method}) are not supported; pass the "
-                                     "full-precision weights")
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' own progress bars and warnings would break our one-line stderr; silenced while building."""
-    import transformers
-
-    level = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-
-
-def _hf_data_config(ckpt: Checkpoint) -> dict[str, Any]:
-    pre, cfg = ckpt.preprocessor, ckpt.config
-    out: dict[str, Any] = {}
-    if pre.get("image_mean") and pre.get("image_std"):
-        out.update(mean=tuple(pre["image_mean"]), std=tuple(pre["image_std"]))
-    size = cfg.get("image_size")
-    if isinstance(size, int):
-        out["input_size"] = (int(cfg.get("num_channels", 3)), size, size)
-    return out
 
 
 def _model_input_size(model: nn.Module) -> tuple[int, int, int] | None:
@@ -338,8 +224,10 @@ def _set_data_config(model: nn.Module, data: dict[str, Any], mean, std) -> tuple
 
 
 def describe(model: nn.Module) -> ModelInfo:
-    """Depth, heads, family, width, tokens and parameter count of a ViT-like model (best effort)."""
+    """Depth, heads, family, width, tokens and parameter count of a ViT-like model (best effort), and what probing it
+    changes or leaves out (``adjustments``: blocks not probed, masking off; also in ``architecture_source``)."""
     plans = attention_plans(model)
+    adjustments = probe_notes(model)
     pe = getattr(model, "patch_embed", None)
     prefix = int(getattr(model, "num_prefix_tokens", 0))
     return ModelInfo(
@@ -349,4 +237,5 @@ def describe(model: nn.Module) -> ModelInfo:
         num_prefix_tokens=prefix if hasattr(model, "num_prefix_tokens") else None,
         tokens=int(pe.num_patches) + prefix if pe is not None and getattr(pe, "num_patches", None) else None,
         reattn_blocks=list(model.reattn_block_indices) if getattr(model, "reattn_block_indices", None) is not None
-        else None)
+        else None, adjustments=adjustments,
+        architecture_source="; ".join(["model passed in", *adjustments]) if adjustments else None)

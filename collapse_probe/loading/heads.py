@@ -4,10 +4,12 @@
 
 ``head_evidence`` finds a per-head shape anywhere in a state dict; ``decide_heads`` applies the rule (evidence, then
 ``--num-heads``, then known families, then the width table, each guess labelled ``GUESS``); ``ArchSpec`` is what
-shape inference (``infer``, ``official``) hands to ``build.instantiate``.
+shape inference (``infer``, ``official``, ``vitpytorch``) hands to ``build.instantiate``; ``layer_count`` and
+``square_side`` are the two shape readings every inference needs.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,16 +37,31 @@ class ArchSpec:
     heads_source: str
     input_size: tuple[int, int, int] = (3, 224, 224)
     notes: list[str] = field(default_factory=list)
+    adjustments: list[str] = field(default_factory=list)  # assumptions that change the maps (ModelInfo.adjustments)
 
     @property
     def architecture(self) -> str:
         """A readable name: the class built plus the shape arguments read from the weights."""
-        keys = ("embed_dim", "dim", "hidden_dim", "depth", "num_layers", "num_heads", "heads", "patch_size", "img_size",
-                "image_size")
+        keys = ("embed_dim", "dim", "hidden_dim", "sm_dim", "lg_dim", "depth", "num_layers", "num_heads", "heads",
+                "patch_size", "img_size", "image_size")
         shape = ", ".join(f"{k}={self.kwargs[k]}" for k in keys if k in self.kwargs)
         base = {"vit_base_patch16_224": "timm:VisionTransformer", "deit_base_distilled_patch16_224":
-                "timm:VisionTransformerDistilled", "beit_base_patch16_224": "timm:Beit"}.get(self.name, self.name)
+                "timm:VisionTransformerDistilled", "beit_base_patch16_224": "timm:Beit",
+                "cait_xxs24_224": "timm:Cait"}.get(self.name, self.name)
         return f"{base if self.family == 'timm' else f'{self.family}:{self.name}'}({shape})"
+
+
+def layer_count(sd: SD, pattern: str) -> int:
+    """1 + the largest index that ``pattern`` (a regex with one group, matched at the key's start) finds; 0: none."""
+    rx = re.compile(pattern)
+    idx = {int(m.group(1)) for k in sd if (m := rx.match(k))}
+    return max(idx) + 1 if idx else 0
+
+
+def square_side(n: int) -> int | None:
+    """The side of a square of ``n`` cells, or None when ``n`` is not a positive square."""
+    r = math.isqrt(max(n, 0))
+    return r if r * r == n and r > 0 else None
 
 
 # (width, MLP ratio) -> (heads, family): published configurations where the width alone would mislead

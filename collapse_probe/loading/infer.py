@@ -4,9 +4,11 @@
     model = instantiate(spec)                                # random init; load the weights afterwards
     print(spec.name, spec.kwargs, spec.heads, spec.heads_source)
 
-Recognised layouts: timm VisionTransformer / DeiT (incl. distilled) / BEiT, torchvision VisionTransformer and
-vit-pytorch ViT, DeepViT and CaiT. Depth, width, patch size, channels, MLP ratio, class / distillation / register
-tokens, layer scale and class count are read from shapes.
+Recognised layouts: timm VisionTransformer / DeiT (incl. distilled) / BEiT / CaiT, torchvision VisionTransformer and
+vit-pytorch ViT, DeepViT, CaiT, SimpleViT, T2TViT, CrossViT (``loading.vitpytorch``). Depth, width, patch size,
+channels, MLP ratio, class / distillation / register tokens, layer scale and class count are read from shapes.
+Recognised and refused with the reason (exit 5): timm EVA / EVA-02 (its rotary position embedding is set by the model
+name, not stored: pass --model NAME), Swin (windowed attention) and XCiT (attention over channels).
 
 Heads rule: the number of heads is not visible in fused qkv weights, so it is decided, in order, by
   1. a per-head shape anywhere in the file (``head_evidence``): per-head q/k-norm weights ([head_dim]),
@@ -21,24 +23,16 @@ Heads rule: the number of heads is not visible in fused qkv weights, so it is de
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
-from ..errors import UnsupportedLayoutError
+from ..errors import UnsupportedLayoutError, UnsupportedModelError
+from ..hooks.adapters import REFUSED
 from . import official
 from .heads import GUESS, SD, ArchSpec, decide_heads, head_evidence  # noqa: F401  (re-exported: the heads rule)
-
-
-def _depth(sd: SD, pattern: str) -> int:
-    rx = re.compile(pattern)
-    idx = {int(m.group(1)) for k in sd if (m := rx.match(k))}
-    return max(idx) + 1 if idx else 0
-
-
-def _square(n: int) -> int | None:
-    r = math.isqrt(n)
-    return r if r * r == n and r > 0 else None
+from .heads import layer_count as _depth
+from .heads import square_side as _square
+from .vitpytorch import infer_vit_pytorch
 
 
 def _timm(sd: SD, num_heads: int | None) -> ArchSpec:
@@ -96,6 +90,56 @@ def _timm(sd: SD, num_heads: int | None) -> ArchSpec:
     return ArchSpec("timm", name, kw, heads, source, (chans, grid * ph, grid * pw), notes)
 
 
+def _cait(sd: SD, num_heads: int | None) -> ArchSpec:
+    """timm Cait: talking-heads blocks, then class-attention blocks (``blocks_token_only``); pos_embed has no class
+    token entry."""
+    dim, chans, ph, pw = (int(s) for s in sd["patch_embed.proj.weight"].shape)
+    b0, t0 = "blocks.0.", "blocks_token_only.0."
+    grid = _square(int(sd["pos_embed"].shape[1]))
+    if grid is None or "cls_token" not in sd:
+        raise UnsupportedLayoutError(f"CaiT-like checkpoint with pos_embed {tuple(sd['pos_embed'].shape)}: not a "
+                                     "square patch grid (or no class token); pass --model NAME")
+    attn_dim = int(sd[f"{b0}attn.qkv.weight"].shape[0]) // 3
+    mlp_ratio = int(sd[f"{b0}mlp.fc1.weight"].shape[0]) / dim
+    heads, source = decide_heads(attn_dim, head_evidence(sd, attn_dim), num_heads, mlp_ratio)
+    kw: dict[str, Any] = {"img_size": grid * ph, "patch_size": (ph, pw) if ph != pw else ph, "in_chans": chans,
+                          "embed_dim": dim, "depth": _depth(sd, r"blocks\.(\d+)\."), "num_heads": heads,
+                          "mlp_ratio": mlp_ratio, "qkv_bias": f"{b0}attn.qkv.bias" in sd,
+                          "depth_token_only": _depth(sd, r"blocks_token_only\.(\d+)\."),
+                          "mlp_ratio_token_only": int(sd[f"{t0}mlp.fc1.weight"].shape[0]) / dim,
+                          "num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0}
+    return ArchSpec("timm", "cait_xxs24_224", kw, heads, source, (chans, grid * ph, grid * pw))
+
+
+_EVA_MARKS = {"blocks.0.mlp.fc1_g.weight": "SwiGLU MLP", "blocks.0.mlp.norm.weight": "MLP sub-norm",
+              "blocks.0.attn.norm.weight": "attention sub-norm", "blocks.0.attn.q_proj.weight": "separate q/k/v"}
+
+
+def _eva_mark(sd: SD) -> str | None:
+    """What makes ``sd`` a timm EVA / EVA-02 (not BEiT) state dict, or None."""
+    for key, what in _EVA_MARKS.items():
+        if key in sd and "patch_embed.proj.weight" in sd:
+            return f"{what}, {key}"
+    fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
+    if "blocks.0.attn.q_bias" in sd and not any(k.endswith("relative_position_bias_table") for k in sd) \
+            and fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
+        return f"packed SwiGLU MLP {tuple(fc1.shape)} -> {tuple(fc2.shape)}, q/v bias, no relative-position table"
+    return None
+
+
+_SWIN = re.compile(r"layers\.\d+\.blocks\.\d+\.attn\.(relative_position_bias_table|logit_scale|cpb_mlp)")
+_XCIT = re.compile(r"blocks\.\d+\.attn\.temperature$")
+
+
+def _refuse_family(sd: SD) -> None:
+    """Families whose weights are recognisable but whose maps are not token-to-token (exit 5, the reason)."""
+    for rx, (module, cls), family in ((_SWIN, ("timm.", "WindowAttention"), "Swin"),
+                                      (_XCIT, ("timm.", "XCA"), "XCiT")):
+        hit = next((k for k in sd if rx.match(k)), None)
+        if hit is not None:
+            raise UnsupportedModelError(f"{family} state dict ({hit}): {REFUSED[(module, cls)]}")
+
+
 def _torchvision(sd: SD, num_heads: int | None) -> ArchSpec:
     dim, chans, p, _ = (int(s) for s in sd["conv_proj.weight"].shape)
     depth = _depth(sd, r"encoder\.layers\.encoder_layer_(\d+)\.")
@@ -114,58 +158,28 @@ def _torchvision(sd: SD, num_heads: int | None) -> ArchSpec:
     return ArchSpec("torchvision", "VisionTransformer", kw, heads, source, (3, grid * p, grid * p))
 
 
-def _vit_pytorch(sd: SD, num_heads: int | None) -> ArchSpec:
-    dim, patch_dim = (int(s) for s in sd["to_patch_embedding.2.weight"].shape)
-    chans = 3 if _square(patch_dim // 3) and patch_dim % 3 == 0 else 1
-    p = _square(patch_dim // chans)
-    cait = any(k.startswith("patch_transformer.") for k in sd)
-    tokens = int(sd["pos_embedding"].shape[-2])
-    grid = _square(tokens if cait else tokens - 1)
-    if p is None or grid is None:
-        raise UnsupportedLayoutError("vit-pytorch model with an unreadable patch size or grid; pass --model NAME")
-    if cait:
-        pre, name = "patch_transformer.layers.", "CaiT"
-        inner = int(sd[f"{pre}0.0.fn.to_q.weight"].shape[0])
-        mix = sd[f"{pre}0.0.fn.mix_heads_pre_attn"]
-        evidence = (int(mix.shape[0]), f"talking-heads matrix shape {tuple(mix.shape)}")
-        mlp = int(sd[f"{pre}0.1.fn.net.1.weight"].shape[0])
-    else:
-        pre = "transformer.layers."
-        inner = int(sd[f"{pre}0.0.to_qkv.weight"].shape[0]) // 3
-        mlp = int(sd[f"{pre}0.1.net.1.weight"].shape[0])
-        reattn = sd.get(f"{pre}0.0.reattn_weights")
-        name = "DeepViT" if reattn is not None else "ViT"
-        evidence = (int(reattn.shape[0]), f"re-attention matrix shape {tuple(reattn.shape)}") if reattn is not None \
-            else None
-    if evidence is None and num_heads is None and inner % 64 == 0:
-        # vit-pytorch's to_qkv holds heads x dim_head columns for any split: 64 is only its default dim_head
-        heads, source = inner // 64, f"vit-pytorch default head size 64 (dim_head); {GUESS}"
-    else:
-        heads, source = decide_heads(inner, evidence, num_heads)
-    head = sd.get("mlp_head.weight", sd.get("mlp_head.1.weight"))
-    kw: dict[str, Any] = dict(image_size=grid * p, patch_size=p, num_classes=int(head.shape[0]) if head is not None
-                              else 0, dim=dim, depth=_depth(sd, re.escape(pre) + r"(\d+)\."), heads=heads,
-                              mlp_dim=mlp, dim_head=inner // heads)
-    if cait:
-        kw["cls_depth"] = _depth(sd, r"cls_transformer\.layers\.(\d+)\.")
-    else:
-        kw["channels"] = chans
-    return ArchSpec("vit-pytorch", name, kw, heads, source, (chans, grid * p, grid * p),
-                    ["vit-pytorch pooling cannot be read from weights: 'cls' assumed"] if not cait else [])
-
-
 def infer_architecture(sd: SD, num_heads: int | None = None) -> ArchSpec:
     """The architecture a state dict (wrapper prefixes already stripped) was saved from, by its shapes."""
     sd = official.to_ours(sd)
+    _refuse_family(sd)
     try:
         if official.is_ours(sd):
             return official.infer_deepvit(sd, num_heads)
+        eva = _eva_mark(sd)
+        if eva is not None:
+            raise UnsupportedLayoutError(f"timm EVA / EVA-02 state dict ({eva}): its rotary position embedding is set "
+                                         "by the model name, not stored in the weights, so it cannot be inferred; pass "
+                                         "--model NAME (e.g. eva02_tiny_patch14_224, eva02_base_patch14_224)")
+        if "patch_embed.proj.weight" in sd and "blocks_token_only.0.attn.q.weight" in sd \
+                and "blocks.0.attn.qkv.weight" in sd:
+            return _cait(sd, num_heads)
         if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
             return _timm(sd, num_heads)
         if "conv_proj.weight" in sd and "encoder.pos_embedding" in sd:
             return _torchvision(sd, num_heads)
-        if "to_patch_embedding.2.weight" in sd and "pos_embedding" in sd:
-            return _vit_pytorch(sd, num_heads)
+        spec = infer_vit_pytorch(sd, num_heads)
+        if spec is not None:
+            return spec
     except KeyError as e:
         raise UnsupportedLayoutError(f"partly recognised layout, but key {e} is missing; pass --model NAME") from e
     if any(k.startswith(("embeddings.patch_embeddings", "vit.", "deit.", "dinov2.")) for k in sd):

@@ -52,6 +52,11 @@ class ModelInfo(_Record):
     model_args: dict[str, Any] | None = None  # arguments an inferred model was built with
     layout: str | None = None  # a foreign key layout that was renamed to ours (official DeepViT)
     notes: list[str] = field(default_factory=list)  # what the loader decided that the weights could not show
+    # what was changed or left out so the maps could be measured: the file's grid instead of the name's default, an
+    # assumed image size, masking off, blocks not probed. Also appended to architecture_source, so the text header
+    # and the audit model table show it
+    adjustments: list[str] = field(default_factory=list)
+    prefix: str | None = None  # only keys under this prefix were the model's (--prefix, or a Lightning file's model.)
 
 
 @dataclass

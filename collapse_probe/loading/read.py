@@ -9,8 +9,9 @@ pytorch_model.bin) and timm (config.json with architecture). Torch files are ope
 ``torch.load(weights_only=True)``, which refuses any global that is not a tensor type; full pickle only with
 ``trust_pickle=True``, an explicit per-run choice.
 
-Layouts: a bare state dict or one entry of a training checkpoint (``STATE_KEYS``, or ``key``); wrapper prefixes
-(``module.``, ``_orig_mod.``, Lightning's ``model.``) shared by every key are stripped, repeatedly.
+Layouts: a bare state dict or one entry of a training checkpoint (``STATE_KEYS``, or ``key``); which keys are the
+model's (``prefix``, a Lightning file's model next to its loss buffers) and the wrapper prefixes shared by every key
+(``module.``, ``_orig_mod.``, ``model.``) are decided in ``loading.prefixes``.
 
 Every check lives behind ``read_checkpoint`` (``loading.safety``): the file's structure before torch reads it, stored
 configs that could steer timm's factory or ask for more than the weights hold, and NaN/Inf weights, so a caller of
@@ -37,15 +38,13 @@ from ..errors import (
     first_line,
     one_line,
 )
+from .prefixes import WRAPPER_PREFIXES, KeySelection, model_keys, strip_prefixes  # noqa: F401  (re-exported)
 from .safety import check_finite, check_model_args, check_safetensors, check_torch_file, plain_data_classes
 
 META_KEY = "collapse_probe"  # safetensors metadata key / torch dict key holding our model config
 
 
 STATE_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema", "teacher", "student")  # first found wins
-
-
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 @dataclass
@@ -60,6 +59,7 @@ class Checkpoint:
     arch: str | None = None  # timm training checkpoints name their architecture in an "arch" entry
     args_model: str | None = None  # ... and in args.model (an argparse.Namespace of train.py's options)
     preprocessor: dict[str, Any] = field(default_factory=dict)  # HF preprocessor_config.json (mean, std, size)
+    selection: KeySelection | None = None  # only the keys under a prefix were the model's (--prefix, Lightning)
 
 
 def sniff_format(path: Path) -> str:
@@ -135,44 +135,47 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DDP / torch.compile / Lightning wrappers (``module.``, ``_orig_mod.``, ``model.``) shared by every key."""
-    changed = True
-    while changed and sd:
-        changed = False
-        for p in WRAPPER_PREFIXES:
-            if all(k.startswith(p) for k in sd):
-                sd, changed = {k[len(p):]: v for k, v in sd.items()}, True
-    return sd
-
-
-def extract_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The model weights inside a loaded object: a bare state dict, or one of ``STATE_KEYS`` (``key`` to choose)."""
+def _raw_state_dict(obj: Any, key: str | None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The dict of tensors inside a loaded object, keys as stored, and which entry held it."""
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
             keys = list(obj)[:8] if isinstance(obj, dict) else []
             raise UnsupportedLayoutError(f"no entry '{key}' in the checkpoint (top-level keys: {keys})")
         if not _is_state_dict(obj[key]):
             raise UnsupportedLayoutError(f"entry '{key}' is not a dict of tensors")
-        return strip_prefixes(obj[key]), key
+        return obj[key], key
     if isinstance(obj, nn.Module):  # only reachable with --trust-pickle: a whole pickled model
-        return strip_prefixes(obj.state_dict()), None
+        return obj.state_dict(), None
     if _is_state_dict(obj):
-        return strip_prefixes(obj), None
+        return obj, None
     if isinstance(obj, dict):
         for k in STATE_KEYS:
             if _is_state_dict(obj.get(k)):
-                return strip_prefixes(obj[k]), k
+                return obj[k], k
             if isinstance(obj.get(k), nn.Module):
-                return strip_prefixes(obj[k].state_dict()), k
+                return obj[k].state_dict(), k
         raise UnsupportedLayoutError(
             f"no state dict found: top-level keys are {list(obj)[:8]}; pass --key to say which holds the weights")
     raise UnsupportedLayoutError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
 
 
+def extract_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The model weights inside a loaded object: a bare state dict, or one of ``STATE_KEYS`` (``key`` to choose),
+    with the wrapper prefixes shared by every key stripped."""
+    sd, used = _raw_state_dict(obj, key)
+    return strip_prefixes(sd), used
+
+
+def is_lightning(obj: Any) -> bool:
+    """Whether a loaded torch object is a PyTorch Lightning checkpoint (Lightning always writes its version)."""
+    return isinstance(obj, dict) and "pytorch-lightning_version" in obj
+
+
 def read_checkpoint(path: str | Path, trust_pickle: bool = False, key: str | None = None,
-                    allow_nonfinite: bool = False) -> Checkpoint:
+                    allow_nonfinite: bool = False, prefix: str | None = None) -> Checkpoint:
     """Open ``path`` safely; raises a ``CollapseProbeError`` subclass with a one-line message on any problem.
+
+    ``prefix``: only the keys under it are the model's (``loading.prefixes``).
 
     Stored configs are checked against the weights (no factory options, no sizes beyond what the weights hold), and
     NaN/Inf weights raise ``MalformedFileError`` unless ``allow_nonfinite``.
@@ -184,7 +187,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, key: str | Non
     with warnings.catch_warnings():  # e.g. torch's complex-to-real cast warning: bad tensors get our own error
         warnings.simplefilter("ignore")
         try:
-            ckpt = _read(path, trust_pickle, key)
+            ckpt = _read(path, trust_pickle, key, prefix)
         except OSError as e:  # unreadable disk sector, permissions, a file that vanished mid-read
             raise BadArgumentError(f"cannot read {path}: {e.strerror or one_line(e)}") from e
     check_backed(ckpt.state_dict, ckpt.path)
@@ -220,24 +223,26 @@ def timm_folder_args(ckpt: Checkpoint) -> dict[str, Any]:
             **ckpt.config.get("model_args", {})}
 
 
-def _read(path: Path, trust_pickle: bool, key: str | None) -> Checkpoint:
+def _read(path: Path, trust_pickle: bool, key: str | None, prefix: str | None) -> Checkpoint:
     if not path.exists():
         raise BadArgumentError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        return _read_folder(path, trust_pickle, key)
+        return _read_folder(path, trust_pickle, key, prefix)
     fmt = sniff_format(path)
     if fmt == "safetensors":
-        sd, meta = _read_safetensors(path)
+        raw, meta = _read_safetensors(path)
         if key is not None:
             raise BadArgumentError("--key applies to torch checkpoints; a safetensors file holds one state dict")
-        return Checkpoint(path, fmt, strip_prefixes(sd), meta)
+        sd, kept = model_keys(raw, prefix)
+        return Checkpoint(path, fmt, sd, meta, selection=kept)
     obj = _read_torch(path, fmt, trust_pickle)
-    sd, used = extract_state_dict(obj, key)
+    raw, used = _raw_state_dict(obj, key)
+    sd, kept = model_keys(raw, prefix, lightning=is_lightning(obj))
     meta = obj.get(META_KEY, {}) if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict) else {}
     arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
     args_model = getattr(obj.get("args"), "model", None) if isinstance(obj, dict) else None
     return Checkpoint(path, fmt, sd, meta, used, arch=arch,
-                      args_model=args_model if isinstance(args_model, str) else None)
+                      args_model=args_model if isinstance(args_model, str) else None, selection=kept)
 
 
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -253,7 +258,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _read_folder(path: Path, trust_pickle: bool, key: str | None) -> Checkpoint:
+def _read_folder(path: Path, trust_pickle: bool, key: str | None, prefix: str | None) -> Checkpoint:
     """A HuggingFace (config.json with model_type) or timm (config.json with architecture) model folder."""
     if not (path / "config.json").is_file():
         raise BadArgumentError(f"{path} is a folder without config.json; pass a checkpoint file (.safetensors, .pt) "
@@ -271,7 +276,7 @@ def _read_folder(path: Path, trust_pickle: bool, key: str | None) -> Checkpoint:
         sharded = any(path.glob("*.index.json"))
         raise UnsupportedLayoutError(f"{path} has sharded weights; merge them into one model.safetensors" if sharded
                                      else f"{path} has no {' or '.join(FOLDER_WEIGHTS)}")
-    inner = _read(weights, trust_pickle, key)
+    inner = _read(weights, trust_pickle, key, prefix)
     pre = path / "preprocessor_config.json"
     return Checkpoint(path, fmt, inner.state_dict, inner.metadata, inner.key, config=cfg,
-                      preprocessor=_read_json(pre) if pre.is_file() else {})
+                      preprocessor=_read_json(pre) if pre.is_file() else {}, selection=inner.selection)

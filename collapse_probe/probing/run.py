@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..errors import BadArgumentError
+from ..errors import BadArgumentError, UnsupportedModelError
 from ..hooks.capture import Site, capture
 from ..loading.build import describe, load_model
 from ..loading.images import image_loader
@@ -36,7 +36,7 @@ from .memory import fit_batch, parse_bytes
 from .result import REDUCTIONS, ProbeResult
 
 Observer = Callable[[Site, torch.Tensor], None]
-LOAD_OPTIONS = ("model_name", "num_heads", "mean", "std", "key", "trust_pickle")  # how ``probe`` reads a path
+LOAD_OPTIONS = ("model_name", "num_heads", "mean", "std", "key", "trust_pickle", "prefix")  # how a path is read
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -89,6 +89,7 @@ def probe(
     std: tuple[float, ...] | None = None,
     key: str | None = None,
     trust_pickle: bool = False,
+    prefix: str | None = None,
     num_images: int | None = None,
     batch_size: int = 16,
     workers: int = 0,
@@ -115,7 +116,7 @@ def probe(
             ``LoadedModel``, or an ``nn.Module`` of a supported family.
         images: a folder, ``builtin:photos`` (default) or ``builtin:digits`` (preprocessed with the model's own
             eval transform), a tensor [B, 3, H, W] already preprocessed, or an iterable of such batches / (x, y).
-        model_name, num_heads, mean, std, key, trust_pickle: how to read a path (``load_model``).
+        model_name, num_heads, mean, std, key, trust_pickle, prefix: how to read a path (``load_model``).
         num_images, batch_size, workers: how many images of a folder / built-in set, in batches of this size.
         threshold: the block criterion: a block is similar when its similarity with the previous block(s) exceeds it.
         entry_threshold: the per-entry cut of the ratio reduction (fraction of column cosines above it; default
@@ -141,8 +142,8 @@ def probe(
         raise BadArgumentError(f"--entry-threshold must be between 0 and 1, got {entry_threshold}")
     storage_dtype, storage_name = _storage(storage)
     from_file = isinstance(model_or_path, (str, Path))
-    given = {k: v for k, v in zip(LOAD_OPTIONS, (model_name, num_heads, mean, std, key, trust_pickle))
-             if v is not None and v is not False}
+    given = {k: v for k, v in zip(LOAD_OPTIONS, (model_name, num_heads, mean, std, key, trust_pickle, prefix),
+                                  strict=True) if v is not None and v is not False}
     if given and not from_file:
         raise BadArgumentError(f"{', '.join(given)} apply to checkpoint paths, not to a model already built")
     all_reduce = from_file if all_reduce is None else all_reduce
@@ -216,6 +217,24 @@ def prefix_tokens_of(model: nn.Module) -> int | None:
     return int(sum(sizes)) if sizes else None
 
 
+class _TokenCounts:
+    """Refuse, with one line naming the counts, maps whose token count differs from the first probed block's: the
+    collapse metrics compare maps block to block. (Known multi-scale models already probe one stack only:
+    ``hooks.selection``; this catches any other.)"""
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[str, int]] = {}
+
+    def __call__(self, site: Site, t: torch.Tensor) -> None:
+        if site.kind == "out" or t.ndim != 4:
+            return
+        name, n = self.first.setdefault(site.kind, (site.name, int(t.shape[-1])))
+        if int(t.shape[-1]) != n:
+            raise UnsupportedModelError(
+                f"attention blocks run on unequal token counts ({name}: {n} tokens, {site.name}: {t.shape[-1]}); "
+                "collapse compares maps block to block, so every probed block must see the same tokens")
+
+
 def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshold: float, rank_images: int | None,
              storage_dtype: torch.dtype, max_memory: int | str | None, device: torch.device, progress: bool,
              all_reduce: bool, observers: Sequence[Observer],
@@ -226,8 +245,10 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
         dist = torch.distributed
         rank_cap = distributed.shard_count(rank_images, dist.get_rank(), dist.get_world_size())
     collector: CollapseCollector | None = None
+    tokens = _TokenCounts()
 
     def callback(site: Site, t: torch.Tensor) -> None:
+        tokens(site, t)
         collector(site, t)
         for fn in observers:
             fn(site, t)

@@ -1,0 +1,63 @@
+"""Fit the weights before anything is allocated: shapes compared on the meta device, sizes capped by the file's bytes.
+
+    model = within_weights(lambda: timm.create_model(name), state_dict, name)   # one-line error on any mismatch
+
+``within_weights`` builds the model's meta-device twin first: an attention kind we refuse (Swin, XCiT) is named there,
+before any shape comparison; then every shape must match (``compare``: missing, unexpected and mismatched keys, a few
+of each) and the model may not need more parameters than the file's tensors really hold, so a few bytes of config
+cannot make us allocate gigabytes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import RefusedContentError, UnsupportedLayoutError
+from ..hooks.capture import attention_plans
+
+
+def compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """``sd`` fits ``model`` key for key and shape for shape, else one line naming a few of each problem."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in sd and sd[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+    if problems:
+        raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
+
+
+def real_elements(sd: dict[str, torch.Tensor]) -> int:
+    """How many values the file's tensors really hold: each storage counted once, by its bytes."""
+    storages: dict[tuple[int, int], float] = {}
+    for t in sd.values():
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        storages[key] = max(storages.get(key, 0.0), st.nbytes() / max(t.element_size(), 1))
+    return int(sum(storages.values()))
+
+
+def within_weights(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str, strict: bool = True
+                   ) -> nn.Module:
+    """``make()`` for real only after its meta-device twin fits ``sd``: every shape (``strict``) and no more
+    parameters than the file's tensors really hold, so a few bytes of config cannot make us allocate gigabytes."""
+    with torch.device("meta"):  # shapes only, no memory
+        meta = make()
+    attention_plans(meta)  # a refused attention kind says why before any shape talk (exit 5)
+    if strict:
+        compare(meta, sd, what)
+    need, have = sum(p.numel() for p in meta.parameters()), real_elements(sd)
+    if need > have * 1.01 + 100_000:  # slack: a few buffers or tied copies a file may legitimately omit
+        raise RefusedContentError(f"refused: {what} needs {need:,} parameters but the file's tensors hold only "
+                                  f"{have:,} values; pass --model NAME matching the weights")
+    del meta
+    return make()
