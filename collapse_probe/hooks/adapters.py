@@ -19,6 +19,9 @@ family (Plan.family)   attention module -> where "probs" is taken -> what is swi
   torch-mha            ``nn.MultiheadAttention`` (torchvision ViT) -> its returned weights -> need_weights=True,
                        average_attn_weights=False
 
+Each plan also names where its block's *applied* map (the one that multiplies V) can be replaced (``Plan.swap``, see
+``hooks.swap``; ``hooks.intervene`` uses it for attention reuse and uniform attention), or why not (``swap_refusal``).
+
 Talking heads (CaiT) and re-attention (DeepViT) mix heads after the softmax; "probs" is always the row-stochastic
 map before that mixing, and "mixed" the map after it (not row-stochastic) where the family exposes it.
 Not captured: class-attention layers (timm ``ClassAttn``, vit-pytorch CaiT ``cls_transformer``) and SigLIP's

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import BadArgumentError, UnsupportedModelError
-from .adapters import Patch
+from .adapters import LOOKED_FOR, Patch
 from .capture import _clean, _hf_root, _parent, attention_plans
 from .swap import HfSwapAttention, MapFn, Remover, Swap
 
@@ -78,6 +78,8 @@ def intervention_blocks(model: nn.Module) -> list[Block]:
         else:
             why = f"{plan.family}: no block module around {raw or 'the model'} to skip"
         out.append(Block(index, _clean(raw), plan.family, plan.swap, plan.swap_refusal, skip, zero, why))
+    if not out:
+        raise UnsupportedModelError(f"no attention module found in {type(model).__name__}: looked for {LOOKED_FOR}")
     return out
 
 

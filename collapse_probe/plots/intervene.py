@@ -37,11 +37,15 @@ def plot_output_change(report: InterventionReport, ax: Axes | None = None) -> Ax
         by_mode.setdefault(r["mode"], []).append(r)
     twin = ax.twinx()
     twin.grid(False)
+    twin.spines["right"].set_visible(True)
     for i, (mode, rs) in enumerate(by_mode.items()):
         x = np.array([r["block"] for r in rs])
         changed = np.array([r["changed"] for r in rs], dtype=float)
         lo, hi = (np.array([r[k] for r in rs], dtype=float) for k in ("changed_lo", "changed_hi"))
-        ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.18, lw=0)
+        if len(x) > 2:
+            ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.18, lw=0)
+        else:  # a band needs a run of points; a few get error bars
+            ax.errorbar(x, changed, yerr=[changed - lo, hi - changed], fmt="none", ecolor=f"C{i}", capsize=3)
         ax.plot(x, changed, marker="o", ms=3, color=f"C{i}", label=f"{mode}: 1 − agreement (95 % CI)")
         drop = np.array([-r["accuracy_change"] for r in rs], dtype=float)
         if np.isfinite(drop).any():
@@ -54,7 +58,7 @@ def plot_output_change(report: InterventionReport, ax: Axes | None = None) -> Ax
     ax.set_ylim(-0.02, 1.02)
     handles = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper right")
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="best")
     ax.set_title(f"{_name(report)}: output change ({report.images.count} images)")
     return ax
 
@@ -71,7 +75,7 @@ def plot_block_similarity(report: InterventionReport, ax: Axes | None = None) ->
         if sim.get("threshold") is not None:
             threshold_line(ax, sim["threshold"])
         unit_ylim(ax)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     else:
         ax.text(0.5, 0.5, "similarity not probed", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="block k", ylabel="mean column cosine with block k − 1")

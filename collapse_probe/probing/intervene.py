@@ -56,7 +56,8 @@ def _tensor(y: Any) -> torch.Tensor:
     return y.last_hidden_state[:, 0]
 
 
-def _check_all(model: nn.Module, interventions: Sequence[Intervention], keep_going: bool) -> tuple[list, list[str]]:
+def _check_all(model: nn.Module, interventions: Sequence[Intervention],
+               keep_going: bool) -> tuple[list[Intervention], list[str]]:
     """(the interventions the model allows, one line per refused one); raises unless ``keep_going``."""
     blocks = intervention_blocks(model)
     ok, refused = [], []

@@ -178,8 +178,7 @@ def command(checkpoint: Any, mode: str, from_block: int | None, blocks: list[int
     check_request(from_block, blocks, sweep, source)
     if output is not None:
         check_replaceable(output)
-    report = run_intervene(checkpoint, mode, from_block, blocks, source, sweep, similarity=output is not None,
-                           **options)
+    report = run_intervene(checkpoint, mode, from_block, blocks, source, sweep, **options)
     if output is not None:
         write_intervention(report, output)
     return render(report, fmt).rstrip("\n"), output
