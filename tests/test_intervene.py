@@ -26,6 +26,7 @@ from collapse_probe.probing.intervene import check_flagged, measure
 from collapse_probe.probing.outcome import Z95, Intervention, InterventionReport, from_block, one_block, sweep, wilson
 from collapse_probe.reports.intervene import intervention_sentences, render, to_csv
 
+from .conftest import REPO
 from .family_models import FAMILIES, example_input, logits, make, save_weights
 
 torch.manual_seed(0)
@@ -355,7 +356,7 @@ def test_bundled_checkpoint_labels_give_its_own_accuracy():
     from collapse_probe.loading.images import digits_arrays, image_labels
     from collapse_probe.probing.run import image_batches, open_model
 
-    loaded, _, _ = open_model("checkpoints/vit_micro_d8.safetensors", "cpu")
+    loaded, _, _ = open_model(REPO / "checkpoints" / "vit_micro_d8.safetensors", "cpu")
     report = measure(loaded, "builtin:digits", [from_block("skip", 0, 8)], num_images=40, batch_size=20,
                      progress=False)
     o = report.outcomes[0]
@@ -411,3 +412,23 @@ def test_cli_unsupported_family_exits_5_and_skip_still_works(tmp_path):
     ok = CliRunner().invoke(main, ["intervene", str(path), "--mode", "skip", "--from-block", "1", "--num-images", "2",
                                    "--no-progress"])
     assert ok.exit_code == 0, ok.output
+
+
+def test_plots_take_reports_and_a_backbone_report_round_trips():
+    from matplotlib.axes import Axes
+
+    from collapse_probe.plots.intervene import plot_block_similarity, plot_intervention_figure, plot_output_change
+
+    backbone = make("hf-dinov2")  # no classifier: only the feature cosine exists
+    report = measure(backbone, example_input("hf-dinov2", 4), sweep("uniform", 2), progress=False)
+    o = report.outcomes[0]
+    assert o.agree is None and o.kl_sum is None and 0 < o.cosine < 1 and math.isnan(report.rows()[0]["kl"])
+    assert "no classifier" in intervention_sentences(report)[0]
+    again = InterventionReport.from_json(report.to_json())
+    assert again.outcomes[0].agree is None and again.to_json() == report.to_json()
+    ax = plot_output_change(report)
+    assert isinstance(ax, Axes) and plot_block_similarity(report, ax=ax.figure.add_subplot(2, 1, 2)) is not None
+    planted_report = measure(planted(), X[:8], sweep("reuse", DEPTH), progress=False, similarity=True)
+    axes = plot_intervention_figure(planted_report)
+    assert len(axes) == 2 and axes[0].figure is axes[1].figure
+    assert len(planted_report.similarity["neighbor"]) == DEPTH and planted_report.neighbor(K + 1) == pytest.approx(1.0)

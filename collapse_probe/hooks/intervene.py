@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import BadArgumentError, UnsupportedModelError
-from .adapters import LOOKED_FOR, Patch
-from .capture import _clean, _hf_root, _parent, attention_plans
+from .adapters import LOOKED_FOR, Patch, _hf_root
+from .capture import _clean, _parent, attention_plans
 from .swap import HfSwapAttention, MapFn, Remover, Swap
 
 
