@@ -17,6 +17,7 @@ import click
 
 from ._version import __version__
 from .errors import CollapseProbeError
+from .reports.intervene_options import intervene_options
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=120, terminal_width=120)
 
@@ -284,6 +285,29 @@ def compare(checkpoints, output, fmt, **kwargs):
     s = kwargs
     click.echo(table if fmt == "markdown" else
                render_compare(results, fmt, s["threshold"], s["neighbors"], s["reduction"]).rstrip("\n"))
+
+
+@main.command(context_settings=CONTEXT, short_help="Check a verdict by intervention (reuse a block's map, skip "
+              "blocks, uniform attention): output change.")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@intervene_options
+@_probe_options
+def intervene(checkpoint, **kwargs):
+    """Intervene on blocks of CHECKPOINT (numbered from 1); measure the top-1 agreement with the unmodified model,
+    KL(p_orig || p_intervened), final-feature cosine and accuracy (labelled images), with Wilson 95 % intervals.
+
+    \b
+    Examples:
+      collapse-probe intervene checkpoints/vit_micro_d32.safetensors --sweep -o out/reuse_sweep
+      collapse-probe intervene ckpt.pt --mode reuse --from-block 16     # blocks 17-L reuse block 16's map
+      collapse-probe intervene ckpt.pt --mode skip --blocks 30,31,32    # each block skipped alone, one row each
+    """
+    from .reports.intervene import command
+
+    text, output = command(checkpoint, **_default_images(checkpoint, kwargs))
+    click.echo(text)
+    if output is not None:
+        click.echo(f"wrote {output}", err=True)
 
 
 def _preset_help() -> str:

@@ -22,6 +22,9 @@ family (Plan.family)   attention module -> where "probs" is taken -> what is swi
   torch-mha            ``nn.MultiheadAttention`` (torchvision ViT) -> its returned weights -> need_weights=True,
                        average_attn_weights=False
 
+Each plan also names where its block's *applied* map (the one that multiplies V) can be replaced (``Plan.swap``, see
+``hooks.swap``; ``hooks.intervene`` uses it for attention reuse and uniform attention), or why not (``swap_refusal``).
+
 Talking heads (CaiT) and re-attention (DeepViT) mix heads after the softmax; "probs" is always the row-stochastic
 map before that mixing, and "mixed" the map after it (not row-stochastic) where the family exposes it.
 Not captured: class-attention layers (timm ``ClassAttn``, vit-pytorch CaiT ``cls_transformer``) and SigLIP's
@@ -42,6 +45,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models.attention import Attention as OurAttention
+from .swap import HfSwap, MhaSwap, OutputSwap, Patch, Swap, mha_refusal
 
 Getter = Callable[[tuple, Any], torch.Tensor]  # (inputs, output) of the hooked module -> [B, H, N, N]
 
@@ -72,16 +76,6 @@ class Point:
 
     module: nn.Module
     get: Getter
-
-
-class Patch:
-    """A temporary change applied while capturing; ``undo`` restores exactly what ``apply`` changed."""
-
-    def apply(self) -> None:
-        raise NotImplementedError
-
-    def undo(self) -> None:
-        raise NotImplementedError
 
 
 class SetAttr(Patch):
@@ -150,6 +144,8 @@ class Plan:
     points: dict[str, Point]  # kind ("probs", "mixed") -> hook point
     patches: list[Patch] = field(default_factory=list)
     block_out: bool = True  # the parent module is a block whose output is the token tensor
+    swap: Swap | None = None  # where the applied map (the one that multiplies V) is replaced (``hooks.swap``)
+    swap_refusal: str | None = None  # why it cannot be, when swap is None
 
 
 def _timm_classes() -> tuple[type, ...]:
@@ -187,14 +183,16 @@ def _ours(m: nn.Module, _path: str) -> Plan | None:
     points = {"probs": Point(m.probs, _output)}
     if m.reattention:
         points["mixed"] = Point(m.mixed, _output)
-    return Plan("ours", m.num_heads, points)
+    # a block that already reuses a published map (attn_reuse_from) sends it through ``probs`` and never runs ``mixed``
+    swap = OutputSwap(m.mixed, "mixed") if m.reattention and m.reuse is None else OutputSwap(m.probs, "probs")
+    return Plan("ours", m.num_heads, points, swap=swap)
 
 
 def _timm(m: nn.Module, _path: str) -> Plan | None:
     if not isinstance(m, _timm_classes()):
         return None
     patches: list[Patch] = [SetAttr(m, "fused_attn", False)] if hasattr(m, "fused_attn") else []
-    return Plan("timm", m.num_heads, {"probs": Point(m.attn_drop, _input0)}, patches)
+    return Plan("timm", m.num_heads, {"probs": Point(m.attn_drop, _input0)}, patches, swap=OutputSwap(m.attn_drop))
 
 
 def _timm_cait(m: nn.Module, _path: str) -> Plan | None:
@@ -203,7 +201,8 @@ def _timm_cait(m: nn.Module, _path: str) -> Plan | None:
     if not isinstance(m, TalkingHeadAttn):
         return None
     return Plan("timm-cait", m.num_heads, {"probs": Point(m.proj_w, _heads_last_input),
-                                           "mixed": Point(m.attn_drop, _input0)})
+                                           "mixed": Point(m.attn_drop, _input0)},
+                swap=OutputSwap(m.attn_drop, "mixed"))
 
 
 def _vit_pytorch(m: nn.Module, path: str) -> Plan | None:
@@ -212,10 +211,16 @@ def _vit_pytorch(m: nn.Module, path: str) -> Plan | None:
     if "cls_transformer" in path.split("."):
         return None  # CaiT class attention: [B, H, 1, N]
     if isinstance(getattr(m, "attend", None), nn.Softmax):
-        return Plan("vit-pytorch", m.heads, {"probs": Point(m.attend, _output)}, block_out=False)
+        if hasattr(m, "mix_heads_post_attn"):  # CaiT: the applied map is an einsum with a Parameter, no module's output
+            return Plan("vit-pytorch", m.heads, {"probs": Point(m.attend, _output)}, block_out=False,
+                        swap_refusal="vit-pytorch CaiT mixes heads after the softmax with a bare parameter (talking "
+                        "heads): no module carries the map that multiplies V, so it cannot be replaced")
+        return Plan("vit-pytorch", m.heads, {"probs": Point(m.attend, _output)}, block_out=False,
+                    swap=OutputSwap(m.attend))
     if hasattr(m, "reattn_weights") and isinstance(getattr(m, "dropout", None), nn.Dropout):
         return Plan("vit-pytorch-deepvit", m.heads, {"probs": Point(m.dropout, _input0),
-                                                     "mixed": Point(m.reattn_norm, _output)}, block_out=False)
+                                                     "mixed": Point(m.reattn_norm, _output)}, block_out=False,
+                    swap=OutputSwap(m.reattn_norm, "mixed"))
     return None
 
 
@@ -239,7 +244,7 @@ def _hf(m: nn.Module, _path: str) -> Plan | None:
     heads = getattr(m, "num_attention_heads", None) or getattr(m, "num_heads", None)
     if not hasattr(getattr(m, "config", None), "_attn_implementation") or not isinstance(heads, int):
         return None
-    return Plan("transformers", heads, {"probs": Point(m, _output1)})  # HfEager added by caller
+    return Plan("transformers", heads, {"probs": Point(m, _output1)}, swap=HfSwap(m))  # HfEager added by caller
 
 
 def _hf_beit(m: nn.Module, _path: str) -> Plan | None:
@@ -261,7 +266,9 @@ def _mha(m: nn.Module, path: str) -> Plan | None:
         return None
     if path.endswith("head.attention"):  # SigLIP's pooling head: one learned query, a [B, H, 1, N] map
         return None
-    return Plan("torch-mha", m.num_heads, {"probs": Point(m, _output1)}, [MhaWeights(m)])
+    why = mha_refusal(m)
+    return Plan("torch-mha", m.num_heads, {"probs": Point(m, _output1)}, [MhaWeights(m)],
+                swap=None if why else MhaSwap(m), swap_refusal=why)
 
 
 ADAPTERS: tuple[Callable[[nn.Module, str], Plan | None], ...] = (

@@ -8,7 +8,7 @@ Built-in sets, none of which downloads anything:
                     retina, ...; grey ones converted to RGB); asking for more than 17 adds deterministic random crops.
     builtin:digits  the validation split (360 images) of scikit-learn's digits, the split the bundled checkpoints were
                     validated on (8x8 grey levels scaled to 0..255, RGB).
-The default is builtin:photos.
+The default is builtin:photos. ``image_labels`` gives the digits' classes (the other sets have none).
 """
 from __future__ import annotations
 
@@ -67,6 +67,16 @@ def digits_validation() -> list[Image.Image]:
     """The 360 validation digits of the bundled checkpoints' split (``digits_arrays``)."""
     _, _, images, _ = digits_arrays()
     return [Image.fromarray(a).convert("RGB") for a in images]
+
+
+def image_labels(folder: str | Path | None, num_images: int | None = None) -> list[int] | None:
+    """The class labels of the images ``image_loader(model, folder, num_images)`` yields, in its order, where the set
+    has them: builtin:digits (the digit 0-9, the class index of the bundled checkpoints); None otherwise."""
+    if folder is None or str(folder) != "builtin:digits":
+        return None
+    _, _, images, labels = digits_arrays()
+    total = min(num_images, len(images)) if num_images else len(images)
+    return [int(y) for y in labels[:total]]
 
 
 def list_images(folder: str | Path) -> list[Path]:

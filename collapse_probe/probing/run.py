@@ -65,8 +65,36 @@ def _check(threshold: float, neighbors: int, reduction: str, max_memory: int | s
         parse_bytes(max_memory)  # a bad size fails before anything is loaded
 
 
-def _batches(images: Any, model: nn.Module, num_images: int | None, batch_size: int,
-             workers: int) -> tuple[Iterable, ImageInfo]:
+def open_model(model_or_path: nn.Module | LoadedModel | str | Path, device: str | torch.device | None = None,
+               **load: Any) -> tuple[LoadedModel, torch.device, int]:
+    """(the model and what it is, the device it now lives on, the torchrun world size) for any accepted model.
+
+    A path is read with every safety check (``load_model``; ``load``: model_name, num_heads, mean, std, key,
+    trust_pickle, prefix) onto ``device`` (default "auto"); a model in memory goes to ``device`` (default: where it is).
+    """
+    from_file = isinstance(model_or_path, (str, Path))
+    given = {k: v for k, v in load.items() if v is not None and v is not False}
+    unknown = set(given) - set(LOAD_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown load option(s) {sorted(unknown)}")
+    if given and not from_file:
+        raise BadArgumentError(f"{', '.join(given)} apply to checkpoint paths, not to a model already built")
+    world = 1
+    if from_file:
+        info = distributed.init_distributed(device or "auto")
+        dev, world = info.device, info.world
+        model_or_path = load_model(model_or_path, **given)
+    loaded = model_or_path if isinstance(model_or_path, LoadedModel) else \
+        LoadedModel(model_or_path, describe(model_or_path))
+    if not from_file:
+        dev = distributed.resolve_device(device) if isinstance(device, str) else (
+            torch.device(device) if device is not None else next(loaded.model.parameters()).device)
+    loaded.model.to(dev)
+    return loaded, dev, world
+
+
+def image_batches(images: Any, model: nn.Module, num_images: int | None, batch_size: int,
+                  workers: int = 0) -> tuple[Iterable, ImageInfo]:
     """Any accepted ``images`` -> (batches, what they are): a folder or builtin:... set, a tensor, or batches."""
     if images is None or isinstance(images, (str, Path)):
         return image_loader(model, images, num_images, batch_size, workers)
@@ -142,25 +170,11 @@ def probe(
         raise BadArgumentError(f"--entry-threshold must be between 0 and 1, got {entry_threshold}")
     storage_dtype, storage_name = _storage(storage)
     from_file = isinstance(model_or_path, (str, Path))
-    given = {k: v for k, v in zip(LOAD_OPTIONS, (model_name, num_heads, mean, std, key, trust_pickle, prefix),
-                                  strict=True) if v is not None and v is not False}
-    if given and not from_file:
-        raise BadArgumentError(f"{', '.join(given)} apply to checkpoint paths, not to a model already built")
     all_reduce = from_file if all_reduce is None else all_reduce
-    world = 1
-    if from_file:
-        info = distributed.init_distributed(device or "auto")
-        dev, world = info.device, info.world
-        model_or_path = load_model(model_or_path, **given)
-    if isinstance(model_or_path, LoadedModel):
-        model, model_info = model_or_path.model, model_or_path.info
-    else:
-        model, model_info = model_or_path, describe(model_or_path)
-    if not from_file:
-        dev = distributed.resolve_device(device) if isinstance(device, str) else (
-            torch.device(device) if device is not None else next(model.parameters()).device)
-    model.to(dev)
-    batches, image_info = _batches(images, model, num_images, batch_size, workers)
+    loaded, dev, world = open_model(model_or_path, device, model_name=model_name, num_heads=num_heads, mean=mean,
+                                    std=std, key=key, trust_pickle=trust_pickle, prefix=prefix)
+    model, model_info = loaded.model, loaded.info
+    batches, image_info = image_batches(images, model, num_images, batch_size, workers)
     all_reduce = all_reduce and distributed.active()
     if all_reduce:
         if not isinstance(batches, DataLoader):
