@@ -226,3 +226,20 @@ def test_c_an_untrained_model_is_not_collapsed_beyond_its_twin():
     assert vd["collapsed_beyond_twin"] == [] and vd["regimes"]["redundant"] == []  # ... beyond its twin it is not
     assert "untrained twin" in vd["headline"] and "does not show collapse that training produced" in " ".join(
         vd["text"])
+
+
+def test_audit_intervene_cites_the_measured_change_of_the_flagged_blocks(tmp_path):
+    from collapse_probe.loading.save import save_checkpoint
+    from collapse_probe.reports.audit import audit
+
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(timm.create_model("vit_micro", depth=4), ckpt)  # random init: blocks 2-4 similar (paper's metric)
+    metrics = audit(ckpt, tmp_path / "rep", baseline=False, intervene=True, num_images=4, batch_size=4,
+                    progress=False, device="cpu")
+    text = metrics["summary"]["text"]
+    flagged = metrics["summary"]["similar_blocks"]
+    assert flagged and flagged[-1] == 4
+    cited = [t for t in text if t.startswith("Intervention (measured)")]
+    assert len(cited) == 2 and "of top-1 predictions" in cited[0] and "Skipping blocks" in cited[1]
+    assert f"blocks {flagged[0]}-4" in cited[0] or f"block {flagged[0]}" in cited[0]
+    assert "Intervention (measured)" in (tmp_path / "rep" / "report.md").read_text()

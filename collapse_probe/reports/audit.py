@@ -25,7 +25,7 @@ from .._version import __version__
 from ..errors import BadArgumentError
 from ..outputs import check_replaceable, write_folder
 from ..probing.result import ProbeResult, finite
-from ..probing.run import probe
+from ..probing.run import LOAD_OPTIONS, probe
 from ..probing.blocks import Criterion, block_rows
 from ..probing.verdict import judge, spans
 from .text import _SPECS, aligned, cell, csv_text
@@ -180,10 +180,12 @@ def audit(
     reduction: str = "mean",
     baseline: bool = True,
     notes: Sequence[str] = (),
+    intervene: bool = False,
     **probe_kwargs: Any,
 ) -> dict[str, Any]:
     """Probe ``checkpoint`` (and, unless ``baseline=False``, its untrained twin) and write the report folder; returns
-    the metrics.json content. ``notes``: extra verdict sentences (e.g. an intervention's measured change).
+    the metrics.json content. ``notes``: extra verdict sentences; ``intervene``: also run the cheap interventions
+    (reuse, skip) on the flagged blocks and cite their measured output change in the verdict.
 
     ``probe_kwargs`` go to ``probing.run.probe`` (model_name, images, num_images, batch_size, device, trust_pickle,
     key, rank_images, num_heads, mean, std, max_memory, storage, progress, entry_threshold, baseline_seed).
@@ -191,7 +193,29 @@ def audit(
     check_replaceable(output)  # before minutes of probing, not after
     result = probe(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
                    **probe_kwargs)
+    if intervene:
+        notes = [*notes, *_intervention_notes(checkpoint, result, threshold, neighbors, reduction, probe_kwargs)]
     return write_audit(result, output, threshold, neighbors, reduction, notes, probe_kwargs)
+
+
+_MEASURE_OPTIONS = ("images", "num_images", "batch_size", "workers", "device", *LOAD_OPTIONS)
+
+
+def _intervention_notes(checkpoint: str | Path, result: ProbeResult, threshold: float, k: int, reduction: str,
+                        probe_kwargs: dict[str, Any]) -> list[str]:
+    """``audit --intervene``: the cheap checks (reuse, skip) of the last run of blocks collapsed beyond the twin (or,
+    without a twin, of the similar blocks), as verdict sentences citing the measured output change."""
+    from ..probing.intervene import check_flagged
+    from .intervene import intervention_sentences
+
+    vd = verdict(result, threshold, k, reduction)
+    flagged = vd["collapsed_beyond_twin"] if vd["collapsed_beyond_twin"] is not None else vd["similar_blocks"]
+    opts = {key: v for key, v in probe_kwargs.items() if key in _MEASURE_OPTIONS}
+    images = opts.pop("images", None)
+    report = check_flagged(checkpoint, images, [b - 1 for b in flagged], **opts)
+    if report is None:
+        return ["Intervention: no block is flagged, so nothing was checked."]
+    return ["Intervention (measured): " + t for t in intervention_sentences(report)]
 
 
 def write_audit(result: ProbeResult, output: str | Path, threshold: float, neighbors: int, reduction: str,
