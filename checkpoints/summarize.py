@@ -1,6 +1,11 @@
-"""Rewrite checkpoints/summary.csv from the metadata of checkpoints/*_d*.safetensors (no model is run).
+"""Rewrite checkpoints/summary.csv from the metadata of checkpoints/*_d*.safetensors (no model is run), and the README's
+digits table from that metadata plus figures/digits/summary.csv (what `collapse-probe figures` measured).
 
     python checkpoints/summarize.py [FOLDER]       # default: this folder; prints the table as Markdown too
+    python checkpoints/summarize.py --readme       # rewrite the README block between the digits-table markers
+
+tests/test_checkpoints.py checks that the README's block is exactly what ``readme_table()`` gives, so every number in
+it comes from the committed files.
 """
 from __future__ import annotations
 
@@ -44,7 +49,51 @@ def _numel(shape) -> int:
     return n
 
 
+START, END = "<!-- digits-table:start (checkpoints/summarize.py --readme) -->", "<!-- digits-table:end -->"
+FIGURES_SUMMARY = HERE.parent / "figures" / "digits" / "summary.csv"
+
+
+def _wilson(k: float, n: float, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (
+        1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def readme_table(folder: Path = HERE, measured: Path = FIGURES_SUMMARY) -> str:
+    """The README's digits table: accuracy (metadata, Wilson 95 % interval over the validation images) beside the
+    similar-block counts of the model and its untrained twin (figures/digits/summary.csv, bootstrap 95 % intervals)."""
+    with open(measured, newline="") as f:
+        runs = {r["model"]: r for r in csv.DictReader(f)}
+    lines = ["| model | depth | params | epochs | top-1 % (95 % CI) | map kind | similar blocks (95 % CI) | "
+             "untrained twin (95 % CI) | collapsed beyond the twin | regimes |", "|---" * 10 + "|"]
+    for r in rows(folder):
+        with safe_open(str(folder / f"{r['name']}.safetensors"), "pt") as f:
+            ev = json.loads(f.metadata()["collapse_probe"]).get("eval", {})
+        n = ev.get("val_images") or ev.get("images")
+        lo, hi = _wilson(ev["top1"] / 100 * n, n)
+        m, t = runs[r["name"]], runs.get(f"{r['name']} (untrained twin)", {})
+
+        def ci(row: dict) -> str:
+            return f"{row['similar_blocks']} ({float(row['count_ci_low']):.0f}-{float(row['count_ci_high']):.0f})" \
+                if row.get("count_ci_low") not in (None, "") else str(row.get("similar_blocks", "-"))
+        lines.append(f"| {'ViT' if r['architecture'] == 'vit_micro' else 'DeepViT'} | {r['depth']} | {r['params']:,} | "
+                     f"{r['epochs']} | {ev['top1']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) | {m['kind']} | {ci(m)} / "
+                     f"{r['depth']} | {ci(t) if t else '-'} | {m['collapsed_beyond_twin'] or 'none'} | "
+                     f"{m['regimes'] or 'none'} |")
+    return "\n".join(lines)
+
+
+def rewrite_readme(readme: Path = HERE.parent / "README.md") -> None:
+    text = readme.read_text()
+    i, j = text.index(START) + len(START), text.index(END)
+    readme.write_text(text[:i] + "\n" + readme_table() + "\n" + text[j:])
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--readme"]:
+        rewrite_readme()
+        return
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
     table = rows(folder)
     with open(folder / "summary.csv", "w", newline="") as f:

@@ -142,3 +142,20 @@ def test_missing_file_and_folder(tmp_path):
         read_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(BadArgumentError, match="folder"):
         read_checkpoint(tmp_path)
+
+
+def test_readme_digits_table_is_generated_from_the_committed_files():
+    """Every number in the README's digits table comes from the checkpoints' metadata and figures/digits/summary.csv
+    (``python checkpoints/summarize.py --readme`` writes it); a hand-edited or stale table fails here."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("summarize", root / "checkpoints" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    text = (root / "README.md").read_text()
+    block = text[text.index(summarize.START) + len(summarize.START):text.index(summarize.END)].strip()
+    assert block == summarize.readme_table()
+    for row in summarize.rows():  # the metadata itself: top-1 as recorded by the trainer
+        assert f"| {row['depth']} | {row['params']:,} | {row['epochs']} | {row['top1']:.1f} (" in block

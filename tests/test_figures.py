@@ -527,3 +527,15 @@ def test_measure_checkpoint_reads_size_seed_and_recreates_theta_init(tmp_path):
     np.testing.assert_allclose(r.theta_init.weight, init.weight, atol=1e-7)
     np.testing.assert_allclose(r.theta.weight - r.theta_init.weight, 0.01, atol=1e-6)
     assert r.maps["mixed"].first_image.shape == (2, 4, 17, 17) and r.baseline is None
+
+
+def test_threshold_sweep_plots_each_model_and_its_twin_from_the_verdict_rows():
+    from collapse_probe.plots.depth import plot_threshold_sweep
+
+    rows = [{"threshold": t, "count_mean": c, "twin_count_mean": tc, "count_ratio": 0, "twin_count_ratio": None}
+            for t, c, tc in ((0.8, 5, 7), (0.9, 3, 6), (0.98, 1, 2))]
+    ax = plot_threshold_sweep({"m": rows}, "mean")
+    solid, dashed = ax.lines
+    assert list(solid.get_ydata()) == [5, 3, 1] and list(dashed.get_ydata()) == [7, 6, 2]
+    assert dashed.get_linestyle() == "--" and "untrained twin" in dashed.get_label()
+    assert len(plot_threshold_sweep({"m": rows}, "ratio").lines) == 1  # no twin numbers: no twin line

@@ -290,7 +290,7 @@ def test_figures_command_writes_every_figure_with_its_numbers(tiny_checkpoints, 
              "attention_similarity_deepvit_micro_d3", "fig4_feature_similarity_deepvit_micro_d3",
              "fig8_attention_maps_deepvit_micro_d3_probs", "fig8_attention_maps_deepvit_micro_d3_mixed",
              "fig8_attention_maps_vit_micro_d2_probs", "fig8_theta_deepvit_micro_d3",
-             "fig8_similarity_vit_vs_deepvit_d2"]
+             "fig8_similarity_vit_vs_deepvit_d2", "threshold_sweep"]
     for stem in stems:  # PDFs are checked by the unit tests above; --no-pdf keeps this test short
         assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG" and not (out / f"{stem}.pdf").exists()
         assert (out / f"{stem}.csv").stat().st_size > 0
@@ -300,7 +300,8 @@ def test_figures_command_writes_every_figure_with_its_numbers(tiny_checkpoints, 
     results = {p.stem: ProbeResult.from_json(p.read_text()) for p in (out / "results").glob("*.json")}
     assert set(results) == {"deepvit_micro_d2", "deepvit_micro_d3", "vit_micro_d2"}
     d3 = results["deepvit_micro_d3"]
-    rows = [r for r in read_csv(out / "fig3a_neighbor_similarity_deepvit_micro_d3.csv") if r["k"] == "1"]
+    rows = [r for r in read_csv(out / "fig3a_neighbor_similarity_deepvit_micro_d3.csv")
+            if r["k"] == "1" and r["model"] == "deepvit_micro_d3"]  # the untrained twin's rows follow
     assert [(r["kind"], r["applied"]) for r in rows] == [("probs", "0")] * 3 + [("mixed", "1")] * 3
     got = [float(r["similarity"]) if r["similarity"] else math.nan for r in rows if r["kind"] == "mixed"]
     np.testing.assert_allclose(got, d3.attention["mixed"].neighbor(1), equal_nan=True, rtol=1e-12)
@@ -316,8 +317,10 @@ def test_figures_command_writes_every_figure_with_its_numbers(tiny_checkpoints, 
     assert [(r["models"], float(r["top1"]), r["seeds"]) for r in acc] == [("deepvit_micro_d2", 61.5, "1"),
                                                                           ("deepvit_micro_d3", 64.0, "1")]
     fig8 = read_csv(out / "fig8_similarity_vit_vs_deepvit_d2.csv")
-    assert sorted({(r["model"], r["kind"]) for r in fig8}) == [
+    assert sorted({(r["model"], r["kind"]) for r in fig8 if "twin" not in r["model"]}) == [
         ("deepvit_micro_d2", "mixed"), ("deepvit_micro_d2", "probs"), ("vit_micro_d2", "probs")]
+    assert {r["model"] for r in fig8 if "twin" in r["model"]} == {"deepvit_micro_d2 (untrained twin)",
+                                                                  "vit_micro_d2 (untrained twin)"}  # by default
     theta = read_csv(out / "fig8_theta_deepvit_micro_d3.csv")
     assert len(theta) == 3 * 4 * (4 + 1) and {r["block_number"] for r in theta} == {"1", "2", "3"}  # + bias rows
     assert all(r["init"] == "" for r in theta)  # no seed recorded in these files: final only

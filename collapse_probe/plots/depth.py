@@ -178,3 +178,22 @@ def plot_accuracy_vs_depth(families: Mapping[str, Mapping[int, float]], colors: 
         ax.set_xticks(depths)
     ax.legend(loc="best")
     return ax
+
+
+@styled
+def plot_threshold_sweep(sweeps: Mapping[str, Sequence[Mapping[str, Any]]], reduction: str = "mean",
+                         colors: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Axes:
+    """Similar-block count against the block threshold, one line per model (``probing.verdict.sweep`` rows, keyed by
+    label) and its untrained twin dashed grey where the rows carry one; ``reduction``: "mean" or "ratio"."""
+    ax = axes_or_new(ax)
+    for label, rows in sweeps.items():
+        t = [r["threshold"] for r in rows]
+        line, = ax.plot(t, [r[f"count_{reduction}"] for r in rows], marker="o", ms=3, label=label,
+                        color=(colors or {}).get(label))
+        twin = [r[f"twin_count_{reduction}"] for r in rows]
+        if all(v is not None for v in twin):
+            ax.plot(t, twin, ls="--", color="0.55", lw=1, label=f"{label} (untrained twin)")
+    ax.set_xlabel("block threshold")
+    ax.set_ylabel(f"similar blocks ({reduction} reduction)")
+    ax.legend(loc="best", fontsize=7)
+    return ax

@@ -296,3 +296,21 @@ def summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
                      "all_similar_from_block", "twin_similar_blocks", "collapsed_beyond_twin", "regimes",
                      "similar_blocks_probs", "cross_head_max", "cross_head_mean", "feature_attention_r",
                      "feature_attention_partial_r"], rows)
+
+
+@styled
+def threshold_sweep(runs: Sequence[ModelRun], all_runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str],
+                    threshold: float) -> None:
+    """Similar blocks against the block threshold (0.80-0.98), both reductions, each model beside its twin: how much
+    the headline count depends on a free choice."""
+    sweeps = {r.label: judge(r.result, Criterion.of(r.result, threshold=threshold))["sweep"] for r in runs}
+    fig = new_figure((9.5, 3.4))
+    colors = {r.label: _color(r, all_runs) for r in runs}
+    for ax, red in zip(fig.subplots(1, 2), ("mean", "ratio")):
+        pdepth.plot_threshold_sweep(sweeps, red, colors=colors, ax=ax)
+        ax.set_title(f"{red} reduction (a reading of the paper's)")
+    rows = [(label, r["threshold"], red, r[f"count_{red}"], "" if r[f"twin_count_{red}"] is None else
+             r[f"twin_count_{red}"]) for label, rs in sweeps.items() for r in rs for red in ("mean", "ratio")]
+    write_csv(stem.with_suffix(".csv"), ["model", "block_threshold", "reduction", "similar_blocks",
+                                         "twin_similar_blocks"], rows)
+    save_figure(fig, stem, fmts)

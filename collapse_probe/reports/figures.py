@@ -125,6 +125,7 @@ def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bo
         notes.append("Fig. 1 skipped: no checkpoint has eval top-1 accuracy in its metadata (collapse_probe.eval.top1)")
     jobs.append(("fig3b", lambda d, f: fj.fig3b(runs, d / "fig3b_similar_blocks_vs_depth", f, threshold)))
     jobs.append(("fig3c", lambda d, f: fj.fig3c(featured, runs, d / "fig3c_cross_head_similarity", f)))
+    jobs.append(("sweep", lambda d, f: fj.threshold_sweep(featured, runs, d / "threshold_sweep", f, threshold)))
     for r in featured:
         title = f"{r.label}: similarity with neighbouring blocks (applied maps: {pick_kind(r.result)})"
         jobs.append((f"fig3a {r.label}", lambda d, f, r=r, t=title: fj.fig3a(
