@@ -19,7 +19,7 @@ import math
 import torch
 
 from . import functional as MF
-from .sums import ImageSums
+from .sums import ImageSums, reuse
 
 TINY = torch.finfo(torch.float32).tiny  # log() floor: x log x -> 0 for x = 0 without a NaN from 0 * -inf
 LOG2 = math.log(2.0)
@@ -36,7 +36,7 @@ class RowAccumulator(ImageSums):
     ``distributions``: the rows are probability distributions ("probs"); False ("mixed") measures only the row
     cosine. Within a batch each block's unit rows are stored in an [L, B*H*N*N] buffer (``storage_dtype`` as in
     ``CrossLayerAccumulator``); ``end_batch`` turns it into all L x L row-cosine sums with batched matrix products
-    over chunks of ``chunk_bytes`` and frees it. The JSD of block l needs block l-1's map: it is held (a reference, not a copy;
+    over chunks of ``chunk_bytes``; the buffer is kept for the next batch of the same shape until ``release``. The JSD of block l needs block l-1's map: it is held (a reference, not a copy;
     no supported model writes to its attention map after the capture point) only until block l has arrived, and
     blocks may arrive in any order within a batch.
 
@@ -61,6 +61,7 @@ class RowAccumulator(ImageSums):
         self.sum_cos = torch.zeros(L, L, dtype=torch.float64)
         self.count = torch.zeros_like(self.sum_cos)
         self._buf: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None  # the last batch's buffer, for the next one
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def add(self, block: int, attn: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -70,7 +71,7 @@ class RowAccumulator(ImageSums):
         x = attn.float().contiguous()
         if self._buf is None:
             self._on(x.device)
-            self._buf = torch.empty(self.L, B * H * N * N, dtype=self.storage_dtype, device=x.device)
+            self._buf = reuse(self._kept, (self.L, B * H * N * N), self.storage_dtype, x.device)
             self._valid = torch.zeros(self.L, B, dtype=torch.bool, device=x.device)
             self._stage = torch.full((2, self.L, B), math.nan, device=x.device)  # entropy, tv per image
             self._filled = [False] * self.L
@@ -134,10 +135,16 @@ class RowAccumulator(ImageSums):
         nan = torch.tensor(math.nan, device=vf.device)
         stage = torch.where(self._valid, self._stage, nan) if self.distributions else self._stage
         self._append({"entropy": stage[0].T, "tv_uniform": stage[1].T})
-        self._buf, self._held = None, {}
+        self._kept, self._buf, self._held = self._buf, None, {}
 
     def buffer_bytes(self) -> int:
-        return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
+        """Bytes of the per-batch buffer held (kept between batches of one shape; 0 after ``release``)."""
+        buf = self._kept if self._buf is None else self._buf
+        return 0 if buf is None else buf.numel() * buf.element_size()
+
+    def release(self) -> None:
+        """Free the buffer kept for the next batch."""
+        self._kept = None
 
     # ----------------------------------------------------------------------------------------------- results
 
