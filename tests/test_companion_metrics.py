@@ -406,7 +406,7 @@ def test_merge_adds_sums_and_concatenates_images():
     torch.testing.assert_close(a.similarity(), whole.similarity())
     torch.testing.assert_close(a.matched(), whole.matched())
     torch.testing.assert_close(a.per_image()["similarity"], whole.per_image()["similarity"], atol=1e-6, rtol=0)
-    r, r1, r2 = feed(RowAccumulator(3), maps), feed(RowAccumulator(3), maps[:, :3]), feed(RowAccumulator(3), maps[:, 3:])
+    r, r1, r2 = (feed(RowAccumulator(3), m) for m in (maps, maps[:, :3], maps[:, 3:]))
     r1.merge(r2)
     torch.testing.assert_close(r1.jsd_prev(), r.jsd_prev(), equal_nan=True)
     torch.testing.assert_close(r1.per_image()["entropy"], r.per_image()["entropy"])

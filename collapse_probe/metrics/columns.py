@@ -56,9 +56,9 @@ class ColumnAccumulator(ImageSums):
     Within a batch the centred columns c of every block and head are stored in a [B*N, L*H, N] buffer (rows (b, t)),
     with the column means in a [B, N, L, H] one. ``storage_dtype`` float16/bfloat16 halves the buffer; then columns
     are stored scaled by sqrt(N) / |x| (one more read of the map, and their scale kept) so that float16 neither
-    overflows nor underflows, and Pearson stays accurate down to centred parts of ~1e-4 of a column's norm. ``end_batch`` takes
-    the Gram of each row's L*H columns in chunks of ``chunk_bytes`` and folds it into the sums and per-image rows; the
-    buffer is kept for the next batch of the same shape (``sums.reuse``) until ``release``.
+    overflows nor underflows, and Pearson stays accurate down to centred parts of ~1e-4 of a column's norm.
+    ``end_batch`` takes the Gram of each row's L*H columns in chunks of ``chunk_bytes`` and folds it into the sums and
+    per-image rows; the buffer is kept for the next batch of the same shape (``sums.reuse``) until ``release``.
 
     Sums (float64): sum_cos, sum_floor [L*H, L*H] over (b, t) (index l * H + h); sum_pearson, above [L, L] over
     (b, h, t), same head; count [L, L] (b, t) seen by each pair (images valid in both x N); sum_resid [L] rank-1
@@ -113,7 +113,7 @@ class ColumnAccumulator(ImageSums):
             valid = None if bool(finite.all()) else finite
         slot = self._buf.view(B, N, self.L, H, N)[:, :, block]  # [B, t, H, i]
         mu_t = mu.transpose(1, 2)  # [B, t, H]
-        if half:  # unit-norm columns: centre in float32, then scale into the half-precision slot
+        if half:  # centre in float32, then scale into the half-precision slot
             # sqrt(N) / |x|: entries ~ |c| / |x|, within float16's normal range down to ~1e-4
             scale = (math.sqrt(N) / (x * x).sum(-2).sqrt().clamp_min(MF.EPS)).transpose(1, 2)  # [B, t, H]
             centred = torch.empty(B, N, H, N, device=x.device)
