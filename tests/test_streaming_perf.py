@@ -116,10 +116,13 @@ def test_buffers_depend_on_batch_size_not_on_image_count(model_and_images):
             _origs[type(self)](self)
             assert self.buffer_bytes() <= held  # kept for the next batch, not grown
 
-        releases = []
-        orig_release = CollapseCollector.release
-        CollapseCollector.release = lambda self: (orig_release(self), releases.append(
-            [a.buffer_bytes() for a in (*self.columns.values(), *self.rows.values())]))
+        releases, orig_release = [], CollapseCollector.release
+
+        def release(self, _orig=orig_release, _releases=releases):
+            _orig(self)
+            _releases.append([a.buffer_bytes() for a in (*self.columns.values(), *self.rows.values())])
+
+        CollapseCollector.release = release
 
         for cls in peak:
             cls.end_batch = spy
