@@ -16,6 +16,7 @@ from collapse_probe.metrics import functional as MF
 from collapse_probe.metrics.columns import ColumnAccumulator
 from collapse_probe.metrics.rows import RowAccumulator
 from collapse_probe.metrics.streaming import CrossLayerAccumulator, FeatureAccumulator, unit_columns
+from collapse_probe.probing.collector import CollapseCollector
 from collapse_probe.probing.memory import estimate_bytes_per_image, fit_batch, parse_bytes
 from collapse_probe.probing.result import ProbeResult
 from collapse_probe.probing.run import probe
@@ -101,7 +102,8 @@ def test_parse_bytes_rejects_garbage(bad):
 
 
 def test_buffers_depend_on_batch_size_not_on_image_count(model_and_images):
-    """Peak accumulator memory is the same for 7 and 14 images at batch 7: nothing outlives a batch."""
+    """Peak accumulator memory is the same for 7 and 14 images at batch 7: a batch's buffers are reused by the next,
+    never added to, and released when the probe ends."""
     model, images = model_and_images
     peaks = []
     for n_batches in (1, 2):
@@ -109,9 +111,18 @@ def test_buffers_depend_on_batch_size_not_on_image_count(model_and_images):
         origs = {cls: cls.end_batch for cls in peak}
 
         def spy(self, _peak=peak, _origs=origs):
-            _peak[type(self)] = max(_peak[type(self)], self.buffer_bytes())
+            held = self.buffer_bytes()
+            _peak[type(self)] = max(_peak[type(self)], held)
             _origs[type(self)](self)
-            assert self.buffer_bytes() == 0
+            assert self.buffer_bytes() <= held  # kept for the next batch, not grown
+
+        releases, orig_release = [], CollapseCollector.release
+
+        def release(self, _orig=orig_release, _releases=releases):
+            _orig(self)
+            _releases.append([a.buffer_bytes() for a in (*self.columns.values(), *self.rows.values())])
+
+        CollapseCollector.release = release
 
         for cls in peak:
             cls.end_batch = spy
@@ -120,10 +131,12 @@ def test_buffers_depend_on_batch_size_not_on_image_count(model_and_images):
         finally:
             for cls, orig in origs.items():
                 cls.end_batch = orig
+            CollapseCollector.release = orig_release
+        assert releases == [[0, 0, 0, 0]]  # probs and mixed, columns and rows: nothing held after the probe
         peaks.append(peak)
     B, H, N, L = 7, 4, 65, 4
-    # columns: B*N rows x L*H columns x N entries, plus a and |x|^2 per column; rows: L blocks x B*H*N*N entries
-    assert peaks[0] == peaks[1] == {ColumnAccumulator: (B * N * L * H * N + 2 * B * N * L * H) * 4,
+    # columns: B*N rows x L*H columns x N entries, plus each column's mean; rows: L blocks x B*H*N*N entries
+    assert peaks[0] == peaks[1] == {ColumnAccumulator: (B * N * L * H * N + B * N * L * H) * 4,
                                     RowAccumulator: L * B * H * N * N * 4}
 
 

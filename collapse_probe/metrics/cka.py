@@ -18,14 +18,15 @@ import math
 import torch
 
 from .columns import CONSTANT
-from .sums import ImageSums
+from .sums import ImageSums, reuse
 
 
 class CkaAccumulator(ImageSums):
     """[L, L] mean per-image linear CKA between block outputs, streamed.
 
     Within a batch each block's centred token Gram (N x N per image) is stored in a [B, L, N*N] float32 buffer;
-    ``end_batch`` takes all L x L inner products per image with one batched matmul and frees it. Cost per block and
+    ``end_batch`` takes all L x L inner products per image with one batched matmul (the buffer is kept for the next
+    batch of the same shape until ``release``). Cost per block and
     image: one N x N x C matmul (the N x N form is the cheaper one while N < C, e.g. ViT-S: 197 tokens, 384 channels).
     Sums (float64): sum_cka, count [L, L] (images valid in both blocks). Images marked invalid are not counted, nor
     is a pair where an image's tokens are all equal in one block (their centred part under ``columns.CONSTANT`` of
@@ -40,6 +41,7 @@ class CkaAccumulator(ImageSums):
         self.sum_cka = torch.zeros(num_blocks, num_blocks, dtype=torch.float64)
         self.count = torch.zeros_like(self.sum_cka)
         self._buf: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None
 
     def add(self, block: int, feats: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Block output [B, N, C]; ``valid`` [B] bool marks the images to count (None: all)."""
@@ -47,7 +49,8 @@ class CkaAccumulator(ImageSums):
         x = feats.float()
         if self._buf is None:
             self._on(x.device)
-            self._buf = torch.zeros(B, self.L, N * N, device=x.device)  # zeros: a block that did not run adds 0
+            self._buf = reuse(self._kept, (B, self.L, N * N), torch.float32, x.device)
+            self._filled = [False] * self.L
             self._valid = torch.zeros(self.L, B, dtype=torch.bool, device=x.device)
         elif self._buf.shape[0] != B or self._buf.shape[2] != N * N:
             raise ValueError(f"block {block} has features {tuple(feats.shape)}, unlike the batch's earlier blocks")
@@ -59,10 +62,13 @@ class CkaAccumulator(ImageSums):
         if valid is not None:
             gram[~valid] = 0
         self._valid[block] = spread if valid is None else spread & valid
+        self._filled[block] = True
 
     def end_batch(self) -> None:
         if self._buf is None:
             return
+        for blk in (b for b, f in enumerate(self._filled) if not f):  # a block that did not run adds 0
+            self._buf[:, blk] = 0
         hsic = torch.bmm(self._buf, self._buf.transpose(1, 2))  # [B, L, L]
         norm = hsic.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # |K_l|_F
         v = self._valid.T  # [B, L]
@@ -71,7 +77,11 @@ class CkaAccumulator(ImageSums):
         cka = hsic / torch.where(both, den, 1.0)
         self.sum_cka += torch.where(both, cka, 0.0).sum(0).double()
         self.count += both.sum(0).double()
-        self._buf = None
+        self._kept, self._buf = self._buf, None
+
+    def release(self) -> None:
+        """Free the buffer kept for the next batch."""
+        self._kept = None
 
     def cka(self) -> torch.Tensor:
         """[L, L] mean per-image linear CKA (NaN for pairs never seen together)."""

@@ -19,15 +19,22 @@ import math
 import torch
 
 from . import functional as MF
-from .sums import ImageSums
+from .sums import ImageSums, reuse
 
 TINY = torch.finfo(torch.float32).tiny  # log() floor: x log x -> 0 for x = 0 without a NaN from 0 * -inf
 LOG2 = math.log(2.0)
 
 
-def _neg_entropy_sum(x: torch.Tensor) -> torch.Tensor:
-    """[..., N] -> [...] sum_j x_j log x_j (nats), zeros contributing 0: one log pass and one fused dot."""
-    return torch.linalg.vecdot(x, x.clamp_min(TINY).log_())
+def _neg_entropy_sum(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> [...] sum_j x_j log x_j (nats), zeros contributing 0; the logs go to ``scratch`` (shaped like x)."""
+    torch.clamp_min(x, TINY, out=scratch).log_()
+    return _dot(x, scratch)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product over the last axis as a batched matmul: no product-sized temporary (vecdot makes one)."""
+    N = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, N), b.reshape(-1, N, 1)).view(a.shape[:-1])
 
 
 class RowAccumulator(ImageSums):
@@ -36,9 +43,9 @@ class RowAccumulator(ImageSums):
     ``distributions``: the rows are probability distributions ("probs"); False ("mixed") measures only the row
     cosine. Within a batch each block's unit rows are stored in an [L, B*H*N*N] buffer (``storage_dtype`` as in
     ``CrossLayerAccumulator``); ``end_batch`` turns it into all L x L row-cosine sums with batched matrix products
-    over chunks of ``chunk_bytes`` and frees it. The JSD of block l needs block l-1's map: it is held (a reference,
-    not a copy; no supported model writes to its attention map after the capture point) only until block l has
-    arrived, and blocks may arrive in any order within a batch.
+    over chunks of ``chunk_bytes``; the buffer is kept for the next batch of the same shape until ``release``. The
+    JSD of block l needs block l-1's map: it is held (a reference, not a copy; no supported model writes to its
+    attention map after the capture point) only until block l has arrived; blocks may arrive in any order.
 
     JSD per row from entropies: with s = p + q, JSD = 1/2 (E(s) - E(p) - E(q)) + 1/2 log 2 (sum p + sum q), E(v) =
     -sum v log v, so each block pair costs one more log pass. Its absolute float32 error is ~1e-7 x log N per row.
@@ -61,7 +68,9 @@ class RowAccumulator(ImageSums):
         self.sum_cos = torch.zeros(L, L, dtype=torch.float64)
         self.count = torch.zeros_like(self.sum_cos)
         self._buf: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None  # the last batch's buffer, for the next one
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._scratch: list[torch.Tensor] | None = None
 
     def add(self, block: int, attn: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Block ``block``'s maps [B, H, N, N]; ``valid`` [B] bool marks the images to count (None: all; the
@@ -70,7 +79,7 @@ class RowAccumulator(ImageSums):
         x = attn.float().contiguous()
         if self._buf is None:
             self._on(x.device)
-            self._buf = torch.empty(self.L, B * H * N * N, dtype=self.storage_dtype, device=x.device)
+            self._buf = reuse(self._kept, (self.L, B * H * N * N), self.storage_dtype, x.device)
             self._valid = torch.zeros(self.L, B, dtype=torch.bool, device=x.device)
             self._stage = torch.full((2, self.L, B), math.nan, device=x.device)  # entropy, tv per image
             self._filled = [False] * self.L
@@ -85,10 +94,13 @@ class RowAccumulator(ImageSums):
         self._valid[block], self._filled[block] = v, True
         if not self.distributions:
             return
-        neg_ent = _neg_entropy_sum(x)  # [B, H, N]
+        # map-sized temporaries live in two scratch maps kept across blocks and batches: fresh 15 MB temporaries (ViT-S,
+        # batch 16) come with fresh pages, which cost more than the arithmetic
+        self._scratch = [reuse(t, x.shape, torch.float32, x.device) for t in self._scratch or (None, None)]
+        neg_ent = _neg_entropy_sum(x, self._scratch[0])  # [B, H, N]
         rowsum = x.sum(-1)
         # 1/2 sum_j |a_j - c| = sum_j max(a_j, c) - (sum_j a_j + N c) / 2: one clamp pass, no |.| temporary
-        tv = x.clamp_min(1.0 / N).sum(-1) - (rowsum + 1) / 2
+        tv = torch.clamp_min(x, 1.0 / N, out=self._scratch[0]).sum(-1) - (rowsum + 1) / 2
         ent = -neg_ent.mean((1, 2)) / math.log(N) if N > 1 else torch.full((B,), math.nan, device=x.device)
         self._stage[0, block], self._stage[1, block] = ent, tv.mean((1, 2))
         self.sum_entropy[block] += torch.where(v, ent, 0.0).sum()
@@ -109,7 +121,8 @@ class RowAccumulator(ImageSums):
         """Fold in the row JSD between block ``hi`` and block ``hi - 1`` (both held)."""
         p, neg_p, sum_p, v_p = self._held[hi - 1]
         q, neg_q, sum_q, v_q = self._held[hi]
-        neg_s = _neg_entropy_sum(p + q)
+        s = torch.add(p, q, out=self._scratch[1])
+        neg_s = _neg_entropy_sum(s, self._scratch[0])
         jsd = 0.5 * (neg_p + neg_q - neg_s) + 0.5 * LOG2 * (sum_p + sum_q)  # [B, H, N]
         v = v_p & v_q
         self.sum_jsd[hi] += torch.where(v, jsd.mean((1, 2)), 0.0).sum()
@@ -134,10 +147,16 @@ class RowAccumulator(ImageSums):
         nan = torch.tensor(math.nan, device=vf.device)
         stage = torch.where(self._valid, self._stage, nan) if self.distributions else self._stage
         self._append({"entropy": stage[0].T, "tv_uniform": stage[1].T})
-        self._buf, self._held = None, {}
+        self._kept, self._buf, self._held = self._buf, None, {}
 
     def buffer_bytes(self) -> int:
-        return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
+        """Bytes of the per-batch buffer held (kept between batches of one shape; 0 after ``release``)."""
+        buf = self._kept if self._buf is None else self._buf
+        return 0 if buf is None else buf.numel() * buf.element_size()
+
+    def release(self) -> None:
+        """Free the buffer and scratch maps kept for the next batch."""
+        self._kept = self._scratch = None
 
     # ----------------------------------------------------------------------------------------------- results
 

@@ -35,6 +35,19 @@ class _Sums:
             setattr(self, n, state[n].to(torch.float64).cpu())
 
 
+def reuse(kept: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor:
+    """``kept`` if it has this shape, dtype and device, else a new uninitialised tensor.
+
+    The per-batch buffers (hundreds of MB for ViT-S at batch 16) are kept from one batch to the next: a fresh one is
+    fresh pages, and faulting them in costs more than filling them (measured 0.17 s vs 0.02 s for 179 MB on one
+    core). Peak memory is the same; ``release()`` frees them.
+    """
+    if kept is not None and kept.shape == shape and kept.dtype == dtype and kept.device == device:
+        return kept
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def finite_images(t: torch.Tensor) -> torch.Tensor | None:
     """[B, ...] -> [B] bool "every value of this image is finite", or None when all are (one host sync)."""
     finite = torch.isfinite(t).flatten(1).all(1)

@@ -102,6 +102,11 @@ class CollapseCollector:
                 self.findings]
         return accs + ([self.features, self.cka] if self.features is not None else [])
 
+    def release(self) -> None:
+        """Free the per-batch buffers kept for a next batch."""
+        for acc in (*self.columns.values(), *self.rows.values(), *([self.cka] if self.cka is not None else [])):
+            acc.release()
+
     def result(self) -> ProbeResult:
         attention = {kind: self._attention(kind) for kind in self.map_kinds
                      if kind in self.columns and bool((self.columns[kind].count > 0).any())}  # else: no forward

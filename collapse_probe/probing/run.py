@@ -289,6 +289,7 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
     finally:  # the bar is cleared before anything else reaches stderr (an interrupt's one line stays last)
         bar.close()
         model.train(was_training)
+    collector.release()  # the per-batch buffers it kept for a next batch
     if all_reduce:
         distributed.all_reduce_sums(collector.accumulators(), device)
     return collector.result(), max_batch
