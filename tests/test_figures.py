@@ -539,3 +539,19 @@ def test_threshold_sweep_plots_each_model_and_its_twin_from_the_verdict_rows():
     assert list(solid.get_ydata()) == [5, 3, 1] and list(dashed.get_ydata()) == [7, 6, 2]
     assert dashed.get_linestyle() == "--" and "untrained twin" in dashed.get_label()
     assert len(plot_threshold_sweep({"m": rows}, "ratio").lines) == 1  # no twin numbers: no twin line
+
+
+def test_measures_figure_draws_the_twin_beside_each_measure_with_1_based_blocks():
+    import timm
+
+    import collapse_probe.models  # noqa: F401
+    from collapse_probe.plots.measures import PANELS, plot_measures_figure
+    from collapse_probe.probing.run import probe
+
+    r = probe(timm.create_model("vit_micro", depth=3), torch.randn(3, 3, 32, 32), progress=False, baseline=True)
+    axes = plot_measures_figure(r)
+    assert len(axes) == len(PANELS)
+    entropy = axes[[k for k, _ in PANELS].index("entropy")]
+    trained, twin = entropy.lines
+    assert list(trained.get_xdata()) == [1, 2, 3] and twin.get_label() == "untrained twin"
+    np.testing.assert_allclose(twin.get_ydata(), r.baseline.attention["probs"].entropy)

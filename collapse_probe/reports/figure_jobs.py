@@ -314,3 +314,19 @@ def threshold_sweep(runs: Sequence[ModelRun], all_runs: Sequence[ModelRun], stem
     write_csv(stem.with_suffix(".csv"), ["model", "block_threshold", "reduction", "similar_blocks",
                                          "twin_similar_blocks"], rows)
     save_figure(fig, stem, fmts)
+
+
+def measures(run: ModelRun, stem: Path, fmts: Sequence[str]) -> None:
+    """The verdict's evidence per block (``plots.measures``), trained beside the untrained twin; CSV long format."""
+    from ..plots.measures import PANELS, plot_measures_figure
+
+    kind = pick_kind(run.result)
+    axes = plot_measures_figure(run.result, kind, title=f"{run.label}: per-block measures ({kind}; grey dashed: "
+                                "untrained twin)")
+    rows = []
+    for ax, (key, _) in zip(axes, PANELS):
+        for line in ax.lines:
+            who = {"trained": run.label, "untrained twin": twin(run.label)}.get(line.get_label(), line.get_label())
+            rows += [(who, key, int(b), v) for b, v in zip(line.get_xdata(), line.get_ydata())]
+    write_csv(stem.with_suffix(".csv"), ["model", "quantity", "block_number", "value"], rows)
+    save_figure(axes[0].figure, stem, fmts)

@@ -130,6 +130,7 @@ def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bo
         title = f"{r.label}: similarity with neighbouring blocks (applied maps: {pick_kind(r.result)})"
         jobs.append((f"fig3a {r.label}", lambda d, f, r=r, t=title: fj.fig3a(
             [r], runs, d / f"fig3a_neighbor_similarity_{r.label}", f, threshold, title=t)))
+        jobs.append((f"measures {r.label}", lambda d, f, r=r: fj.measures(r, d / f"block_measures_{r.label}", f)))
         jobs.append((f"heatmap {r.label}", lambda d, f, r=r: fj.heatmap(r, d / f"attention_similarity_{r.label}", f)))
         if r.result.features is not None:
             jobs.append((f"fig4 {r.label}", lambda d, f, r=r: fj.fig4(r, d / f"fig4_feature_similarity_{r.label}", f)))
