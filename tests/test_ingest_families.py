@@ -264,3 +264,26 @@ def test_lightning_module_that_is_the_model_keeps_its_keys(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), original(x))
+
+
+def test_bare_siglip_state_dict_is_inferred_with_its_attention_pool_head(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_siglip_224", depth=2, embed_dim=64, num_heads=4, img_size=64,
+                              num_classes=5).eval()
+    torch.save(model.state_dict(), tmp_path / "siglip.pth")
+    loaded = load_model(tmp_path / "siglip.pth", num_heads=4)
+    assert "attn_pool" in " ".join(loaded.info.notes)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(x), model(x))  # MAP head read, not dropped
+    result = probe(loaded, x, progress=False)
+    assert result.attention["probs"].similarity.shape == (2, 2)  # the pool's one-query map is not a block
+
+
+def test_bare_rope_vit_is_refused_with_the_reason_and_the_way_out(tmp_path):
+    model = timm.create_model("vit_base_patch16_rope_reg1_gap_256", depth=2, embed_dim=64, num_heads=4, img_size=64)
+    torch.save(model.state_dict(), tmp_path / "rope.pth")
+    res = CliRunner().invoke(main, ["similarity", str(tmp_path / "rope.pth"), "--num-heads", "4", "--num-images", "2",
+                                    "--no-progress"])
+    assert res.exit_code == 5 and "rotary position embedding" in res.stderr and "--model" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

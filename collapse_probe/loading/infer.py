@@ -57,6 +57,10 @@ def _timm(sd: SD, num_heads: int | None) -> ArchSpec:
             grid = (side + 1) // 2 if side else None
         if grid is None and "pos_embed" in sd:
             grid = _square(int(sd["pos_embed"].shape[1]) - 1)
+        if grid is None and table is None and "pos_embed" not in sd:  # timm's RoPE ViTs (eva.py) store no positions
+            raise UnsupportedLayoutError("no position embedding or relative-position table in the weights: rotary "
+                                         "position embedding (timm RoPE ViT / EVA), whose settings are not stored; "
+                                         "pass --model NAME")
         if grid is None:
             raise UnsupportedLayoutError("BEiT-like checkpoint without a readable grid size; pass --model NAME")
         kw.update(img_size=grid * ph, qkv_bias=f"{b0}attn.q_bias" in sd, use_abs_pos_emb="pos_embed" in sd,
@@ -81,7 +85,10 @@ def _timm(sd: SD, num_heads: int | None) -> ArchSpec:
     kw.update(img_size=grid * ph, qkv_bias=f"{b0}attn.qkv.bias" in sd, qk_norm=f"{b0}attn.q_norm.weight" in sd,
               init_values=1e-5 if f"{b0}ls1.gamma" in sd else None, class_token=cls_tok, reg_tokens=regs,
               no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in sd)
-    if "fc_norm.weight" in sd:
+    if "attn_pool.latent" in sd:  # SigLIP-style attention-pool (MAP) head; its one-query map is not probed
+        kw.update(global_pool="map", fc_norm=False)
+        notes.append("attn_pool present: attention-pool (MAP) head, as SigLIP")
+    elif "fc_norm.weight" in sd:
         kw.update(fc_norm=True, global_pool="avg")
         notes.append("fc_norm present: global average pooling assumed")
     elif not cls_tok:
