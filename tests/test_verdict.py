@@ -243,3 +243,35 @@ def test_audit_intervene_cites_the_measured_change_of_the_flagged_blocks(tmp_pat
     assert len(cited) == 2 and "of top-1 predictions" in cited[0] and "Skipping blocks" in cited[1]
     assert f"blocks {flagged[0]}-4" in cited[0] or f"block {flagged[0]}" in cited[0]
     assert "Intervention (measured)" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.heavy  # four commands on the two bundled 32-block checkpoints (~2 min on 2 busy cores)
+def test_bundled_pair_headlines_agree_across_commands_and_name_their_maps(tmp_path):
+    import csv
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from collapse_probe.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    pair = [root / "vit_micro_d32.safetensors", root / "deepvit_micro_d32.safetensors"]
+    common = ["--num-images", "32", "--batch-size", "16", "--no-progress", "--no-baseline"]
+
+    def run(*args: str) -> str:
+        res = CliRunner().invoke(main, [*args, *common])
+        assert res.exit_code == 0, res.output
+        return res.stdout
+
+    cmp_ = {r["checkpoint"]: r for r in json.loads(run("compare", *map(str, pair), "--format", "json"))["summary"]}
+    run("figures", *map(str, pair), "-o", str(tmp_path / "figs"), "--no-pdf")
+    figs = {r["model"]: r for r in csv.DictReader((tmp_path / "figs" / "summary.csv").open())}
+    for ckpt, kind, words in ((pair[0], "probs", "softmax maps"), (pair[1], "mixed", "the maps that multiply V")):
+        sim = json.loads(run("similarity", str(ckpt), "--format", "json"))["summary"]
+        run("audit", str(ckpt), "-o", str(tmp_path / ckpt.stem))
+        aud = json.loads((tmp_path / ckpt.stem / "metrics.json").read_text())["summary"]
+        assert sim["kind"] == aud["kind"] == cmp_[ckpt.name]["kind"] == figs[ckpt.stem]["kind"] == kind
+        assert sim["similar_blocks"] == aud["similar_blocks"] == cmp_[ckpt.name]["similar_blocks"]
+        assert [int(b) for b in figs[ckpt.stem]["similar_block_numbers"].split()] == sim["similar_blocks"]
+        assert words in sim["headline"] and sim["headline"] == aud["headline"]
