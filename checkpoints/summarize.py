@@ -84,10 +84,34 @@ def readme_table(folder: Path = HERE, measured: Path = FIGURES_SUMMARY) -> str:
     return "\n".join(lines)
 
 
-def rewrite_readme(readme: Path = HERE.parent / "README.md") -> None:
-    text = readme.read_text()
+def figures_table(measured: Path = FIGURES_SUMMARY) -> str:
+    """figures/README.md's table: every probed model beside its untrained twin, from figures/digits/summary.csv."""
+    with open(measured, newline="") as f:
+        runs = list(csv.DictReader(f))
+
+    def num(v: str, spec: str = ".2f") -> str:
+        return "-" if v in ("", None) or v.lower() == "nan" else format(float(v), spec)
+    lines = ["| model | kind | similar blocks (95 % CI) | softmax similar blocks | collapsed beyond the twin | "
+             "regimes | cross-head mean | feature vs attention r (partial r given block) |", "|---" * 8 + "|"]
+    for r in runs:
+        ci = f" ({num(r['count_ci_low'], '.0f')}-{num(r['count_ci_high'], '.0f')})" if r["count_ci_low"] else ""
+        lines.append(f"| {r['model']} | {r['kind']} | {r['similar_blocks']} / {r['depth']}{ci} | "
+                     f"{r['similar_blocks_probs'] or '-'} | {r['collapsed_beyond_twin'] or 'none'} | "
+                     f"{r['regimes'] or 'none'} | {num(r['cross_head_mean'])} | {num(r['feature_attention_r'])} "
+                     f"({num(r['feature_attention_partial_r'])}) |")
+    return "\n".join(lines)
+
+
+def _rewrite(path: Path, table: str) -> None:
+    text = path.read_text()
     i, j = text.index(START) + len(START), text.index(END)
-    readme.write_text(text[:i] + "\n" + readme_table() + "\n" + text[j:])
+    path.write_text(text[:i] + "\n" + table + "\n" + text[j:])
+
+
+def rewrite_readme(readme: Path = HERE.parent / "README.md") -> None:
+    """Both generated tables: the README's digits table and figures/README.md's per-model table."""
+    _rewrite(readme, readme_table())
+    _rewrite(HERE.parent / "figures" / "README.md", figures_table())
 
 
 def main() -> None:

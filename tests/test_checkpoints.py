@@ -159,3 +159,6 @@ def test_readme_digits_table_is_generated_from_the_committed_files():
     assert block == summarize.readme_table()
     for row in summarize.rows():  # the metadata itself: top-1 as recorded by the trainer
         assert f"| {row['depth']} | {row['params']:,} | {row['epochs']} | {row['top1']:.1f} (" in block
+    text = (root / "figures" / "README.md").read_text()
+    block = text[text.index(summarize.START) + len(summarize.START):text.index(summarize.END)].strip()
+    assert block == summarize.figures_table()
