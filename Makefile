@@ -24,7 +24,7 @@ demo: $(VENV)/.installed-test
 	$(VENV)/bin/collapse-probe similarity checkpoints/deepvit_micro_d32.safetensors --threshold 0.9 --images builtin:digits
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

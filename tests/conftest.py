@@ -14,6 +14,11 @@ import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.loading.save import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per xdist worker: with -n 2 on 2 cores, two threads each oversubscribe the CPU and every small op
+    # waits on a thread barrier (measured: a 32-block micro ViT forward 5 s with 2 threads under load, 0.12 s with 1)
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the CLI subprocesses some tests start
 
 
 @pytest.fixture(scope="session")
