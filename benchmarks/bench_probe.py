@@ -7,6 +7,7 @@
 
 Modes, each timed in its own child process (so peak RSS belongs to that mode alone), interleaved over repeats:
     forward  (a) the model's plain forward (timm's fused attention where the model has it)
+    unfused  (a') the same forward with fused attention switched off: the floor of any probe, which must build the maps
     probe    (b) collapse_probe.probe: full L x L cross-layer similarity + ratio, similar blocks, cross-head similarity,
                  attention ranks on the first --rank-images images; maps streamed block by block
     norank   (b without ranks) the same probe with rank_images=0, to show what the SVDs cost
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("forward", "probe", "norank", "naive", "probe2x")
+MODES = ("forward", "unfused", "probe", "norank", "naive", "probe2x")
 
 
 # ----------------------------------------------------------------------------------------------------------- child
@@ -106,10 +107,14 @@ def child(args) -> dict:
     kinds = tuple(k for k in args.kinds.split(",") if k != "mixed" or "deepvit" in args.model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     pool = _photo_pool(model)
+    if args.mode == "unfused":
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
 
     def work(count: int):
         batches = _batches(pool, count, args.batch)
-        if args.mode == "forward":
+        if args.mode in ("forward", "unfused"):
             with torch.inference_mode():
                 for x in batches:
                     model(x.to(device))
@@ -178,6 +183,10 @@ def summarise(runs: list[dict], models: list[str], modes: list[str]) -> dict:
         t = {m: rows[m].get("median_s") for m in rows}
         if t.get("forward") and t.get("probe"):
             ratios["b/a"] = t["probe"] / t["forward"]
+        if t.get("forward") and t.get("unfused"):
+            ratios["floor a'/a"] = t["unfused"] / t["forward"]
+        if t.get("unfused") and t.get("probe"):
+            ratios["b/a'"] = t["probe"] / t["unfused"]
         if t.get("forward") and t.get("norank"):
             ratios["b_norank/a"] = t["norank"] / t["forward"]
         if t.get("probe") and t.get("naive"):

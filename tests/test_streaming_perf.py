@@ -177,7 +177,7 @@ def test_nan_images_are_excluded_and_reported(model_and_images):
     back = ProbeResult.from_json(result.to_json())
     assert back.findings == result.findings
     table = render(result, "table")
-    assert "WARNING blocks.0.attn.probs (probs, block 0)" in table
+    assert "WARNING blocks.0.attn.probs (probs, block 1)" in table
 
 
 def test_poisoned_block_reported_and_earlier_blocks_intact(model_and_images):

@@ -257,9 +257,12 @@ def figures(checkpoints, more, output, per_model, pdf, **kwargs):
       collapse-probe figures -c vit_micro_d16.safetensors deepvit_micro_d16.safetensors -o out/figs --no-pdf
       collapse-probe figures -c checkpoints/ --images ~/val_subset --num-images 256 --per-model
     """
-    from ..reports.figures import make_figures
+    from ..reports.figures import make_figures, resolve_checkpoints
 
-    report = make_figures([*checkpoints, *more], output, per_model, ("png", "pdf") if pdf else ("png",), **kwargs)
+    paths = [*checkpoints, *more]
+    first = resolve_checkpoints(paths)[0]  # images as similarity would choose them (the dataset it was trained on)
+    report = make_figures(paths, output, per_model, ("png", "pdf") if pdf else ("png",),
+                          **_default_images(first, kwargs))
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {len(report.written)} files to {output} from {len(report.runs)} checkpoints", err=True)
