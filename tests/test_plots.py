@@ -427,7 +427,7 @@ def test_report_figures_plot_their_inputs():
     ax = plot_block_curves(res, threshold=0.9)
     np.testing.assert_allclose(ax.lines[0].get_ydata()[1:], [0.5, 0.95, 0.97])  # similarity with the previous block
     np.testing.assert_allclose(ax.lines[1].get_ydata(), st.cross_head)
-    np.testing.assert_allclose(ax.lines[0].get_xdata(), [0, 1, 2, 3])  # blocks numbered as the modules, from 0
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [1, 2, 3, 4])  # blocks numbered from 1, as everywhere
     np.testing.assert_allclose(plot_similarity_heatmap(res).images[0].get_array(), st.similarity)  # the one heatmap
     np.testing.assert_allclose(plot_cross_head({"a": res}, reference=None).lines[0].get_ydata(), st.cross_head)
     ax = plot_rank(res)

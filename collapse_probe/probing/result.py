@@ -270,7 +270,7 @@ class ProbeResult:
         return {
             "tool": {"name": "collapse-probe", "version": __version__},
             "model": self.model.to_dict(), "images": self.images.to_dict(), "settings": s,
-            "summary": judge(self), "applied_kind": self.applied_kind,
+            "summary": judge(self) if self.attention else None, "applied_kind": self.applied_kind,
             "attention": {k: v.to_dict() for k, v in self.attention.items()},
             "features": self.features.to_dict() if self.features else None,
             "per_block": per_block_rows(self),  # the rows of the text table and the CSV (NaN -> null in to_json)

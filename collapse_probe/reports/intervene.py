@@ -24,7 +24,8 @@ from ..probing.outcome import COLUMNS, Intervention, InterventionReport, wilson
 from ..probing.run import LOAD_OPTIONS, open_model
 
 MEASURE_OPTIONS = ("images", "num_images", "batch_size", "device", "progress", "workers")
-PROBE_OPTIONS = ("threshold", "neighbors", "reduction", "rank_images", "max_memory", "storage")
+PROBE_OPTIONS = ("threshold", "entry_threshold", "neighbors", "reduction", "rank_images", "max_memory", "storage",
+                 "baseline_seed")
 FILES = ("intervention.csv", "intervention.json", "intervention.png")
 
 
