@@ -175,8 +175,7 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], s: dict[str,
              + (f" (blocks {spans(s['collapsed_beyond_twin'])})" if s["collapsed_beyond_twin"] else "")
              if base else "; no untrained twin measured, so this count cannot be told apart from initialisation")
     text = _heads_note(result) + [head + "."]
-    if s["similar_blocks"]:
-        text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
+    text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
     if base and s["similar_blocks"] and _not_above(s, base):
         text.append(f"The untrained twin scores {base['count']} on the same images: the paper's count alone does "
                     "not show collapse that training produced.")
@@ -213,7 +212,9 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], s: dict[str,
                     "repeats the previous block's centred attention pattern" + (" beyond the twin." if view.twin
                                                                                 else "."))
     ch, tch = v["cross_head"], view.twin.get("cross_head")
-    heads = [b + 1 for i, b in enumerate(view.blocks) if ch[i] > crit.threshold
+    # alike heads are evidence of redundant heads only where the maps carry a pattern: uniform or token-uniform maps
+    # make every pair of heads alike trivially
+    heads = [b + 1 for i, b in enumerate(view.blocks) if ch[i] > crit.threshold and regimes[i] == ""
              and (tch is None or ch[i] - tch[i] >= crit.margin)]
     if heads:
         mix = "" if set(heads) <= reattn else " or for mixing heads (Re-attention)"
