@@ -17,6 +17,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from collapse_probe.metrics.bootstrap import wilson
+
 HERE = Path(__file__).resolve().parent
 FIELDS = ["name", "architecture", "depth", "params", "top1", "top5", "weights", "epochs", "similar_blocks",
           "similar_ratio", "similar_blocks_probs", "map_kind"]
@@ -53,13 +55,6 @@ START, END = "<!-- digits-table:start (checkpoints/summarize.py --readme) -->", 
 FIGURES_SUMMARY = HERE.parent / "figures" / "digits" / "summary.csv"
 
 
-def _wilson(k: float, n: float, z: float = 1.959963984540054) -> tuple[float, float]:
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (
-        1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def readme_table(folder: Path = HERE, measured: Path = FIGURES_SUMMARY) -> str:
     """The README's digits table: accuracy (metadata, Wilson 95 % interval over the validation images) beside the
     similar-block counts of the model and its untrained twin (figures/digits/summary.csv, bootstrap 95 % intervals)."""
@@ -71,7 +66,7 @@ def readme_table(folder: Path = HERE, measured: Path = FIGURES_SUMMARY) -> str:
         with safe_open(str(folder / f"{r['name']}.safetensors"), "pt") as f:
             ev = json.loads(f.metadata()["collapse_probe"]).get("eval", {})
         n = ev.get("val_images") or ev.get("images")
-        lo, hi = _wilson(ev["top1"] / 100 * n, n)
+        lo, hi = wilson(round(ev["top1"] / 100 * n), n)
         m, t = runs[r["name"]], runs.get(f"{r['name']} (untrained twin)", {})
 
         def ci(row: dict) -> str:

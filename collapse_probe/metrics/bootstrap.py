@@ -67,13 +67,22 @@ def count_draws(values: np.ndarray, weights: np.ndarray, threshold: float) -> np
 
 
 def wilson(successes: float, n: float, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval of a proportion successes / n (NaN, NaN for n = 0)."""
+    """Wilson score interval of a proportion successes / n, as fractions; (nan, nan) for n = 0. The one implementation
+    (accuracies in figures, changed predictions in interventions).
+
+    centre (p + z²/2n) / (1 + z²/n), half-width z sqrt(p(1 - p)/n + z²/4n²) / (1 + z²/n), p = successes / n. Unlike
+    p ± z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at p = 0 or 1.
+    """
     if n <= 0:
         return math.nan, math.nan
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson: need 0 <= successes <= n, got {successes} of {n}")
     from statistics import NormalDist
 
     z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    p, z2 = successes / n, z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p) / n + z2 / (4 * n * n), 0.0)) / denom
+    # at 0 (n) successes the lower (upper) bound is exactly 0 (1); computed, it would carry rounding of order 1e-17
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))

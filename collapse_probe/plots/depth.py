@@ -8,13 +8,13 @@
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 
+from ..metrics.bootstrap import wilson
 from ..probing.result import ProbeResult
 from .data import pick_kind
 from .style import BASELINE_LABEL, MIXED_NOTE, axes_or_new, family_color, kind_name, note, styled
@@ -23,24 +23,10 @@ from .style import BASELINE_LABEL, MIXED_NOTE, axes_or_new, family_color, kind_n
 # does not say how it reduced the per-(head, token) cosines to one number per block.
 PAPER_SIMILAR_BLOCKS = {16: 5, 24: 11, 32: 15}
 PAPER_SIMILAR_BLOCKS_DEEPVIT = {16: 0, 24: 0, 32: 0}
-Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 _TWIN_MARKERS = ("o", "^", "s", "D", "v")
 
 
-def wilson_interval(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval (fractions in [0, 1]) for ``successes`` out of ``n``; (nan, nan) when n is 0.
-
-    centre = (p + z²/2n) / (1 + z²/n), half-width = z / (1 + z²/n) · sqrt(p(1-p)/n + z²/4n²), p = successes / n.
-    Unlike p ± z·sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at p = 0 or 1.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    p = successes / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(max(p * (1 - p) / n + z2 / (4 * n * n), 0.0))
-    return max(0.0, centre - half), min(1.0, centre + half)
+wilson_interval = wilson  # the one Wilson interval (metrics.bootstrap), under the name the figures have used
 
 
 def similar_block_points(results: Sequence[ProbeResult], threshold: float = 0.9, k: int = 1,

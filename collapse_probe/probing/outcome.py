@@ -18,27 +18,11 @@ from typing import Any
 from .._version import __version__
 from ..errors import BadArgumentError
 from ..loading.info import ImageInfo, ModelInfo
+from ..metrics.bootstrap import wilson  # noqa: F401  (re-exported: the one Wilson interval)
 from .result import finite
 
 MODES = ("reuse", "skip", "uniform")
 Z95 = 1.959963984540054  # the 97.5 % standard normal quantile
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval (default 95 %) of a proportion k / n; (nan, nan) for n = 0.
-
-    centre (p + z²/2n) / (1 + z²/n), half-width z sqrt(p(1 - p)/n + z²/4n²) / (1 + z²/n), with p = k / n.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    if not 0 <= k <= n:
-        raise ValueError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
-    p, z2 = k / n, z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    # at k = 0 (k = n) the lower (upper) bound is exactly 0 (1); computed, it would carry rounding of order 1e-17
-    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def span(blocks: tuple[int, ...] | list[int], one_based: bool = True) -> str:
