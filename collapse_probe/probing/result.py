@@ -278,9 +278,14 @@ class ProbeResult:
             "baseline": self.baseline.to_dict() if self.baseline is not None else None,
         }
 
-    def to_json(self, indent: int | None = 1) -> str:
-        """Strict JSON: a NaN/Inf anywhere (e.g. a block whose every image was excluded) is written as null."""
-        return json.dumps(finite(self.to_dict()), indent=indent, allow_nan=False)
+    def to_json(self, indent: int | None = 1, per_image: bool = True) -> str:
+        """Strict JSON: a NaN/Inf anywhere (e.g. a block whose every image was excluded) is written as null.
+        ``per_image=False`` leaves out the per-image rows (the summary's intervals are computed first, so they stay;
+        a result read back from such a file has no rows to re-bootstrap)."""
+        d = self.to_dict()
+        if not per_image:
+            _drop_per_image(d)
+        return json.dumps(finite(d), indent=indent, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
@@ -296,6 +301,16 @@ class ProbeResult:
     @classmethod
     def from_json(cls, text: str) -> ProbeResult:
         return cls.from_dict(json.loads(text))
+
+
+def _drop_per_image(d: dict[str, Any]) -> None:
+    """Remove the per-image rows from a ``ProbeResult.to_dict()`` (and its baseline's), in place."""
+    for st in (d.get("attention") or {}).values():
+        st.pop("per_image", None)
+    if d.get("features"):
+        d["features"].pop("per_image", None)
+    if d.get("baseline"):
+        _drop_per_image(d["baseline"])
 
 
 def per_block_rows(result: ProbeResult, threshold: float | None = None, k: int | None = None,

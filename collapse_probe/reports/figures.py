@@ -167,9 +167,10 @@ def make_figures(
     """Probe every checkpoint and write every figure they allow (+ CSV of its numbers) as folder ``output``.
 
     ``per_model``: the per-model figures (3a, heatmap, 4, maps, Θ) for every checkpoint, not only for the deepest
-    of each family; ``save_results``: also write each ``ProbeResult`` as ``results/<model>.json``. ``probe_options``
-    are the options every command shares (images, num_images, batch_size, model_name, num_heads, mean, std, key,
-    trust_pickle, rank_images, neighbors, reduction, max_memory, storage, device; see ``probing.run.probe``).
+    of each family; ``save_results``: also write each ``ProbeResult`` as ``results/<model>.json`` (without per-image
+    rows). ``probe_options`` are the options every command shares (images, num_images, batch_size, model_name,
+    num_heads, mean, std, key, trust_pickle, rank_images, neighbors, reduction, max_memory, storage, device; see
+    ``probing.run.probe``).
     """
     if not 0.0 <= threshold <= 1.0:
         raise BadArgumentError(f"--threshold must be between 0 and 1, got {threshold}")
@@ -190,7 +191,8 @@ def make_figures(
         if save_results:
             for r in report.runs:
                 (staging / "results").mkdir(exist_ok=True)
-                (staging / "results" / f"{r.label}.json").write_text(r.result.to_json() + "\n")
+                # without per-image rows: hundreds of MB for a folder of 32-block models (summary.csv keeps intervals)
+                (staging / "results" / f"{r.label}.json").write_text(r.result.to_json(per_image=False) + "\n")
         with tqdm(jobs, desc="figures", unit="fig", disable=not progress) as bar:
             for name, job in bar:
                 with mpl.rc_context(STYLE):  # titles and legends added after the plot functions share their style
