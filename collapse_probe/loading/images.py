@@ -33,6 +33,11 @@ SAMPLE_PHOTOS = (
 )
 
 
+def batch_images(batch: object) -> torch.Tensor:
+    """The image tensor [B, 3, H, W] of a batch that is either that tensor or an (x, y) pair from a labelled loader."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
 def sample_photographs() -> list[tuple[str, Image.Image]]:
     """The photographs bundled with scikit-image, as RGB PIL images (read from site-packages, never downloaded)."""
     import skimage.data

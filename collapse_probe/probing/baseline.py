@@ -25,13 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..loading.images import batch_images
+
 
 def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _images(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 @torch.no_grad()
@@ -86,7 +84,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, device: torch.device, nu
         for batch in batches:
             if num_batches is not None and used >= num_batches:
                 break
-            x = _images(batch).to(device, non_blocking=True)
+            x = batch_images(batch).to(device, non_blocking=True)
             if autocast is None:
                 model(x)
             else:

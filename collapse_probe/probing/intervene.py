@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UnsupportedModelError
 from ..hooks.intervene import check, intervene, intervention_blocks
-from ..loading.images import image_labels
+from ..loading.images import batch_images, image_labels
 from ..loading.info import LoadedModel
 from .outcome import Intervention, InterventionReport, Outcome
 from .run import image_batches, open_model, probe
@@ -95,10 +95,6 @@ def _add(o: Outcome, ref: Output, new: Output, labels: torch.Tensor | None) -> N
         o.correct += int((top_n == y).sum())
 
 
-def _images(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
 def _labels_of(batch: Any, labels: list[int] | None, seen: int, n: int) -> torch.Tensor | None:
     if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
         return batch[1]
@@ -163,7 +159,7 @@ def measure(
     seen = 0
     try:
         for batch in batches:
-            x = _images(batch).to(dev)
+            x = batch_images(batch).to(dev)
             y = _labels_of(batch, labels, seen, x.shape[0])
             seen += x.shape[0]
             with intervene(model):

@@ -28,7 +28,7 @@ from .. import distributed
 from ..errors import BadArgumentError, UnsupportedModelError
 from ..hooks.capture import Site, capture
 from ..loading.build import describe, load_model
-from ..loading.images import image_loader
+from ..loading.images import batch_images, image_loader
 from ..loading.info import ImageInfo, LoadedModel
 from .baseline import recalibrate_bn, untrained_twin
 from .collector import STORAGE_DTYPES, CollapseCollector
@@ -37,10 +37,6 @@ from .result import REDUCTIONS, ProbeResult
 
 Observer = Callable[[Site, torch.Tensor], None]
 LOAD_OPTIONS = ("model_name", "num_heads", "mean", "std", "key", "trust_pickle", "prefix")  # how a path is read
-
-
-def _images(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 def _storage(storage: str | torch.dtype) -> tuple[torch.dtype, str]:
@@ -276,12 +272,12 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
         it = iter(bar)
         first = next(it, None)
         if first is not None and max_memory is not None:  # sized with its own 1-image forward, before the hooks
-            max_batch = fit_batch(model, _images(first).to(device), kinds, max_memory, storage_dtype)
+            max_batch = fit_batch(model, batch_images(first).to(device), kinds, max_memory, storage_dtype)
         with capture(model, kinds, callback=callback) as cap:
             collector = CollapseCollector(cap.sites, threshold, rank_cap, storage_dtype, cap.num_heads, prefix_tokens)
             batch = first
             while batch is not None:
-                x = _images(batch).to(device)
+                x = batch_images(batch).to(device)
                 for chunk in x.split(max_batch) if max_batch else (x,):
                     model(chunk)
                     collector.end_batch()
