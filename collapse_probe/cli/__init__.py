@@ -174,12 +174,9 @@ def compare(checkpoints, output, fmt, **kwargs):
       collapse-probe compare a.pt b.pt --format csv > blocks.csv
     """
     from ..reports.audit import compare as run_compare
-    from ..reports.audit import render_compare
 
-    table, results = run_compare(list(checkpoints), output, **_default_images(checkpoints[0], kwargs))
-    s = kwargs
-    click.echo(table if fmt == "markdown" else
-               render_compare(results, fmt, s["threshold"], s["neighbors"], s["reduction"]).rstrip("\n"))
+    table, _ = run_compare(list(checkpoints), output, fmt=fmt, **_default_images(checkpoints[0], kwargs))
+    click.echo(table if fmt == "markdown" else table.rstrip("\n"))
 
 
 @main.command(context_settings=CONTEXT, short_help="Check a verdict by intervention (reuse a block's map, skip "

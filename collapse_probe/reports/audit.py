@@ -28,7 +28,7 @@ from ..probing.result import ProbeResult, finite
 from ..probing.run import LOAD_OPTIONS, probe
 from ..probing.blocks import Criterion, block_rows
 from ..probing.verdict import judge, spans
-from .text import _SPECS, aligned, cell, csv_text
+from .text import _SPECS, _missing, aligned, cell, csv_text
 
 FIGURES = ("similarity_heatmap", "block_curves", "rank", "cross_head")
 
@@ -99,12 +99,7 @@ def _table_rows(result: ProbeResult, threshold: float, k: int, reduction: str) -
     return cols, [[cell(r.get(c), _SPECS.get(c, ".3f"), yes="yes") for c in cols] for r in rows]
 
 
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _table_note(result: ProbeResult, threshold: float, k: int, reduction: str) -> str:
-    vd = verdict(result, threshold, k, reduction, )
+def _table_note(result: ProbeResult, vd: dict[str, Any]) -> str:
     return (f"block: 1-based. similar: {vd['metric']}, {vd['reduction_text']} ({vd['paper_reduction']}); "
             f"beyond_twin: also above the twin's centred similarity by {vd['criterion']['twin_margin']}; the verdict "
             f"judges kind {result.applied_kind} (probs: softmax maps, mixed: after Re-attention). Definitions of every "
@@ -150,7 +145,7 @@ def render_markdown(result: ProbeResult, vd: dict[str, Any], figures: dict[str, 
     for name, png in figures.items():
         parts += [f"### {_CAPTIONS[name]}", "", f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})",
                   ""]
-    parts += ["## Per block", "", _md_table(head, rows), "", _table_note(result, threshold, k, reduction), "",
+    parts += ["## Per block", "", _md_table(head, rows), "", _table_note(result, vd), "",
               f"Settings: threshold {threshold}, neighbours {k}, reduction {reduction}. All numbers: metrics.json.", ""]
     return "\n".join(parts)
 
@@ -167,7 +162,7 @@ def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, byte
             f"<body><h1>{title}</h1>{_html_table(['', ''], [[a, b] for a, b in _model_rows(result)])}"
             f"<h2>Verdict</h2><ul class='verdict'>{verdict_html}</ul><h2>Threshold sweep</h2>"
             f"{_html_table(*_sweep_table(vd))}<h2>Figures</h2>{figs}"
-            f"<h2>Per block</h2>{_html_table(head, rows)}<p>{html.escape(_table_note(result, threshold, k, reduction))}"
+            f"<h2>Per block</h2>{_html_table(head, rows)}<p>{html.escape(_table_note(result, vd))}"
             f"</p><p>Settings: threshold {threshold}, neighbours {k}, "
             f"reduction {html.escape(reduction)}. All numbers: metrics.json.</p></body></html>\n")
 
@@ -249,12 +244,20 @@ SUMMARY_COLUMNS = ("checkpoint", "architecture", "kind", "depth", "num_heads", "
 COMPARE_FORMATS = ("table", "markdown", "json", "csv")
 
 
+def _verdicts(results: dict[str, ProbeResult], threshold: float | None, k: int | None,
+              reduction: str | None) -> dict[str, dict[str, Any]]:
+    return {n: verdict(r, threshold, k, reduction) for n, r in results.items()}
+
+
 def compare_rows(results: dict[str, ProbeResult], threshold: float | None = None, k: int | None = None,
-                 reduction: str | None = None) -> list[dict[str, Any]]:
-    """One dict per checkpoint with ``SUMMARY_COLUMNS`` (1-based block numbers), from the same verdict as ``audit``."""
+                 reduction: str | None = None, verdicts: dict[str, dict[str, Any]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """One dict per checkpoint with ``SUMMARY_COLUMNS`` (1-based block numbers), from the same verdict as ``audit``
+    (``verdicts``: already judged with these settings, so they are not judged again)."""
+    verdicts = verdicts or _verdicts(results, threshold, k, reduction)
     rows = []
     for name, r in results.items():
-        vd = verdict(r, threshold, k, reduction)
+        vd = verdicts[name]
         st, m = r.attention[vd["kind"]], r.model
         iv, base = vd["count_interval"] or [None, None], vd["baseline"]
         rows.append({"checkpoint": name, "architecture": m.architecture, "kind": vd["kind"], "depth": vd["depth"],
@@ -277,15 +280,16 @@ def _summary_cells(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[
 
 
 def render_compare(results: dict[str, ProbeResult], fmt: str = "table", threshold: float | None = None,
-                   k: int | None = None, reduction: str | None = None) -> str:
+                   k: int | None = None, reduction: str | None = None,
+                   verdicts: dict[str, dict[str, Any]] | None = None) -> str:
     """table: short plain-text lines; markdown: every summary column; json: the versioned summary of every
     checkpoint and per-block rows; csv: the per-block rows of every checkpoint (``reports.text`` names) with a leading
     checkpoint column. Block numbers are 1-based everywhere."""
     if fmt not in COMPARE_FORMATS:
         raise BadArgumentError(f"unknown format {fmt!r}; choose {', '.join(COMPARE_FORMATS)}")
-    summary = compare_rows(results, threshold, k, reduction)
-    first = next(iter(results.values()))
-    vd = verdict(first, threshold, k, reduction)
+    verdicts = verdicts or _verdicts(results, threshold, k, reduction)
+    summary = compare_rows(results, threshold, k, reduction, verdicts)
+    vd = next(iter(verdicts.values()))
     note = (f"similar: {vd['metric']}, {vd['reduction_text']}; blocks 1-based; ci_low/ci_high (count_low/high): 95% "
             "interval of the count over images; twin: untrained twin on the same images; beyond_twin: also above the "
             "twin's centred "
@@ -299,7 +303,7 @@ def render_compare(results: dict[str, ProbeResult], fmt: str = "table", threshol
         return json.dumps(finite({"schema": vd["schema"], "schema_version": vd["schema_version"],
                                   "block_numbering": vd["block_numbering"], "criterion": vd["criterion"],
                                   "summary": summary,
-                                  "verdicts": {n: verdict(r, threshold, k, reduction) for n, r in results.items()},
+                                  "verdicts": verdicts,
                                   "per_block": blocks}), indent=1, allow_nan=False)
     if fmt == "markdown":
         head, body = _summary_cells(summary)
@@ -322,10 +326,12 @@ def compare(
     neighbors: int = 1,
     reduction: str = "mean",
     baseline: bool = True,
+    fmt: str = "markdown",
     **probe_kwargs: Any,
 ) -> tuple[str, dict[str, ProbeResult]]:
-    """Probe several checkpoints on the same images; a markdown table side by side (and, with ``output``, a folder
-    with compare.md, compare.html, metrics.json and the overlaid curves). ``render_compare`` gives other formats.
+    """Probe several checkpoints on the same images; the side-by-side table in ``fmt`` (``render_compare``'s
+    formats; default markdown) and the results (with ``output``, also a folder with compare.md, compare.html,
+    metrics.json and the overlaid curves). Each checkpoint is judged once for all of them.
     """
     if len(checkpoints) < 2:
         raise BadArgumentError("compare needs at least two checkpoints")
@@ -334,22 +340,24 @@ def compare(
     results = {n: probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
                         **probe_kwargs)
                for n, c in zip(_names(checkpoints), checkpoints)}
-    table = render_compare(results, "markdown", threshold, neighbors, reduction)
+    verdicts = _verdicts(results, threshold, neighbors, reduction)
+    table = render_compare(results, fmt, threshold, neighbors, reduction, verdicts)
     if output is not None:
         from ..plots.report import figure_png, plot_relative_depth
 
-        head, rows = _summary_cells(compare_rows(results, threshold, neighbors, reduction))
+        markdown = table if fmt == "markdown" else render_compare(results, "markdown", threshold, neighbors,
+                                                                   reduction, verdicts)
+        head, rows = _summary_cells(compare_rows(results, threshold, neighbors, reduction, verdicts))
         png = figure_png(plot_relative_depth(results, "auto", neighbors, reduction, threshold).figure)
         uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
-        md = f"# Attention-collapse comparison\n\n{table}\n![curves]({uri})\n"
+        md = f"# Attention-collapse comparison\n\n{markdown}\n![curves]({uri})\n"
         page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>comparison</title><style>{_CSS}</style>"
                 f"</head><body><h1>Attention-collapse comparison</h1>{_html_table(head, rows)}<img alt='curves' "
                 f"src='{uri}'></body></html>\n")
         metrics = {"tool": {"name": "collapse-probe", "version": __version__},
                    "config": {"threshold": threshold, "neighbors": neighbors, "reduction": reduction,
                               **{k: (str(v) if isinstance(v, Path) else v) for k, v in probe_kwargs.items()}},
-                   "checkpoints": {n: {**r.to_dict(), "summary": verdict(r, threshold, neighbors, reduction)}
-                                   for n, r in results.items()}}
+                   "checkpoints": {n: {**r.to_dict(), "summary": verdicts[n]} for n, r in results.items()}}
         write_folder(output, {"compare.md": md.encode(), "compare.html": page.encode(), "curves.png": png,
                               "metrics.json": json.dumps(finite(metrics), indent=1, allow_nan=False).encode()})
     return table, results
