@@ -20,6 +20,7 @@ from ..errors import BadArgumentError
 from ..loading.info import ImageInfo, ModelInfo
 from ..metrics.bootstrap import wilson  # noqa: F401  (re-exported: the one Wilson interval)
 from .result import finite
+from .verdict import spans
 
 MODES = ("reuse", "skip", "uniform")
 Z95 = 1.959963984540054  # the 97.5 % standard normal quantile
@@ -28,13 +29,7 @@ Z95 = 1.959963984540054  # the 97.5 % standard normal quantile
 def span(blocks: tuple[int, ...] | list[int], one_based: bool = True) -> str:
     """"18-32" / "5, 7" for block indices (0-based in, numbered 1-based by default)."""
     off = 1 if one_based else 0
-    runs: list[list[int]] = []
-    for b in sorted(blocks):
-        if runs and b == runs[-1][1] + 1:
-            runs[-1][1] = b
-        else:
-            runs.append([b, b])
-    return ", ".join(f"{a + off}" if a == c else f"{a + off}-{c + off}" for a, c in runs)
+    return spans([b + off for b in blocks]) if blocks else ""  # the verdict's formatter; "" rather than "none"
 
 
 @dataclass(frozen=True)
