@@ -17,7 +17,7 @@ import numpy as np
 from .._version import __version__
 from ..loading.info import ImageInfo, ModelInfo
 from ..metrics.functional import blocks_above, collapse_onset
-from .blocks import Criterion, block_rows
+from .blocks import Criterion, block_rows, neighbor_of
 from .verdict import judge
 
 Reduction = Literal["mean", "ratio"]
@@ -120,12 +120,7 @@ class AttentionStats:
 
     def neighbor(self, k: int = 1, reduction: Reduction = "mean") -> np.ndarray:
         """[L]: mean similarity of each block with the k blocks just before it (NaN where those are not probed)."""
-        m, out = self.matrix(reduction), np.full(len(self.blocks), math.nan)
-        for pos, b in enumerate(self.blocks):
-            prev = [self.blocks.index(b - j) for j in range(1, k + 1) if (b - j) in self.blocks]
-            if len(prev) == k:
-                out[pos] = float(np.mean([m[pos, p] for p in prev]))
-        return out
+        return neighbor_of(self.matrix(reduction), list(self.blocks), k)
 
     def similar_blocks(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> list[int]:
         """Model block indices whose similarity with the previous k blocks exceeds ``threshold``."""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics import bootstrap
+from ..metrics.functional import collapse_onset
 from .blocks import TOKEN_UNIFORM_RESIDUAL, UNIFORM_ENTROPY, BlockView, Criterion, Result, _arr
 
 SCHEMA = "collapse-probe/summary"
@@ -57,14 +58,11 @@ def _numbers(view: BlockView, mask: np.ndarray | None) -> list[int] | None:
     return None if mask is None else [b + 1 for b, m in zip(view.blocks, mask) if m]
 
 
-def _onset(view: BlockView, mask: np.ndarray) -> int | None:
-    """1-based block from which every later block satisfies ``mask`` (the paper's "after block 17"), or None."""
-    onset = None
-    for b, m in zip(reversed(view.blocks), reversed(mask.tolist())):
-        if not m:
-            break
-        onset = b + 1
-    return onset  # never the first block: it has nothing to compare with, so its mask entry is False
+def _onset(view: BlockView) -> int | None:
+    """1-based block from which every later block is similar (the paper's "after block 17"), or None."""
+    key = "sim_prev" if view.criterion.reduction == "mean" else "ratio_prev"
+    onset = collapse_onset(view.values[key], view.criterion.threshold, view.blocks)
+    return None if onset is None else onset + 1
 
 
 def _count_interval(view: BlockView, per_image: np.ndarray | None) -> list[float] | None:
@@ -120,7 +118,7 @@ def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Seque
         "images": result.images.count,
         "similar_blocks": sim_numbers, "count": len(sim_numbers), "ratio": len(sim_numbers) / max(depth, 1),
         "count_interval": _count_interval(view, view.per_image_prev),
-        "onset": _onset(view, similar),
+        "onset": _onset(view),
         "uniform_attention": {"count": comparable, "note": "uniform maps (1/N) give column cosine 1 between any two "
                               "blocks, so every block with a previous block would count"},
         "baseline": None, "collapsed_beyond_twin": _numbers(view, beyond),
