@@ -99,6 +99,7 @@ def test_verdict_numbers_blocks_from_one_and_says_what_it_lacks():
     text = " ".join(vd["text"])
     assert "3 of 6 blocks similar by the paper's metric (column cosine, uncentred (Eq. 3)" in text
     assert "no untrained twin measured" in text and "Similar blocks (paper's criterion): 3, 5-6" in text
+    assert "uniform attention 5;" in vd["headline"]  # what 1/N maps would give, beside the count even without a twin
     # without a twin or centred similarity there is no evidence of redundancy, so nothing is recommended
     assert "reuse" not in text and "removal" not in text
     assert "In blocks 3-4 all heads" in text  # cross-head similarity above the threshold: modules 2 and 3

@@ -171,7 +171,8 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], s: dict[str,
     head += (f"; untrained twin {base['count']}{_ci(base['count_interval'])}; uniform attention "
              f"{s['uniform_attention']['count']}; collapsed beyond the twin: {len(s['collapsed_beyond_twin'])}"
              + (f" (blocks {spans(s['collapsed_beyond_twin'])})" if s["collapsed_beyond_twin"] else "")
-             if base else "; no untrained twin measured, so this count cannot be told apart from initialisation")
+             if base else f"; uniform attention {s['uniform_attention']['count']}; no untrained twin measured, so this "
+             "count cannot be told apart from initialisation")
     text = _heads_note(result) + [head + "."]
     text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
     if base and s["similar_blocks"] and _not_above(s, base):
