@@ -246,7 +246,8 @@ def build(kind: str) -> nn.Module:
     if kind == "per-head":
         return trained(Classifier(nn.Sequential(*[Block(MultiHeadAttention()) for _ in range(DEPTH)]), "transformer"),
                        5)
-    mask, scale = {"sdpa": (None, None), "sdpa-float-mask-scale": ("float", 0.3), "sdpa-bool-mask": ("bool", None)}[kind]
+    mask, scale = {"sdpa": (None, None), "sdpa-float-mask-scale": ("float", 0.3),
+                   "sdpa-bool-mask": ("bool", None)}[kind]
     return trained(Classifier(nn.ModuleList([Block(SdpaAttention(mask, scale)) for _ in range(DEPTH)])), 6)
 
 
@@ -308,8 +309,8 @@ EXPECTED = {  # kind -> (names of the probs sites, names of the out sites, famil
     "mha": ([f"blocks.{i}.attn" for i in range(3)], [f"blocks.{i}" for i in range(3)], "torch-mha"),
     "torch-encoder": ([f"encoder.layers.{i}.self_attn" for i in range(3)], [f"encoder.layers.{i}" for i in range(3)],
                       "torch-mha"),
-    "hand-written": ([f"encoder.layers.{i}.self_attention" for i in range(3)], [f"encoder.layers.{i}" for i in range(3)],
-                     "universal"),
+    "hand-written": ([f"encoder.layers.{i}.self_attention" for i in range(3)],
+                     [f"encoder.layers.{i}" for i in range(3)], "universal"),
     "prenorm-folded": ([f"transformer.layers.{i}.0.fn" for i in range(3)], [], "universal"),
     "per-head": ([f"transformer.{i}.attn" for i in range(3)], [f"transformer.{i}" for i in range(3)], "universal"),
     "sdpa": ([f"blocks.{i}.attn" for i in range(3)], [f"blocks.{i}" for i in range(3)], "universal"),
@@ -444,7 +445,7 @@ def test_class_attention_and_channel_attention_are_not_token_maps():
     assert [t.shape for t in cap.kind("probs")] == [(2, HEADS, TOKENS, TOKENS)] * 2
 
 
-# ------------------------------------------------------------------------------------ the metrics pipeline, interventions
+# ---------------------------------------------------------------------------------- the metrics pipeline, interventions
 def _entropy(maps: torch.Tensor) -> float:
     """Mean row entropy / log N over images, heads and rows (0 log 0 = 0)."""
     return float((-torch.xlogy(maps, maps).sum(-1)).mean() / torch.log(torch.tensor(float(maps.shape[-1]))))
@@ -538,3 +539,45 @@ def test_prenorm_layers_without_a_block_module_refuse_skipping():
     with pytest.raises(UnsupportedModelError, match="no block module"):
         with intervene(model, skip=[0]):
             pass
+
+
+def test_a_block_module_run_several_times_gives_one_block_per_run():
+    """Shared weights (one block applied three times): three blocks, named by run."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = EncoderLayer()
+
+        def forward(self, x):
+            for _ in range(DEPTH):
+                x = self.blk(x)
+            return x
+
+    model = trained(Classifier(Shared(), "transformer"), 8)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad(), capture(model, kinds=("probs", "out"), example=x) as cap:
+        model(x)
+    assert [s.name for s in cap.sites] == [f"transformer.blk.self_attention[{i}].probs" for i in range(DEPTH)]
+    maps = cap.kind("probs")
+    assert len(maps) == DEPTH and not torch.allclose(maps[0], maps[1])  # each run's own map, not the last one thrice
+
+
+def test_an_input_we_cannot_guess_asks_for_an_example_in_one_line():
+    class Tokens(nn.Module):  # takes [B, N, D] tokens, not images; nothing says how many
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(Block(SdpaAttention()), Block(SdpaAttention()))
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    model = Tokens().eval()
+    assert attention_plans(model) == []  # describe() says depth 0
+    with pytest.raises(UnsupportedModelError) as e:
+        with capture(model):
+            pass
+    assert "\n" not in str(e.value) and "pass an example input" in str(e.value)
+    x = torch.randn(2, TOKENS, DIM)
+    with torch.no_grad(), capture(model, example=x) as cap:
+        model(x)
+    assert [t.shape for t in cap.kind("probs")] == [(2, HEADS, TOKENS, TOKENS)] * 2

@@ -187,7 +187,7 @@ class Tracer:
         while self.stack:
             if self.stack.pop().module is module:
                 break
-        if module is self.model:
+        if module is self.model and self.depth > 0:  # (0: another pre-hook raised before ours ran)
             self.depth -= 1
             if self.depth == 0:
                 self.mode.__exit__(None, None, None)
@@ -201,8 +201,9 @@ class Tracer:
         owner.calls += 1
         if not self.handler.wants(call):
             return None
-        if probs is None:
-            probs = sdpa_map(**sdpa)
+        if probs is None:  # recomputed outside autograd: the call's own output keeps its graph
+            with torch.no_grad():
+                probs = sdpa_map(**sdpa)
         if self.discovering:
             call.tokens_ok = int(probs.shape[-1]) in self.tokens
         return self.handler.seen(call, probs)
