@@ -16,7 +16,9 @@ Modes, each timed as the median of --repeats passes after one warm-up (interleav
     capture        a forward inside ``capture(model, callback=no-op)`` (kinds=probs; entering the context untimed: a
                    probe enters it once for all its batches): maps computed and delivered
     dry-run        ``universal.discover`` on one image, uncached (paid once per model and input shape)
-Reported: seconds per pass and each mode's ratio to ``forward``.
+Reported: seconds per pass (median, min, max; tiny: each sample the mean of 50 passes), each mode's ratio to
+``forward`` (medians, and mins: the min is the least disturbed by other load), and the torch-function calls and module
+calls of one forward (what the mode and the stack hooks each intercept).
 """
 from __future__ import annotations
 
@@ -95,19 +97,38 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(run, device: str, enter=None) -> float:
-    """Seconds of one ``run()``; ``enter()`` (untimed) returns a context to run it in."""
+def _timed(run, device: str, enter=None, inner: int = 1) -> float:
+    """Seconds per ``run()``, averaged over ``inner`` runs; ``enter()`` (untimed) returns a context to run them in."""
     import contextlib
 
     with enter() if enter is not None else contextlib.nullcontext():
         _sync(device)
         t0 = time.perf_counter()
-        run()
+        for _ in range(inner):
+            run()
         _sync(device)
-        return time.perf_counter() - t0
+        return (time.perf_counter() - t0) / inner
 
 
-def _modes(model: nn.Module, x: torch.Tensor, universal: bool, device: str) -> dict:
+def _counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Torch-function calls and module calls in one forward: what the mode and the stack hooks each intercept."""
+    calls = {"torch_function_calls": 0, "module_calls": 0}
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls["torch_function_calls"] += 1
+            return func(*args, **(kwargs or {}))
+
+    handles = [m.register_forward_pre_hook(lambda *_: calls.__setitem__("module_calls", calls["module_calls"] + 1))
+               for m in model.modules()]
+    with Count():
+        model(x)
+    for h in handles:
+        h.remove()
+    return calls
+
+
+def _modes(model: nn.Module, x: torch.Tensor, universal: bool, device: str, inner: int) -> dict:
     """mode -> a function timing one pass of it (seconds)."""
     from collapse_probe.hooks import universal as uni
     from collapse_probe.hooks.capture import capture
@@ -143,12 +164,13 @@ def _modes(model: nn.Module, x: torch.Tensor, universal: bool, device: str) -> d
         uni._CACHE.pop(model, None)
         uni.discover(model, x)
 
-    modes = {"forward": lambda: _timed(forward, device),
-             "capture": lambda: _timed(forward, device, lambda: capture(model, callback=lambda s, t: None, example=x))}
+    modes = {"forward": lambda: _timed(forward, device, inner=inner),
+             "capture": lambda: _timed(forward, device, lambda: capture(model, callback=lambda s, t: None, example=x),
+                                       inner)}
     if universal:
-        modes.update({"mode-only": lambda: _timed(forward, device, lambda: _Mode(Tracer(model, Quiet()))),
-                      "stack-only": lambda: _timed(forward, device, stack_hooks),
-                      "dry-run": lambda: _timed(dry_run, device)})
+        modes.update({"mode-only": lambda: _timed(forward, device, lambda: _Mode(Tracer(model, Quiet())), inner),
+                      "stack-only": lambda: _timed(forward, device, stack_hooks, inner),
+                      "dry-run": lambda: _timed(dry_run, device, inner=inner)})
     return modes
 
 
@@ -164,7 +186,9 @@ def main() -> None:
     with torch.inference_mode():
         for name, (model, img, batch) in _models(args.quick, args.device).items():
             x = torch.randn(batch or args.batch, 3, img, img, device=args.device)
-            modes = _modes(model, x, name != "timm", args.device)
+            inner = 50 if name == "tiny" else 1  # a few ms per pass: average many, so timer and scheduler noise fade
+            modes = _modes(model, x, name != "timm", args.device, inner)
+            counts = _counts(model, x)
             order = list(modes)
             times: dict[str, list[float]] = {m: [] for m in order}
             for m in order:  # warm-up
@@ -177,8 +201,10 @@ def main() -> None:
                 med = statistics.median(times[m])
                 rows.append({"model": name, "mode": m, "batch": int(x.shape[0]), "tokens": (img // (4 if name == "tiny"
                              else 16)) ** 2 + 1, "median_s": med, "min_s": min(times[m]), "max_s": max(times[m]),
-                             "ratio_to_forward": med / base})
-                print(f"{name:8s} {m:11s} {med * 1e3:9.2f} ms  x{med / base:5.2f}", flush=True)
+                             "ratio_to_forward": med / base, "ratio_min_to_min": min(times[m]) / min(times["forward"]),
+                             "inner": inner, **counts})
+                print(f"{name:8s} {m:11s} {med * 1e3:9.2f} ms  x{med / base:5.2f}  min x"
+                      f"{min(times[m]) / min(times['forward']):5.2f}", flush=True)
     out = Path(args.out) if args.out else ROOT / "results" / f"universal_capture_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),

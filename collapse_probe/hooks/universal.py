@@ -7,7 +7,12 @@
 of the model: adapters know exactly where their families keep the map and cost nothing before a forward, while this
 route needs one *dry run*: a forward of one example image (the ``example`` given, else a guess: ``guesses``) in eval
 mode under no_grad, training flags restored afterwards, with a ``tracer.Tracer`` watching every softmax and
-``F.scaled_dot_product_attention`` call. The result is cached per model structure and example shape.
+``F.scaled_dot_product_attention`` call. The result is cached per model structure and example shape. Why adapters
+first and this route only as a fallback (not module by module): deciding per module would need the dry run for every
+model, also the many that adapters already cover exactly; the price is that a model mixing an adapter-recognised module
+with hand-written attention is probed through the adapter's modules only. ``describe(model)`` knows depth and heads
+only after a dry run: it uses a guessed input; ``probe`` passes its first batch to ``capture`` (and to ``describe``
+when no guess ran), so what is measured never depends on the guess.
 
 Which calls are attention maps (token-to-token, [B, H, N, N]):
   - a softmax over the last dim of a 3-D or 4-D tensor whose last two dims are equal (queries = keys), or an SDPA call
