@@ -581,3 +581,27 @@ def test_an_input_we_cannot_guess_asks_for_an_example_in_one_line():
     with torch.no_grad(), capture(model, example=x) as cap:
         model(x)
     assert [t.shape for t in cap.kind("probs")] == [(2, HEADS, TOKENS, TOKENS)] * 2
+
+
+def test_probe_describes_a_model_from_its_own_images_when_no_guess_runs():
+    """20 x 12 px images (5 x 3 patches): every square guess fails; probe describes the model on its first batch."""
+    class WideViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patches = nn.Conv2d(3, DIM, PATCH, PATCH)
+            self.pos = nn.Parameter(torch.randn(1, 15, DIM) * 0.02)
+            self.blocks = nn.Sequential(Block(SdpaAttention()), Block(SdpaAttention()))
+            self.head = nn.Linear(DIM, 10)
+
+        def forward(self, img):
+            return self.head(self.blocks(self.patches(img).flatten(2).transpose(1, 2) + self.pos).mean(1))
+
+    from collapse_probe.loading.build import describe
+    from collapse_probe.probing.run import probe
+
+    torch.manual_seed(0)
+    model = WideViT().eval()
+    assert describe(model).depth == 0
+    result = probe(model, torch.randn(4, 3, 20, 12), batch_size=2, progress=False)
+    assert (result.model.depth, result.model.num_heads, result.model.family) == (2, HEADS, "universal")
+    assert result.attention["probs"].names == ["blocks.0.attn.probs", "blocks.1.attn.probs"]
