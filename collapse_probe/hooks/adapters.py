@@ -130,10 +130,11 @@ class MhaWeights(Patch):
 class MhaFastPathOff(Patch):
     """Turn torch's MHA fast paths off (``torch.backends.mha.set_fastpath_enabled(False)``), then back.
 
-    In eval mode without grad, ``nn.TransformerEncoderLayer`` runs ``torch._transformer_encoder_layer_fwd`` and
-    ``nn.TransformerEncoder`` may pack a padded batch into a nested tensor: neither calls ``self_attn.forward``, so
-    its hooks (and ``MhaWeights``) would see nothing. The flag gates all of them and ``nn.MultiheadAttention``'s own
-    fused path; the slow path computes the same function. The flag is global: the previous value is restored.
+    In eval mode without grad, ``nn.TransformerEncoderLayer`` may run ``torch._transformer_encoder_layer_fwd``, which
+    never calls ``self_attn.forward`` (its hooks, ``MhaWeights`` included, would see nothing; torch 2.14 itself leaves
+    that path when hooks are attached, older versions did not), and ``nn.TransformerEncoder`` may pack a padded batch
+    into a nested tensor. The flag gates all of them and ``nn.MultiheadAttention``'s own fused path, whatever the
+    version; the plain path computes the same function. The flag is global: the previous value is restored.
     """
 
     def __init__(self) -> None:
