@@ -1,6 +1,6 @@
 """How to find the attention modules of each ViT family and where their per-head post-softmax map lives.
 
-    from collapse_probe.capture_adapters import match, LOOKED_FOR
+    from collapse_probe.hooks.adapters import match, LOOKED_FOR
     plan = match(module)          # None, or a Plan: family, heads, hook points per kind, temporary patches
 
 An adapter answers, for one module: is this an attention module of my family, which sub-module (input or output)
@@ -19,8 +19,11 @@ family (Plan.family)   attention module -> where "probs" is taken -> what is swi
   transformers-beit    HF BEiT / Data2VecVision ``*SelfAttention`` (relative position bias inside) -> ``dropout``
                        input, i.e. after the softmax -> the sdpa class swapped for its eager base class (the
                        implementation is picked per module at construction, so ``set_attn_implementation`` cannot)
-  torch-mha            ``nn.MultiheadAttention`` (torchvision ViT) -> its returned weights -> need_weights=True,
-                       average_attn_weights=False
+  torch-mha            ``nn.MultiheadAttention`` (torchvision ViT, also inside ``nn.TransformerEncoderLayer``) -> its
+                       returned weights -> need_weights=True, average_attn_weights=False, torch's MHA fast paths off
+                       (``torch._transformer_encoder_layer_fwd`` and the nested-tensor path never call the module)
+  universal            anything else: softmax / scaled_dot_product_attention calls seen in a dry run (``universal``),
+                       only when no adapter above matched any module of the model
 
 Each plan also names where its block's *applied* map (the one that multiplies V) can be replaced (``Plan.swap``, see
 ``hooks.swap``; ``hooks.intervene`` uses it for attention reuse and uniform attention), or why not (``swap_refusal``).
@@ -70,12 +73,17 @@ def _heads_last_input(inputs: tuple, _output: Any) -> torch.Tensor:
     return inputs[0].permute(0, 3, 1, 2)  # timm cait feeds proj_w [B, N, N, H]
 
 
+Sink = Callable[[torch.Tensor], None]
+
+
 @dataclass
 class Point:
-    """A hook point: record ``get(inputs, output)`` of ``module`` each forward."""
+    """A hook point: record ``get(inputs, output)`` of ``module`` each forward; or, where ``install`` is set (the
+    universal route), ``install(sink)`` delivers each map to ``sink`` itself and returns the function that stops it."""
 
     module: nn.Module
     get: Getter
+    install: Callable[[Sink], Callable[[], None]] | None = None
 
 
 class SetAttr(Patch):
@@ -119,6 +127,29 @@ class MhaWeights(Patch):
             self.handle = None
 
 
+class MhaFastPathOff(Patch):
+    """Turn torch's MHA fast paths off (``torch.backends.mha.set_fastpath_enabled(False)``), then back.
+
+    In eval mode without grad, ``nn.TransformerEncoderLayer`` may run ``torch._transformer_encoder_layer_fwd``, which
+    never calls ``self_attn.forward`` (its hooks, ``MhaWeights`` included, would see nothing; torch 2.14 itself leaves
+    that path when hooks are attached, older versions did not), and ``nn.TransformerEncoder`` may pack a padded batch
+    into a nested tensor. The flag gates all of them and ``nn.MultiheadAttention``'s own fused path, whatever the
+    version; the plain path computes the same function. The flag is global: the previous value is restored.
+    """
+
+    def __init__(self) -> None:
+        self.saved: bool | None = None
+
+    def apply(self) -> None:
+        self.saved = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def undo(self) -> None:
+        if self.saved is not None:
+            torch.backends.mha.set_fastpath_enabled(self.saved)
+            self.saved = None
+
+
 class HfEager(Patch):
     """Switch a transformers model to the eager attention (the only one that returns maps), then back."""
 
@@ -143,7 +174,8 @@ class Plan:
     num_heads: int
     points: dict[str, Point]  # kind ("probs", "mixed") -> hook point
     patches: list[Patch] = field(default_factory=list)
-    block_out: bool = True  # the parent module is a block whose output is the token tensor
+    block_out: bool = True  # the parent module (or ``block_path``) is a block whose output is the token tensor
+    block_path: str | None = None  # raw path of that block where it is not the attention module's parent
     swap: Swap | None = None  # where the applied map (the one that multiplies V) is replaced (``hooks.swap``)
     swap_refusal: str | None = None  # why it cannot be, when swap is None
 
@@ -267,7 +299,7 @@ def _mha(m: nn.Module, path: str) -> Plan | None:
     if path.endswith("head.attention"):  # SigLIP's pooling head: one learned query, a [B, H, 1, N] map
         return None
     why = mha_refusal(m)
-    return Plan("torch-mha", m.num_heads, {"probs": Point(m, _output1)}, [MhaWeights(m)],
+    return Plan("torch-mha", m.num_heads, {"probs": Point(m, _output1)}, [MhaFastPathOff(), MhaWeights(m)],
                 swap=None if why else MhaSwap(m), swap_refusal=why)
 
 

@@ -17,12 +17,16 @@ Site names follow the module path of the attention module plus a kind, Transform
     ``<attn path>.mixed``  Re-attention map after Theta, Norm and scale [B, H, N, N] (our DeepViT blocks only)
     ``<block path>.out``   block output tokens [B, N, C]
 
-Supported families (see ``capture_adapters`` for where each map is taken): our models, timm ViT-family models (vit,
+Supported families (see ``adapters`` for where each map is taken): our models, timm ViT-family models (vit,
 deit incl. distilled, beit, eva, cait, anything built from timm's ``Attention``), torchvision ``vit_b_16``-style models
-(``nn.MultiheadAttention``), HuggingFace transformers ViT / DeiT / DINOv2 / CLIP / SigLIP / ViT-MAE / BEiT /
-Data2VecVision, vit-pytorch ViT, SimpleViT, T2TViT and CrossViT (main stack only, ``selection``), CaiT and DeepViT.
+and ``nn.TransformerEncoder`` stacks (``nn.MultiheadAttention``), HuggingFace transformers ViT / DeiT / DINOv2 / CLIP /
+SigLIP / ViT-MAE / BEiT / Data2VecVision, vit-pytorch ViT, SimpleViT, T2TViT and CrossViT (main stack only,
+``selection``), CaiT and DeepViT. Any other model (written from scratch) goes the universal route (``universal``):
+every token-to-token softmax / ``F.scaled_dot_product_attention`` map, found in a dry run on ``example`` (or a guessed
+input) and attributed to its module; ``capture(model, example=x)`` makes the dry run use your input.
 Paths that never build the map are switched only while capturing and restored afterwards: timm's fused SDPA
-(``fused_attn``), HF's sdpa implementation (eager while probing), torchvision's ``need_weights=False``. The switched
+(``fused_attn``), HF's sdpa implementation (eager while probing), torchvision's ``need_weights=False``, torch's MHA
+fast paths (``torch.backends.mha``). SDPA calls of universal models stay fused (their maps are recomputed). The switched
 paths compute the same function (outputs agree to float rounding, see tests/test_capture_families.py). Capture neither
 changes ``model.training`` nor requires grad to be off. One switch does change the function, and ``probe_notes``
 says so: ViT-MAE's random masking is off while probing (``masking``).
@@ -37,9 +41,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .adapters import LOOKED_FOR, Getter, HfEager, Patch, Plan, _hf_root, match
+from .adapters import LOOKED_FOR, Getter, HfEager, Patch, Plan, Sink, _hf_root, match
 from .masking import masking_notes, masking_patches
 from .selection import select
+from .universal import discover, universal_plans
 
 KINDS = ("probs", "mixed", "out")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -93,6 +98,7 @@ class _Hook:
     site: Site
     module: nn.Module
     get: Getter  # (inputs, output) of the hooked module -> the tensor to record
+    install: Callable[[Sink], Callable[[], None]] | None = None  # instead of a module hook (universal route)
 
 
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, Plan]]:
@@ -116,12 +122,16 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, Plan]]:
         yield from visit(model, "")
 
 
-def attention_plans(model: nn.Module) -> list[tuple[str, nn.Module, Plan]]:
+def attention_plans(model: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, nn.Module, Plan]]:
     """(raw path, module, plan) per probed attention module; ``plan.family`` and ``plan.num_heads`` describe it.
 
-    Models whose stacks run on different token counts keep only their main stack (``selection``).
+    Models whose stacks run on different token counts keep only their main stack (``selection``). A model in which
+    no adapter matched anything goes the universal route (``universal``: family "universal", found in a dry run on
+    ``example[:1]``, or on a guessed input when ``example`` is None; the raw path of a block there may end in
+    ``[k]``, the k-th run of a module that runs more than once per forward).
     """
-    return select(model, list(_walk(model)))[0]
+    found = select(model, list(_walk(model)))[0]
+    return found if found else universal_plans(model, example)
 
 
 def probe_notes(model: nn.Module) -> list[str]:
@@ -130,21 +140,37 @@ def probe_notes(model: nn.Module) -> list[str]:
     return select(model, list(_walk(model)))[1] + masking_notes(model)
 
 
-def find_sites(model: nn.Module, kinds: Sequence[str] = ("probs",)) -> tuple[list[_Hook], list[Patch]]:
+def find_sites(model: nn.Module, kinds: Sequence[str] = ("probs",),
+               example: torch.Tensor | None = None) -> tuple[list[_Hook], list[Patch]]:
     """Plan the hooks for ``kinds``; returns the hooks and the patches (unfusing, weight requests) to apply."""
-    hooks, patches, _ = _plan(model, kinds)
+    hooks, patches, _ = _plan(model, kinds, example)
     return hooks, patches
 
 
-def _plan(model: nn.Module, kinds: Sequence[str]) -> tuple[list[_Hook], list[Patch], int | None]:
+def no_attention(model: nn.Module, example: torch.Tensor | None = None) -> UnsupportedModelError:
+    """The one-line error for a model in which neither an adapter nor the universal route found attention."""
+    return UnsupportedModelError(
+        f"no attention module found in {type(model).__name__}: looked for {LOOKED_FOR}; and for softmax / "
+        f"scaled_dot_product_attention maps over tokens ({discover(model, example)[1]}); is this a Vision Transformer?")
+
+
+def unique(patches: Sequence[Patch]) -> list[Patch]:
+    """``patches`` without repeats of the same object (universal plans share one ``Route``), order kept."""
+    out: list[Patch] = []
+    for p in patches:
+        if not any(p is q for q in out):
+            out.append(p)
+    return out
+
+
+def _plan(model: nn.Module, kinds: Sequence[str],
+          example: torch.Tensor | None = None) -> tuple[list[_Hook], list[Patch], int | None]:
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown capture kind(s) {bad}; choose from {KINDS}")
-    attns = attention_plans(model)
+    attns = attention_plans(model, example)
     if not attns:
-        raise UnsupportedModelError(
-            f"no attention module found in {type(model).__name__}: looked for {LOOKED_FOR}; "
-            "is this a Vision Transformer?")
+        raise no_attention(model, example)
     modules = dict(model.named_modules())
     hooks: list[_Hook] = []
     patches: list[Patch] = []
@@ -154,10 +180,12 @@ def _plan(model: nn.Module, kinds: Sequence[str]) -> tuple[list[_Hook], list[Pat
         for kind in ("probs", "mixed"):
             if kind in kinds and kind in plan.points:
                 point = plan.points[kind]
-                hooks.append(_Hook(Site(f"{path}.{kind}" if path else kind, kind, block), point.module, point.get))
+                hooks.append(_Hook(Site(f"{path}.{kind}" if path else kind, kind, block), point.module, point.get,
+                                   point.install))
         if "out" in kinds and plan.block_out and raw:
-            parent = _parent(path)
-            hooks.append(_Hook(Site(f"{parent}.out" if parent else "out", "out", block), modules[_parent(raw)],
+            parent_raw = plan.block_path if plan.block_path is not None else _parent(raw)
+            parent = _clean(parent_raw)
+            hooks.append(_Hook(Site(f"{parent}.out" if parent else "out", "out", block), modules[parent_raw],
                                _block_output))
         patches.extend(plan.patches)
         if plan.family == "transformers":
@@ -166,7 +194,7 @@ def _plan(model: nn.Module, kinds: Sequence[str]) -> tuple[list[_Hook], list[Pat
                 hf_roots.setdefault(id(root), root)
     patches.extend(HfEager(r) for r in hf_roots.values())
     patches.extend(masking_patches(model))
-    return hooks, patches, attns[0][2].num_heads
+    return hooks, unique(patches), attns[0][2].num_heads
 
 
 def _block_output(_inputs: tuple, output) -> torch.Tensor:
@@ -179,6 +207,7 @@ def capture(
     kinds: Sequence[str] = ("probs",),
     callback: Callback | None = None,
     store: bool | None = None,
+    example: torch.Tensor | None = None,
 ) -> Iterator[Capture]:
     """Hook ``model`` for the duration of the ``with`` block.
 
@@ -187,34 +216,41 @@ def capture(
         kinds: any of "probs", "mixed", "out".
         callback: called as ``callback(site, tensor)`` inside each hook, block by block; the tensor is detached.
         store: keep the tensors of the last forward in ``Capture.maps`` (default: only when there is no callback).
+        example: an input batch like the ones to come, for a model no adapter knows: the universal route finds its
+            attention in a dry run on ``example[:1]`` (default: a guessed input, see ``universal.guesses``).
 
     Hooks are removed and every switched path (``fused_attn``, attention implementation, ``need_weights``)
     restored on exit, also when the body raises.
     """
-    hooks, patches, num_heads = _plan(model, kinds)
+    hooks, patches, num_heads = _plan(model, kinds, example)
     store = callback is None if store is None else store
     result = Capture(sites=[h.site for h in hooks], num_heads=num_heads)
-    handles = []
+    removers: list[Callable[[], None]] = []
     applied: list[Patch] = []
 
-    def make(h: _Hook):
-        def hook(_module, inputs, output):
-            t = h.get(inputs, output).detach()
+    def make(h: _Hook) -> Sink:
+        def deliver(t: torch.Tensor) -> None:
+            t = t.detach()
             if store:
                 result.maps[h.site.name] = t
             if callback is not None:
                 callback(h.site, t)
-        return hook
+        return deliver
 
     try:
         for p in patches:
             p.apply()
             applied.append(p)
         for h in hooks:
-            handles.append(h.module.register_forward_hook(make(h)))
+            deliver = make(h)
+            if h.install is not None:
+                removers.append(h.install(deliver))
+            else:
+                hook = (lambda get, deliver: lambda _m, inputs, output: deliver(get(inputs, output)))(h.get, deliver)
+                removers.append(h.module.register_forward_hook(hook).remove)
         yield result
     finally:
-        for handle in handles:
-            handle.remove()
+        for remove in removers:
+            remove()
         for p in reversed(applied):
             p.undo()

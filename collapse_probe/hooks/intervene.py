@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import BadArgumentError, UnsupportedModelError
-from .adapters import LOOKED_FOR, Patch, _hf_root
-from .capture import _clean, _parent, attention_plans
+from .adapters import Patch, Plan, _hf_root
+from .capture import _clean, _parent, attention_plans, no_attention, unique
 from .swap import HfSwapAttention, MapFn, Remover, Swap
 
 
@@ -64,35 +64,41 @@ def _layer_of(modules: dict[str, nn.Module], raw: str) -> str | None:
     return None
 
 
-def intervention_blocks(model: nn.Module) -> list[Block]:
-    """Every attention block of ``model`` (``capture``'s adapters), with how each can be intervened on."""
+def intervention_blocks(model: nn.Module, example: torch.Tensor | None = None) -> list[Block]:
+    """Every attention block of ``model`` (``capture``'s adapters, else its universal route with ``example``), with
+    how each can be intervened on."""
+    return _blocks(model, attention_plans(model, example), example)
+
+
+def _blocks(model: nn.Module, plans: list[tuple[str, nn.Module, Plan]], example: torch.Tensor | None) -> list[Block]:
     modules = dict(model.named_modules())
     out = []
-    for index, (raw, _attn, plan) in enumerate(attention_plans(model)):
+    for index, (raw, _attn, plan) in enumerate(plans):
         skip: tuple[nn.Module, ...] = ()
         zero, why = False, None
         if plan.block_out and raw:
-            skip = (modules[_parent(raw)],)
-        elif not plan.block_out and (layer := _layer_of(modules, raw)) is not None:
+            skip = (modules[plan.block_path if plan.block_path is not None else _parent(raw)],)
+        elif plan.family.startswith("vit-pytorch") and (layer := _layer_of(modules, raw)) is not None:
             skip, zero = tuple(modules[layer].children()), True
         else:
             why = f"{plan.family}: no block module around {raw or 'the model'} to skip"
         out.append(Block(index, _clean(raw), plan.family, plan.swap, plan.swap_refusal, skip, zero, why))
     if not out:
-        raise UnsupportedModelError(f"no attention module found in {type(model).__name__}: looked for {LOOKED_FOR}")
+        raise no_attention(model, example)
     return out
 
 
-def _patches(model: nn.Module) -> list[Patch]:
-    """The switches every intervened forward runs under: each plan's own (fused paths off, weights requested) and,
-    per transformers model, the attention function through which its maps can be replaced."""
+def _patches(model: nn.Module, plans: list[tuple[str, nn.Module, Plan]]) -> list[Patch]:
+    """The switches every intervened forward runs under: each plan's own (fused paths off, weights requested; the
+    universal route's tracer once) and, per transformers model, the attention function through which its maps can be
+    replaced. ``plans`` must be the ones the blocks' swaps came from (a universal swap acts through its own route)."""
     patches: list[Patch] = []
     roots: dict[int, nn.Module] = {}
-    for raw, _attn, plan in attention_plans(model):
+    for raw, _attn, plan in plans:
         patches.extend(plan.patches)
         if plan.family == "transformers" and (root := _hf_root(model, raw)) is not None:
             roots.setdefault(id(root), root)
-    return patches + [HfSwapAttention(r) for r in roots.values()]
+    return unique(patches) + [HfSwapAttention(r) for r in roots.values()]
 
 
 def _identity(_module: nn.Module, args: tuple, kwargs: dict, output):
@@ -148,6 +154,7 @@ def intervene(
     uniform: Iterable[int] = (),
     skip: Iterable[int] = (),
     replace: Mapping[int, MapFn] | None = None,
+    example: torch.Tensor | None = None,
 ) -> Iterator[list[Block]]:
     """Apply interventions to ``model``'s forwards inside the ``with`` block; yields its ``Block`` list.
 
@@ -156,11 +163,13 @@ def intervene(
         uniform: blocks whose applied map becomes 1/N (every query attends equally to all N keys).
         skip: blocks whose residual branches are removed (block output = block input).
         replace: block -> fn(map [B, H, N, N]) -> the map to use instead (None keeps the block's own).
+        example: an input like the ones to come, for a model that goes the universal route (``capture``).
 
     Raises BadArgumentError / UnsupportedModelError (``check``) before anything is changed.
     """
     reuse, replace, uniform, skip = dict(reuse or {}), dict(replace or {}), list(uniform), list(skip)
-    blocks = intervention_blocks(model)
+    plans = attention_plans(model, example)
+    blocks = _blocks(model, plans, example)
     check(blocks, reuse, uniform, skip, replace)
     sources = set(reuse.values())
     store: dict[int, torch.Tensor] = {}
@@ -194,7 +203,7 @@ def intervene(
     removers: list[Remover] = []
     applied: list[Patch] = []
     try:
-        for p in _patches(model):
+        for p in _patches(model, plans):
             p.apply()
             applied.append(p)
         removers.append(model.register_forward_pre_hook(lambda *_: store.clear()).remove)

@@ -18,9 +18,13 @@ family               applied map read and replaced at            how the replace
                                                                   file's own eager function, then weights @ value
   torch-mha            the returned per-head weights               V and the output projection recomputed from the
                                                                   module's own in_proj / out_proj weights
+  universal            a softmax call's output, or the map of an   the softmax call returns it in place of its output;
+                       SDPA call recomputed from its q, k, mask    the SDPA call returns replacement @ V
+                                                                  (``universal.RouteSwap``)
 Refused (``swap_refusal``): vit-pytorch CaiT, whose post-softmax talking heads are an einsum with a bare Parameter
 (no module output carries the applied map), and ``nn.MultiheadAttention`` with bias_k / zero attention / separate
-k, v widths (V cannot be recomputed from ``in_proj_weight``).
+k, v widths (V cannot be recomputed from ``in_proj_weight``), and universal blocks whose heads come from separate
+softmax calls (per-head modules: the [B, H, N, N] map exists only after the last head ran).
 """
 from __future__ import annotations
 

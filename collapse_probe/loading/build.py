@@ -223,10 +223,13 @@ def _set_data_config(model: nn.Module, data: dict[str, Any], mean, std) -> tuple
     return list(cfg["input_size"]), list(cfg["mean"]), list(cfg["std"]), source
 
 
-def describe(model: nn.Module) -> ModelInfo:
+def describe(model: nn.Module, example: torch.Tensor | None = None) -> ModelInfo:
     """Depth, heads, family, width, tokens and parameter count of a ViT-like model (best effort), and what probing it
-    changes or leaves out (``adjustments``: blocks not probed, masking off; also in ``architecture_source``)."""
-    plans = attention_plans(model)
+    changes or leaves out (``adjustments``: blocks not probed, masking off; also in ``architecture_source``).
+
+    A model no adapter knows is described from a dry run (``hooks.universal``) on ``example[:1]``, else on a guessed
+    input; depth 0 when none ran."""
+    plans = attention_plans(model, example)
     adjustments = probe_notes(model)
     pe = getattr(model, "patch_embed", None)
     prefix = int(getattr(model, "num_prefix_tokens", 0))

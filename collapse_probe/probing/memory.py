@@ -57,7 +57,8 @@ def fit_batch(model: nn.Module, image: torch.Tensor, kinds: Sequence[str], max_m
     """Largest batch whose estimated probe memory (parameters + batch) fits ``max_memory`` (one 1-image forward)."""
     budget = parse_bytes(max_memory)
     shapes: dict[str, tuple[int, ...]] = {}
-    with capture(model, kinds, callback=lambda site, t: shapes.__setitem__(site.name, tuple(t.shape)), store=False):
+    with capture(model, kinds, callback=lambda site, t: shapes.__setitem__(site.name, tuple(t.shape)), store=False,
+                 example=image):
         model(image[:1])
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     per_image = estimate_bytes_per_image(shapes, storage_dtype)

@@ -171,6 +171,9 @@ def probe(
                                     std=std, key=key, trust_pickle=trust_pickle, prefix=prefix)
     model, model_info = loaded.model, loaded.info
     batches, image_info = image_batches(images, model, num_images, batch_size, workers)
+    if not model_info.depth and iter(batches) is not batches:  # no adapter, no guessed input ran: describe it on ours
+        first = next(iter(batches), None)
+        model_info = describe(model, batch_images(first).to(dev)) if first is not None else model_info
     all_reduce = all_reduce and distributed.active()
     if all_reduce:
         if not isinstance(batches, DataLoader):
@@ -273,7 +276,8 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
         first = next(it, None)
         if first is not None and max_memory is not None:  # sized with its own 1-image forward, before the hooks
             max_batch = fit_batch(model, batch_images(first).to(device), kinds, max_memory, storage_dtype)
-        with capture(model, kinds, callback=callback) as cap:
+        example = batch_images(first).to(device) if first is not None else None  # universal route: its dry run
+        with capture(model, kinds, callback=callback, example=example) as cap:
             collector = CollapseCollector(cap.sites, threshold, rank_cap, storage_dtype, cap.num_heads, prefix_tokens)
             batch = first
             while batch is not None:
