@@ -116,13 +116,16 @@ def test_by_kind_splits_softmax_and_mixed_and_draws_threshold_on_softmax_only():
     assert len(only_vit) == 1 and only_vit[0].get_title() == "softmax maps (probs)"
 
 
-def test_one_axis_with_both_kinds_labels_kinds_and_says_so():
-    ax = plot_neighbor_similarity({"vit": make_result([0.5, 0.95]), "deep": make_result([0.1, 0.2], kind="mixed")},
-                                  ks=(1,))
-    assert _legend(ax)[:2] == ["vit (probs)", "deep (mixed)"]
-    assert MIXED_NOTE in _notes(ax)
+def test_one_axis_refuses_both_kinds_and_a_mixed_axis_says_why_it_has_no_threshold():
+    both = {"vit": make_result([0.5, 0.95]), "deep": make_result([0.1, 0.2], kind="mixed")}
+    for fn in (plot_neighbor_similarity, plot_cross_head):
+        with pytest.raises(ValueError, match="one axis"):
+            fn(both)
+    with pytest.raises(ValueError, match="one axis"):
+        plot_similar_blocks({"vit": [both["vit"]], "deepvit": [both["deep"]]})
     ax = plot_neighbor_similarity({"deep": make_result([0.1, 0.2], kind="mixed")}, ks=(1,), threshold=0.9)
-    assert not _threshold_lines(ax, 0.9) and "not drawn" in _notes(ax)
+    assert not _threshold_lines(ax, 0.9) and "not drawn" in _notes(ax) and MIXED_NOTE in _notes(ax)
+    assert _legend(ax) == ["deep (mixed)"]
 
 
 def test_fig8_comparison_job_has_one_panel_per_kind(tmp_path, drawn):
@@ -150,18 +153,27 @@ def test_paper_counts_have_their_own_axes():
     np.testing.assert_allclose(plot_paper_similar_blocks("ratio").lines[0].get_ydata(), [5 / 16, 11 / 24, 15 / 32])
 
 
-def test_fig3b_both_reductions_paper_apart_and_csv(tmp_path, drawn):
+def test_fig3b_one_row_per_kind_both_reductions_paper_apart_and_csv(tmp_path, drawn):
     runs = [run("v4", "vit", 4), run("v8", "vit", 8), run("d4", "deepvit", 4), run("d8", "deepvit", 8)]
     fj.fig3b(runs, tmp_path / "fig3b", ("png",), 0.9)
     fig = drawn["fig3b"]
     assert "unpublished" in fig._suptitle.get_text() and "ratio" in fig._suptitle.get_text()
     ours = [a for a in fig.axes if "Paper" not in a.get_title()]
     paper = [a for a in fig.axes if "Paper" in a.get_title()]
-    assert len(ours) == 4 and len(paper) == 2
-    assert {a.get_title().split("reduction: ")[1].rstrip(")") for a in ours} == {"mean", "ratio"}
-    for a in ours:  # no paper marker on the digits axes: every curve has x = our depths
+    assert len(ours) == 4 and len(paper) == 1
+    assert {a.get_title().split("reduction: ")[1] for a in ours} == {"mean", "ratio"}
+    for a in ours:  # one kind per panel, named in its title; no paper marker on the digits axes
+        kind = "mixed" if "mixed" in a.get_title() else "probs"
+        assert {ln.get_gid() for ln in a.lines} == {kind}
         assert all(set(np.asarray(ln.get_xdata()).tolist()) <= {4, 8} for ln in a.lines)
-        assert not any("paper" in t for t in _legend(a))
+        assert not any("paper" in ln.get_label() for ln in a.lines)
+    mixed_mean = next(a for a in ours if "mixed" in a.get_title() and a.get_title().endswith("mean"))
+    assert [ln.get_label() for ln in mixed_mean.lines] == ["deepvit (mixed)"] and "softmax" in _notes(mixed_mean)
+    probs_mean = next(a for a in ours if "softmax" in a.get_title() and a.get_title().endswith("mean"))
+    assert [ln.get_label() for ln in probs_mean.lines] == ["vit (probs)", "deepvit (probs, before Θ)"]
+    for ln, fam in zip(probs_mean.lines, ("vit", "deepvit")):  # y: similar blocks / depth
+        want = [r.result.summary("probs", 0.9)["count"] / r.depth for r in runs if r.family == fam]
+        np.testing.assert_allclose(ln.get_ydata(), want)
     rows = read_csv(tmp_path / "fig3b.csv")
     assert {"reduction", "entry_cut"} <= set(rows[0])
     for r in runs:
@@ -298,16 +310,16 @@ def test_attention_maps_mark_the_class_token():
     assert not plot_attention_maps(maps, prefix_tokens=0)[0].lines  # told there is none: nothing marked
 
 
-def test_head_maps_of_one_image_on_symmetric_percentile_scales():
+def test_head_maps_of_one_image_on_one_symmetric_scale():
     rng = np.random.default_rng(1)
     first = rng.normal(size=(3, 2, 5, 5))
     maps = MeanMaps("mixed", [0, 1, 2], first.mean(axis=1), 7, first)
     axes = plot_head_maps(maps)
-    assert len(axes) == 6 and axes[3].get_title().startswith("block 2 h1: ±")
+    assert len(axes) == 6 and axes[3].get_title() == "block 2 h1"
     np.testing.assert_array_equal(axes[3].images[0].get_array(), first[1, 1])
-    v = np.percentile(np.abs(first[1, 1]), 99)
-    assert axes[3].images[0].get_clim() == pytest.approx((-v, v))
-    one = plot_head_maps(maps, heads=[1])
+    v = np.percentile(np.abs(first), 99)  # one scale for every block and head, centred at 0
+    assert all(ax.images[0].get_clim() == pytest.approx((-v, v)) for ax in axes)
+    one = plot_head_maps(maps, heads=[1], scale="percentile")  # the per-panel scale stays on request
     assert len(one) == 3 and one[0].get_title() == f"block 1: ±{np.percentile(np.abs(first[0, 1]), 99):.2g}"
     with pytest.raises(ValueError):
         plot_head_maps(maps, heads=[2])
@@ -464,20 +476,22 @@ def test_untrained_twin_is_drawn_grey_dashed_and_written(tmp_path, drawn):
     assert [ln.get_label() for ln in _twin_lines(probs_ax)] == ["v4: untrained twin", "d4: untrained twin"]
 
     fj.fig3b(runs, tmp_path / "fig3b", ("png",), 0.9)
-    ax = next(a for a in drawn["fig3b"].axes if "reduction: mean" in a.get_title())
+    ax = next(a for a in drawn["fig3b"].axes if a.get_title().endswith("reduction: mean"))
     hollow = [ln for ln in ax.lines if BASELINE_LABEL in ln.get_label()]
     assert [ln.get_label() for ln in hollow] == ["vit: untrained twin", "deepvit: untrained twin"]
     assert all(ln.get_markerfacecolor() == "none" and ln.get_linestyle() == "None" for ln in hollow)
     assert hollow[0].get_xdata().tolist() == [4]  # v8 has no twin
-    assert hollow[0].get_ydata().tolist() == [runs[0].baseline.summary("probs", 0.9)["count"]]
+    assert hollow[0].get_ydata().tolist() == [runs[0].baseline.summary("probs", 0.9)["count"] / 4]
     assert "v4 (untrained twin)" in {x["model"] for x in read_csv(tmp_path / "fig3b.csv")}
 
     fj.fig3c(runs, runs, tmp_path / "fig3c", ("png",))
-    ax = drawn["fig3c"].axes[0]
-    assert len(_twin_lines(ax)) == 2 and all(ln.get_linestyle() == "--" for ln in _twin_lines(ax))
+    probs_ax, mixed_ax = drawn["fig3c"].axes
+    assert len(_twin_lines(probs_ax)) == 2 and all(ln.get_linestyle() == "--" for ln in _twin_lines(probs_ax))
+    assert [ln.get_label() for ln in _twin_lines(mixed_ax)] == ["untrained twin"]
     rows = read_csv(tmp_path / "fig3c.csv")
-    assert {(x["model"], x["kind"]) for x in rows if "twin" in x["model"]} == {("v4 (untrained twin)", "probs"),
-                                                                               ("d4 (untrained twin)", "mixed")}
+    assert {(x["model"], x["kind"], x["applied"]) for x in rows if "twin" in x["model"]} == {
+        ("v4 (untrained twin)", "probs", "1"), ("d4 (untrained twin)", "probs", "0"),
+        ("d4 (untrained twin)", "mixed", "1")}
 
     fj.fig4(runs[0], tmp_path / "fig4", ("png",))
     axes = drawn["fig4"].axes
@@ -500,10 +514,14 @@ def test_no_baseline_no_twin_anywhere(tmp_path, drawn):
         assert "untrained twin" not in csv.read_text()
 
 
-def test_cross_head_reference_only_with_softmax_curves():
-    ax = plot_cross_head({"v": make_result([0.5, 0.6]), "d": make_result([0.1, 0.2], kind="mixed")})
-    assert _legend(ax) == ["v (probs)", "d (mixed)", "paper: below 0.3 (softmax maps)"]
-    assert MIXED_NOTE in _notes(ax)
+def test_cross_head_reference_only_on_the_softmax_panel():
+    from collapse_probe.plots import plot_cross_head_by_kind
+
+    probs_ax, mixed_ax = plot_cross_head_by_kind({"v": make_result([0.5, 0.6]),
+                                                  "d": deep_result([0.9, 0.9], [0.1, 0.2])})
+    assert _legend(probs_ax) == ["v (probs)", "d (probs, before Θ)", "paper: below 0.3 (softmax maps)"]
+    assert _legend(mixed_ax) == ["d (mixed)"] and not _threshold_lines(mixed_ax, 0.3)
+    assert MIXED_NOTE in _notes(mixed_ax) and not probs_ax.texts
 
 
 def test_measure_checkpoint_reads_size_seed_and_recreates_theta_init(tmp_path):
