@@ -210,7 +210,7 @@ def plot_threshold_sweep(sweeps: Mapping[str, Sequence[Mapping[str, Any]]], redu
                 color=(colors or {}).get(label), gid=kind)
         twin = [r[f"twin_count_{reduction}"] for r in rows]
         if all(v is not None for v in twin):
-            ax.plot(t, twin, **{**twin_style(i, many), "lw": 1}, label=f"{label} ({BASELINE_LABEL})", gid=kind)
+            ax.plot(t, twin, **{**twin_style(i, many), "lw": 1}, label=f"{label}: {BASELINE_LABEL}", gid=kind)
             i += 1
     if kind == "mixed":
         note(ax, f"{MIXED_NOTE}; the thresholds are set for softmax maps")

@@ -169,8 +169,8 @@ def plot_cross_head(results: Mapping[str, ProbeResult], kind: str = "auto", refe
                     ax: Axes | None = None) -> Axes:
     """Fig. 3(c): mean similarity between different heads of each block (``AttentionStats.cross_head``).
 
-    One map kind per axes (``plots.kinds``; ``plot_cross_head_by_kind`` for both): legend entries name it (the title
-    does, for one model); ``baselines`` ({label: untrained twin}) are grey dashed; the paper's ``reference`` (stated
+    One map kind per axes (``plots.kinds``; ``plot_cross_head_by_kind`` for both): legend entries name it (so does the
+    title, for one model); ``baselines`` ({label: untrained twin}) are grey dashed; the paper's ``reference`` (stated
     for softmax maps) is drawn on softmax axes only."""
     used, base_kinds = _split(results, baselines, kind)
     shown = one_kind([*used.values(), *base_kinds.values()], "plot_cross_head", "plot_cross_head_by_kind")
@@ -188,7 +188,7 @@ def plot_cross_head(results: Mapping[str, ProbeResult], kind: str = "auto", refe
     finish_kind(ax, shown, reference, None if reference is None else f"paper: below {reference:g} (softmax maps)")
     ax.set(xlabel="block", ylabel="cross-head similarity")
     block_axis(ax, _depth(results))
-    # one model: its kind goes in the title (a long model name would push a legend label past the figure)
+    # one model: its kind goes in the title as well (legend labels are wrapped, so a long model name stays legible)
     only = next(iter(results.values())) if len(results) == 1 else None
     ax.set_title("Similarity between heads of one block" + (
         f" ({kind_name(only, shown)})" if only is not None else ""))

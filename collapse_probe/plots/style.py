@@ -160,7 +160,8 @@ def legend_right(ax: Axes, **kwargs: Any) -> Any:
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
         return None
-    return ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+    return ax.legend(handles, [_wrap(t) for t in labels], loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                     borderaxespad=0.0, **kwargs)
 
 
 def legend_below(fig: Figure, axes: Iterable[Axes], ncol: int = 3, **kwargs: Any) -> Any:
@@ -175,8 +176,16 @@ def legend_below(fig: Figure, axes: Iterable[Axes], ncol: int = 3, **kwargs: Any
             seen.setdefault(lab, h)
     if not seen:
         return None
-    return fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=min(ncol, len(seen)),
-                      **kwargs)
+    return fig.legend(list(seen.values()), [_wrap(t) for t in seen], loc="outside lower center",
+                      ncol=min(ncol, len(seen)), **kwargs)
+
+
+def _wrap(label: str, width: int = 48) -> str:
+    """A legend label broken at spaces into lines of about ``width`` characters (a long model name would otherwise
+    push the legend, and with it the axes, out of the figure)."""
+    import textwrap
+
+    return textwrap.fill(label, width, break_long_words=False, break_on_hyphens=False)
 
 
 def data_ylim(ax: Axes, pad: float = 0.08) -> None:
