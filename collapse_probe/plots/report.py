@@ -30,6 +30,7 @@ from .style import (
     kind_name,
     legend_right,
     styled,
+    twin_style,
     unit_ylim,
 )
 
@@ -106,17 +107,19 @@ def plot_relative_depth(results: dict[str, ProbeResult], kind: str = "auto", k: 
     axes = kind_panels(kinds, axes, width=7.6, height=2.9)
     depths = {r.depth for r in results.values()}
     relative = len(depths) > 1
+    many = sum(r.baseline is not None for r in results.values()) > 1
     for ax, kd in zip(axes, kinds):
-        for name, res in results.items():
+        for i, (name, res) in enumerate(results.items()):  # a model keeps its colour (and its twin its marker)
             st = res.attention.get(kd)
             if st is None:
                 continue
             depth = max(res.depth - 1, 1)
             x = [b / depth for b in st.blocks] if relative else np.asarray(st.blocks) + 1
-            ax.plot(x, st.neighbor(k, reduction), marker="o", ms=3, gid=kd, label=f"{name} ({kind_name(res, kd)})")
+            ax.plot(x, st.neighbor(k, reduction), marker="o", ms=3, color=f"C{i % 10}", gid=kd,
+                    label=f"{name} ({kind_name(res, kd)})")
             tw = res.baseline.attention.get(kd) if res.baseline is not None else None
             if tw is not None:
-                ax.plot(x, tw.neighbor(k, reduction), **BASELINE_STYLE, gid=kd, label=f"{name}: {BASELINE_LABEL}")
+                ax.plot(x, tw.neighbor(k, reduction), **twin_style(i, many), gid=kd, label=f"{name}: {BASELINE_LABEL}")
         finish_kind(ax, kd, threshold)
         ax.set(ylabel=f"similarity with previous {k}", title=PANEL_TITLES.get(kd, kd))
         if not relative:
