@@ -57,12 +57,12 @@ def _figures(result: ProbeResult, threshold: float, k: int, reduction: str) -> d
     from ..plots.report import figure_png, plot_block_curves, plot_rank
     from ..plots.similarity import plot_cross_head, plot_similarity_heatmap
 
-    name = result.model.architecture or "model"
+    label = result.model.architecture or "model"
     axes = {"similarity_heatmap": plot_similarity_heatmap(result, "auto", reduction),
             "block_curves": plot_block_curves(result, threshold, k, reduction)[0],  # one panel per map kind
             "rank": plot_rank(result, "auto"),
-            "cross_head": plot_cross_head({name: result}, reference=None,
-                                          baselines={name: result.baseline} if result.baseline is not None else None)}
+            "cross_head": plot_cross_head({label: result}, reference=None,
+                                          baselines={label: result.baseline} if result.baseline is not None else None)}
     return {name: figure_png(ax.figure) for name, ax in axes.items()}
 
 
