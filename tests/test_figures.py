@@ -85,7 +85,7 @@ def drawn(monkeypatch):
 
 
 def _legend(ax) -> list[str]:
-    return [t.get_text() for t in ax.get_legend().get_texts()]
+    return [t.get_text().replace("\n", " ") for t in ax.get_legend().get_texts()]  # long labels are wrapped
 
 
 def _notes(ax) -> str:
@@ -116,13 +116,16 @@ def test_by_kind_splits_softmax_and_mixed_and_draws_threshold_on_softmax_only():
     assert len(only_vit) == 1 and only_vit[0].get_title() == "softmax maps (probs)"
 
 
-def test_one_axis_with_both_kinds_labels_kinds_and_says_so():
-    ax = plot_neighbor_similarity({"vit": make_result([0.5, 0.95]), "deep": make_result([0.1, 0.2], kind="mixed")},
-                                  ks=(1,))
-    assert _legend(ax)[:2] == ["vit (probs)", "deep (mixed)"]
-    assert MIXED_NOTE in _notes(ax)
+def test_one_axis_refuses_both_kinds_and_a_mixed_axis_says_why_it_has_no_threshold():
+    both = {"vit": make_result([0.5, 0.95]), "deep": make_result([0.1, 0.2], kind="mixed")}
+    for fn in (plot_neighbor_similarity, plot_cross_head):
+        with pytest.raises(ValueError, match="one axis"):
+            fn(both)
+    with pytest.raises(ValueError, match="one axis"):
+        plot_similar_blocks({"vit": [both["vit"]], "deepvit": [both["deep"]]})
     ax = plot_neighbor_similarity({"deep": make_result([0.1, 0.2], kind="mixed")}, ks=(1,), threshold=0.9)
-    assert not _threshold_lines(ax, 0.9) and "not drawn" in _notes(ax)
+    assert not _threshold_lines(ax, 0.9) and "not drawn" in _notes(ax) and MIXED_NOTE in _notes(ax)
+    assert _legend(ax) == ["deep (mixed)"]
 
 
 def test_fig8_comparison_job_has_one_panel_per_kind(tmp_path, drawn):
@@ -150,18 +153,27 @@ def test_paper_counts_have_their_own_axes():
     np.testing.assert_allclose(plot_paper_similar_blocks("ratio").lines[0].get_ydata(), [5 / 16, 11 / 24, 15 / 32])
 
 
-def test_fig3b_both_reductions_paper_apart_and_csv(tmp_path, drawn):
+def test_fig3b_one_row_per_kind_both_reductions_paper_apart_and_csv(tmp_path, drawn):
     runs = [run("v4", "vit", 4), run("v8", "vit", 8), run("d4", "deepvit", 4), run("d8", "deepvit", 8)]
     fj.fig3b(runs, tmp_path / "fig3b", ("png",), 0.9)
     fig = drawn["fig3b"]
     assert "unpublished" in fig._suptitle.get_text() and "ratio" in fig._suptitle.get_text()
     ours = [a for a in fig.axes if "Paper" not in a.get_title()]
     paper = [a for a in fig.axes if "Paper" in a.get_title()]
-    assert len(ours) == 4 and len(paper) == 2
-    assert {a.get_title().split("reduction: ")[1].rstrip(")") for a in ours} == {"mean", "ratio"}
-    for a in ours:  # no paper marker on the digits axes: every curve has x = our depths
+    assert len(ours) == 4 and len(paper) == 1
+    assert {a.get_title().split("reduction: ")[1] for a in ours} == {"mean", "ratio"}
+    for a in ours:  # one kind per panel, named in its title; no paper marker on the digits axes
+        kind = "mixed" if "mixed" in a.get_title() else "probs"
+        assert {ln.get_gid() for ln in a.lines} == {kind}
         assert all(set(np.asarray(ln.get_xdata()).tolist()) <= {4, 8} for ln in a.lines)
-        assert not any("paper" in t for t in _legend(a))
+        assert not any("paper" in ln.get_label() for ln in a.lines)
+    mixed_mean = next(a for a in ours if "mixed" in a.get_title() and a.get_title().endswith("mean"))
+    assert [ln.get_label() for ln in mixed_mean.lines] == ["deepvit (mixed)"] and "softmax" in _notes(mixed_mean)
+    probs_mean = next(a for a in ours if "softmax" in a.get_title() and a.get_title().endswith("mean"))
+    assert [ln.get_label() for ln in probs_mean.lines] == ["vit (probs)", "deepvit (probs, before Θ)"]
+    for ln, fam in zip(probs_mean.lines, ("vit", "deepvit")):  # y: similar blocks / depth
+        want = [r.result.summary("probs", 0.9)["count"] / r.depth for r in runs if r.family == fam]
+        np.testing.assert_allclose(ln.get_ydata(), want)
     rows = read_csv(tmp_path / "fig3b.csv")
     assert {"reduction", "entry_cut"} <= set(rows[0])
     for r in runs:
@@ -227,6 +239,7 @@ def test_plot_accuracy_intervals_and_seed_labels():
     assert ax.collections[0].get_segments()[0].tolist() == [[4.0, 70.0], [4.0, 88.0]]
     assert [t.get_text() for t in ax.texts] == ["3 seeds"]
     assert ax.lines[1].get_ydata().tolist() == [78.0, 80.0, 82.0]  # the seeds themselves, as hollow dots
+    assert ax.lines[0].get_label() == "vit, one depth only"  # a "vs depth" line of one point says so
 
 
 def test_validation_images_from_metadata_or_the_digits_split():
@@ -298,16 +311,16 @@ def test_attention_maps_mark_the_class_token():
     assert not plot_attention_maps(maps, prefix_tokens=0)[0].lines  # told there is none: nothing marked
 
 
-def test_head_maps_of_one_image_on_symmetric_percentile_scales():
+def test_head_maps_of_one_image_on_one_symmetric_scale():
     rng = np.random.default_rng(1)
     first = rng.normal(size=(3, 2, 5, 5))
     maps = MeanMaps("mixed", [0, 1, 2], first.mean(axis=1), 7, first)
     axes = plot_head_maps(maps)
-    assert len(axes) == 6 and axes[3].get_title().startswith("block 2 h1: ±")
+    assert len(axes) == 6 and axes[3].get_title() == "block 2 h1"
     np.testing.assert_array_equal(axes[3].images[0].get_array(), first[1, 1])
-    v = np.percentile(np.abs(first[1, 1]), 99)
-    assert axes[3].images[0].get_clim() == pytest.approx((-v, v))
-    one = plot_head_maps(maps, heads=[1])
+    v = np.percentile(np.abs(first), 99)  # one scale for every block and head, centred at 0
+    assert all(ax.images[0].get_clim() == pytest.approx((-v, v)) for ax in axes)
+    one = plot_head_maps(maps, heads=[1], scale="percentile")  # the per-panel scale stays on request
     assert len(one) == 3 and one[0].get_title() == f"block 1: ±{np.percentile(np.abs(first[0, 1]), 99):.2g}"
     with pytest.raises(ValueError):
         plot_head_maps(maps, heads=[2])
@@ -464,20 +477,22 @@ def test_untrained_twin_is_drawn_grey_dashed_and_written(tmp_path, drawn):
     assert [ln.get_label() for ln in _twin_lines(probs_ax)] == ["v4: untrained twin", "d4: untrained twin"]
 
     fj.fig3b(runs, tmp_path / "fig3b", ("png",), 0.9)
-    ax = next(a for a in drawn["fig3b"].axes if "reduction: mean" in a.get_title())
+    ax = next(a for a in drawn["fig3b"].axes if a.get_title().endswith("reduction: mean"))
     hollow = [ln for ln in ax.lines if BASELINE_LABEL in ln.get_label()]
     assert [ln.get_label() for ln in hollow] == ["vit: untrained twin", "deepvit: untrained twin"]
     assert all(ln.get_markerfacecolor() == "none" and ln.get_linestyle() == "None" for ln in hollow)
     assert hollow[0].get_xdata().tolist() == [4]  # v8 has no twin
-    assert hollow[0].get_ydata().tolist() == [runs[0].baseline.summary("probs", 0.9)["count"]]
+    assert hollow[0].get_ydata().tolist() == [runs[0].baseline.summary("probs", 0.9)["count"] / 4]
     assert "v4 (untrained twin)" in {x["model"] for x in read_csv(tmp_path / "fig3b.csv")}
 
     fj.fig3c(runs, runs, tmp_path / "fig3c", ("png",))
-    ax = drawn["fig3c"].axes[0]
-    assert len(_twin_lines(ax)) == 2 and all(ln.get_linestyle() == "--" for ln in _twin_lines(ax))
+    probs_ax, mixed_ax = drawn["fig3c"].axes
+    assert len(_twin_lines(probs_ax)) == 2 and all(ln.get_linestyle() == "--" for ln in _twin_lines(probs_ax))
+    assert [ln.get_label() for ln in _twin_lines(mixed_ax)] == ["untrained twin"]
     rows = read_csv(tmp_path / "fig3c.csv")
-    assert {(x["model"], x["kind"]) for x in rows if "twin" in x["model"]} == {("v4 (untrained twin)", "probs"),
-                                                                               ("d4 (untrained twin)", "mixed")}
+    assert {(x["model"], x["kind"], x["applied"]) for x in rows if "twin" in x["model"]} == {
+        ("v4 (untrained twin)", "probs", "1"), ("d4 (untrained twin)", "probs", "0"),
+        ("d4 (untrained twin)", "mixed", "1")}
 
     fj.fig4(runs[0], tmp_path / "fig4", ("png",))
     axes = drawn["fig4"].axes
@@ -500,10 +515,14 @@ def test_no_baseline_no_twin_anywhere(tmp_path, drawn):
         assert "untrained twin" not in csv.read_text()
 
 
-def test_cross_head_reference_only_with_softmax_curves():
-    ax = plot_cross_head({"v": make_result([0.5, 0.6]), "d": make_result([0.1, 0.2], kind="mixed")})
-    assert _legend(ax) == ["v (probs)", "d (mixed)", "paper: below 0.3 (softmax maps)"]
-    assert MIXED_NOTE in _notes(ax)
+def test_cross_head_reference_only_on_the_softmax_panel():
+    from collapse_probe.plots import plot_cross_head_by_kind
+
+    probs_ax, mixed_ax = plot_cross_head_by_kind({"v": make_result([0.5, 0.6]),
+                                                  "d": deep_result([0.9, 0.9], [0.1, 0.2])})
+    assert _legend(probs_ax) == ["v (probs)", "d (probs, before Θ)", "paper: below 0.3 (softmax maps)"]
+    assert _legend(mixed_ax) == ["d (mixed)"] and not _threshold_lines(mixed_ax, 0.3)
+    assert MIXED_NOTE in _notes(mixed_ax) and not probs_ax.texts
 
 
 def test_measure_checkpoint_reads_size_seed_and_recreates_theta_init(tmp_path):
@@ -555,3 +574,193 @@ def test_measures_figure_draws_the_twin_beside_each_measure_with_1_based_blocks(
     trained, twin = entropy.lines
     assert list(trained.get_xdata()) == [1, 2, 3] and twin.get_label() == "untrained twin"
     np.testing.assert_allclose(twin.get_ydata(), r.baseline.attention["probs"].entropy)
+
+
+# ---------------------------------------------------------------- 9. one rule for every figure (plots.kinds, style)
+
+
+def _rendered(fig):
+    """Lay ``fig`` out and draw it (Agg), so that window extents are final; returns the renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _overlap(a, b) -> float:
+    """Area (px²) of the intersection of two display boxes."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def _data_axes(fig) -> list:
+    return [a for a in fig.axes if a.get_visible() and (a.lines or a.images or a.collections)]
+
+
+def assert_legends_off_the_data(fig) -> int:
+    """Every legend (an axes' or the figure's) lies inside the figure and covers no axes that draws data; returns
+    how many legends there are."""
+    r = _rendered(fig)
+    legends = [a.get_legend() for a in fig.axes if a.get_legend() is not None] + list(fig.legends)
+    fig_box = fig.bbox
+    for leg in legends:
+        box = leg.get_window_extent(r)
+        assert box.x0 >= fig_box.x0 - 1 and box.x1 <= fig_box.x1 + 1 and box.y0 >= fig_box.y0 - 1, "legend clipped"
+        for ax in _data_axes(fig):
+            assert _overlap(box, ax.get_window_extent(r)) < 1.0, (
+                f"legend {[t.get_text() for t in leg.get_texts()]} covers the data of '{ax.get_title()}'")
+    return len(legends)
+
+
+def assert_block_ticks(ax, last: int, axis: str = "x") -> None:
+    """Ticks on a block axis: 1-based integer positions 1..``last`` starting at block 1, labelled with their number;
+    the axis does not reach block 0."""
+    ticks = ax.get_xticks() if axis == "x" else ax.get_yticks()
+    labels = [t.get_text() for t in (ax.get_xticklabels() if axis == "x" else ax.get_yticklabels())]
+    assert list(ticks) == [int(t) for t in ticks] and ticks[0] == 1 and ticks[-1] <= last, list(ticks)
+    assert all(lab in ("", str(int(t))) for lab, t in zip(labels, ticks)), labels
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    assert lo > 0 and hi < last + 1
+
+
+def _panel_kind(ax) -> str:
+    """The kind a panel is titled with (``plots.kinds.PANEL_TITLES``), else "other"."""
+    from collapse_probe.plots.kinds import PANEL_TITLES
+
+    return next((k for k, t in PANEL_TITLES.items() if t in ax.get_title()), "other")
+
+
+def assert_one_kind_per_panel(axes, threshold: float | None = 0.9) -> None:
+    """Each panel holds curves of its own kind only (gid), the threshold line only on the softmax panel, a note on
+    the mixed one."""
+    for ax in axes:
+        kind = _panel_kind(ax)
+        if kind == "other":
+            continue
+        curves = {ln.get_gid() for ln in ax.lines if ln.get_gid() != "threshold"}
+        assert curves == {kind}, (ax.get_title(), curves)
+        thresholds = [ln for ln in ax.lines if ln.get_gid() == "threshold"]
+        if kind == "mixed":
+            assert not thresholds and MIXED_NOTE in _notes(ax)
+        elif threshold is not None:
+            assert [float(ln.get_ydata()[0]) for ln in thresholds] == [threshold]
+
+
+def _deep32(seed: int = 0):
+    return deep_result([0.99] * 31, [0.05 * (-1) ** i for i in range(31)], seed=seed)
+
+
+def test_block_numbers_are_1_based_and_readable_at_32_blocks():
+    from collapse_probe.plots.style import block_numbers
+
+    assert block_numbers(8) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert block_numbers(16) == [1, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert block_numbers(32) == [1, 4, 8, 12, 16, 20, 24, 28, 32]
+    assert block_numbers(24) == [1, 4, 8, 12, 16, 20, 24] and block_numbers(1) == [1]
+
+
+def test_kind_panels_legends_and_ticks_of_the_curve_figures():
+    from collapse_probe.plots import plot_cross_head_by_kind
+    from collapse_probe.plots.report import plot_block_curves, plot_rank, plot_relative_depth
+
+    vit = make_result([0.5 + i / 80 for i in range(31)])
+    deep = _deep32()
+    twins = {"vit": make_result([0.9] * 31, seed=7), "deepvit": deep_result([0.97] * 31, [0.01] * 31, seed=8)}
+    figures = {
+        "neighbour": plot_neighbor_similarity_by_kind({"vit": vit, "deepvit": deep}, baselines=twins),
+        "cross-head": plot_cross_head_by_kind({"vit": vit, "deepvit": deep}, baselines=twins),
+        "compare": plot_relative_depth({"vit": vit, "deepvit": deep}, threshold=0.9),
+    }
+    deep.baseline = twins["deepvit"]
+    figures["audit curves"] = plot_block_curves(deep, threshold=0.9)
+    for name, axes in figures.items():
+        assert [_panel_kind(a) for a in axes][:2] == ["probs", "mixed"], name  # softmax first, then mixed
+        assert_one_kind_per_panel(axes, threshold=0.3 if name == "cross-head" else 0.9)
+        assert assert_legends_off_the_data(axes[0].figure) == len(axes), name  # one legend per panel, outside
+        for ax in axes:
+            assert_block_ticks(ax, 32)
+    rank = plot_rank(deep)
+    assert assert_legends_off_the_data(rank.figure) == 1
+    assert_block_ticks(rank, 32)
+    probs_ax = figures["neighbour"][0]  # a Re-attention model's softmax maps sit beside ViT's, named as such
+    assert [t for t in _legend(probs_ax) if t.endswith("k=1")][:2] == ["vit (probs), k=1",
+                                                                        "deepvit (probs, before Θ), k=1"]
+
+
+def test_feature_figure_labels_every_curve_in_one_legend_under_the_panels():
+    from collapse_probe.plots import plot_feature_figure
+
+    res = make_result([0.5 + i / 80 for i in range(31)])
+    axes = plot_feature_figure(res, baseline=make_result([0.9] * 31, seed=3), title="t")
+    fig = axes[0].figure
+    assert assert_legends_off_the_data(fig) == 1 and len(fig.legends) == 1
+    texts = [t.get_text().replace("\n", " ") for t in fig.legends[0].get_texts()]
+    assert "token features, trained" in texts and "untrained twin" in texts  # the curve that had no label
+    for ax in axes[:3:2]:
+        assert all(not ln.get_label().startswith("_") and ln.get_label() in texts for ln in ax.lines)
+        assert_block_ticks(ax, 32)
+    assert_block_ticks(axes[1], 32)
+    assert_block_ticks(axes[1], 32, axis="y")
+
+
+def test_map_grid_one_scale_one_colour_bar_and_a_near_uniform_map_looks_pale():
+    n = 17
+    rng = np.random.default_rng(0)
+    near = np.full((n, n), 1 / n) * (1 + 0.07 * rng.choice([-1.0, 1.0], size=(n, n)))  # uniform ±7 %
+    sharp = np.full((n, n), 0.2 / (n - 1))
+    sharp[:, 3] = 0.8  # every query on one key: rows still sum to 1
+    axes = plot_attention_maps(MeanMaps("probs", list(range(32)), np.stack([near, sharp] * 16), 4))
+    fig = axes[0].figure
+    bars = [a for a in fig.axes if a not in list(axes) and a.get_visible()]
+    assert len(bars) == 1  # one colour bar for the grid
+    label = bars[0].get_xlabel().replace("\n", " ")
+    assert "one scale for all blocks" in label and f"1/N = 1/{n}" in label
+    norm = axes[0].images[0].norm
+    assert all(ax.images[0].norm is norm for ax in axes) and norm.vmin == 0 and norm.vmax == pytest.approx(0.8)
+    assert np.abs(norm(near) - 0.5).max() < 0.04  # ±7 % around uniform: pale, close to white
+    assert norm(sharp).max() == pytest.approx(1.0)  # the sharp map reaches the end of the scale
+    assert [ax.get_title() for ax in axes[:2]] == ["block 1", "block 2"]
+    signed = rng.normal(size=(8, n, n))
+    axes = plot_attention_maps(MeanMaps("mixed", list(range(8)), signed, 4))
+    lo, hi = axes[0].images[0].get_clim()
+    assert lo == -hi and hi == pytest.approx(np.percentile(np.abs(signed), 99))  # diverging around 0, shared
+    assert all(ax.images[0].get_clim() == (lo, hi) for ax in axes)
+    bar, = [a for a in axes[0].figure.axes if a not in list(axes) and a.get_visible()]
+    assert "white = 0" in bar.get_xlabel().replace("\n", " ")
+
+
+def test_every_job_follows_the_rule(tmp_path, drawn):
+    """Every figure of the plan: curves labelled and in a legend, legends off the data, one kind per kind panel,
+    one colour bar per map grid, 1-based block ticks."""
+    runs = [run("v4", "vit", 4, 80.0, baseline=True), run("v8", "vit", 8, 82.0),
+            run("d4", "deepvit", 4, 90.0, baseline=True), run("d8", "deepvit", 8, 91.0, baseline=True)]
+    for name, job in plan_figures(runs)[0]:
+        job(tmp_path, ("png",))
+    assert {"fig1_accuracy_vs_depth", "fig3b_similar_blocks_vs_depth", "threshold_sweep",
+            "fig3c_cross_head_similarity", "fig8_similarity_vit_vs_deepvit_d8"} <= set(drawn)
+    for stem, fig in drawn.items():
+        assert_legends_off_the_data(fig)
+        legend_texts = {t.get_text().replace("\n", " ") for leg in [a.get_legend() for a in fig.axes]
+                        + list(fig.legends) if leg is not None for t in leg.get_texts()}
+        for ax in fig.axes:
+            if ax.images or len(ax.lines) < 2:  # map panels mark the class token with lines; one curve: its y label
+                continue
+            for ln in ax.lines:
+                assert not ln.get_label().startswith("_") and ln.get_label() in legend_texts, (stem, ln.get_label())
+        panels = [a for a in fig.axes if a.lines and _panel_kind(a) != "other"]
+        assert_one_kind_per_panel(panels, threshold=None)
+        for ax in panels:
+            if _panel_kind(ax) == "mixed":
+                assert not _threshold_lines(ax, 0.9) and not _threshold_lines(ax, 0.3), stem
+        if stem.startswith("fig8_attention_maps"):
+            grid = [a for a in fig.axes if a.images and a.get_title().startswith("block")]
+            bars = [a for a in fig.axes if a.get_visible() and a not in grid]
+            assert len(bars) == 1 and len({a.images[0].get_clim() for a in grid}) == 1, stem
+        if stem.startswith(("fig3a", "fig8_similarity", "fig3c", "fig4", "block_measures")):
+            last = max(r.depth for r in runs if stem.endswith(r.label)) if stem.startswith(("fig3a", "fig4",
+                                                                                          "block_m")) else 8
+            for ax in fig.axes:
+                if ax.lines and ax.get_xlabel() in ("block", ""):
+                    assert_block_ticks(ax, last)

@@ -432,3 +432,32 @@ def test_plots_take_reports_and_a_backbone_report_round_trips():
     axes = plot_intervention_figure(planted_report)
     assert len(axes) == 2 and axes[0].figure is axes[1].figure
     assert len(planted_report.similarity["neighbor"]) == DEPTH and planted_report.neighbor(K + 1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name, kind", [("vit_micro", "probs"), ("deepvit_micro", "mixed")])
+def test_intervention_figure_follows_the_kinds_rule(name, kind):
+    """The similarity panel draws the threshold for softmax maps only (a note instead for maps after Θ + BatchNorm);
+    one legend under both panels, off the data; blocks numbered from 1."""
+    from collapse_probe.plots.intervene import plot_intervention_figure
+    from collapse_probe.plots.style import MIXED_NOTE
+
+    from .test_figures import assert_block_ticks, assert_legends_off_the_data
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=3, num_classes=10).eval()
+    report = measure(model, X[:4], sweep("reuse", 3), progress=False, similarity=True)
+    change, sim = plot_intervention_figure(report)
+    fig = change.figure
+    assert report.similarity["kind"] == kind and {ln.get_gid() for ln in sim.lines} - {"threshold"} == {kind}
+    thresholds = [ln for ln in sim.lines if ln.get_gid() == "threshold"]
+    notes = " ".join(t.get_text().replace("\n", " ") for t in sim.texts)
+    if kind == "mixed":
+        assert not thresholds and MIXED_NOTE in notes
+    else:
+        assert len(thresholds) == 1 and not notes
+    assert assert_legends_off_the_data(fig) == 1 and len(fig.legends) == 1  # the KL axis holds the right side
+    texts = {t.get_text().replace("\n", " ") for t in fig.legends[0].get_texts()}
+    curves = [ln for a in fig.axes for ln in a.lines if ln.get_label() != "_nolegend_"]  # not error-bar caps
+    assert len(curves) >= 3 and all(ln.get_label() in texts for ln in curves)  # every curve named, the KL too
+    for ax in (change, sim):
+        assert_block_ticks(ax, 3)

@@ -87,19 +87,24 @@ def test_save_figure_writes_png_and_pdf_and_nothing_else(tmp_path):
 
 
 def test_neighbor_similarity_draws_each_k_of_each_model(tmp_path):
-    a, b = make_result([0.3, 0.6, 0.95, 0.99]), make_result([0.1, 0.2, 0.4, 0.5], kind="mixed", seed=1)
+    a, b = make_result([0.3, 0.6, 0.95, 0.99]), make_result([0.1, 0.2, 0.4, 0.5], seed=1)
     ax = plot_neighbor_similarity({"vit": a, "deepvit": b}, ks=(1, 2, 3), threshold=0.9)
     assert len(ax.lines) == 2 * 3 + 1  # 3 curves per model + threshold line
-    for i, (res, kind) in enumerate([(a, "probs"), (b, "mixed")]):
+    for i, res in enumerate((a, b)):
         for j, k in enumerate((1, 2, 3)):
             line = ax.lines[3 * i + j]
             np.testing.assert_array_equal(line.get_xdata(), np.arange(5) + 1)
-            np.testing.assert_array_equal(line.get_ydata(), res.attention[kind].neighbor(k))
+            np.testing.assert_array_equal(line.get_ydata(), res.attention["probs"].neighbor(k))
     assert ax.lines[0].get_ydata()[1:].tolist() == [0.3, 0.6, 0.95, 0.99]  # k=1: the planted neighbours
     assert np.isnan(ax.lines[2].get_ydata()[:3]).all()  # k=3 undefined for the first three blocks
     assert set(ax.lines[-1].get_ydata()) == {0.9}
     save_figure(ax.figure, tmp_path / "a")
     _png_pdf(tmp_path / "a")
+    mixed = make_result([0.1, 0.2, 0.4, 0.5], kind="mixed", seed=1)
+    ax = plot_neighbor_similarity({"deepvit": mixed}, ks=(1, 2, 3), threshold=0.9)
+    assert len(ax.lines) == 3  # mixed maps alone: no softmax threshold
+    with pytest.raises(ValueError, match="by_kind"):  # one axis never holds both kinds
+        plot_neighbor_similarity({"vit": a, "deepvit": mixed})
 
 
 def test_given_axes_are_used_and_returned():
@@ -194,14 +199,19 @@ def test_attention_maps_grid_one_panel_per_block(tmp_path):
     maps = MeanMaps("probs", [0, 1, 2, 3, 4], rng.random((5, 7, 7)), count=3)
     axes = plot_attention_maps(maps, title="x", ncols=3)
     assert len(axes) == 5
+    top = max(maps.maps.max(), 2 / 7)
     for i, ax in enumerate(axes):
         np.testing.assert_array_equal(ax.images[0].get_array(), maps.maps[i])
-        lo, hi = np.percentile(maps.maps[i], [1, 99])  # default: each panel its own 1st-99th percentile
+        assert ax.images[0].norm is axes[0].images[0].norm  # default: one shared scale
+        assert ax.images[0].get_clim() == pytest.approx((0.0, top))
+        assert ax.get_title() == f"block {i + 1}"
+    assert axes[0].images[0].norm.vcenter == pytest.approx(1 / 7)  # white = uniform attention
+    assert sum(a.get_visible() and bool(a.images) for a in axes[0].figure.axes) == 5  # sixth grid cell hidden
+    pct = plot_attention_maps(maps, scale="percentile")
+    for i, ax in enumerate(pct):
+        lo, hi = np.percentile(maps.maps[i], [1, 99])  # each panel its own 1st-99th percentile
         assert ax.images[0].get_clim() == pytest.approx((lo, hi))
         assert ax.get_title() == f"block {i + 1}: {lo:.3g}–{hi:.3g}"  # the range is printed
-    assert sum(a.get_visible() and bool(a.images) for a in axes[0].figure.axes) == 5  # sixth grid cell hidden
-    shared = plot_attention_maps(maps, scale="shared")
-    assert {ax.images[0].get_clim() for ax in shared} == {(maps.maps.min(), maps.maps.max())}  # one shared scale
     own = plot_attention_maps(maps, scale="panel")
     assert [ax.images[0].get_clim() for ax in own] == [(m.min(), m.max()) for m in maps.maps]
     with pytest.raises(ValueError, match="scale"):
@@ -338,8 +348,10 @@ def test_figures_from_a_folder_skips_what_it_cannot_draw(tiny_checkpoints, tmp_p
                                     "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "Fig. 1 skipped" in res.output and "ViT-vs-DeepViT similarity skipped" in res.output
-    assert (out / "fig3b_similar_blocks_vs_depth.png").exists() and not list(out.glob("*.pdf"))
+    assert "Fig. 3(b) skipped" in res.output and "depth 2" in res.output  # one depth: no "vs depth" figure
+    assert (out / "fig3c_cross_head_similarity.png").exists() and not list(out.glob("*.pdf"))
     assert not (out / "fig1_accuracy_vs_depth.png").exists()
+    assert not (out / "fig3b_similar_blocks_vs_depth.png").exists()
 
 
 def test_figures_bad_input_is_one_line_and_leaves_nothing(tmp_path):
@@ -399,7 +411,7 @@ def _run(label: str, family: str, depth: int, top1: float | None = None):
 def test_plan_featured_models_and_per_model():
     from collapse_probe.reports.figures import plan_figures
 
-    runs = [_run("v4", "vit", 4, 80.0), _run("v8", "vit", 8), _run("d4", "deepvit", 4), _run("d8", "deepvit", 8),
+    runs = [_run("v4", "vit", 4, 80.0), _run("v8", "vit", 8, 82.0), _run("d4", "deepvit", 4), _run("d8", "deepvit", 8),
             _run("d16", "deepvit", 16)]
     names, notes = plan_figures(runs)
     names = [n for n, _ in names]
@@ -410,8 +422,12 @@ def test_plan_featured_models_and_per_model():
     names = [n for n, _ in plan_figures(runs, per_model=True)[0]]
     assert {n.split()[1] for n in names if n.startswith("fig3a")} == {"v4", "v8", "d4", "d8", "d16"}
     assert [n for n in names if n.startswith("fig8 d")] == ["fig8 d4", "fig8 d8"]
-    _, notes = plan_figures([_run("d4", "deepvit", 4)])
-    assert len(notes) == 2  # no accuracy, no ViT/DeepViT pair
+    jobs, notes = plan_figures([_run("d4", "deepvit", 4)])
+    assert len(notes) == 3  # no accuracy, one depth only (no Fig. 3(b)), no ViT/DeepViT pair
+    assert not {"fig1", "fig3b"} & {n for n, _ in jobs}
+    jobs, notes = plan_figures([_run("v4", "vit", 4, 80.0), _run("d4", "deepvit", 4, 90.0)])  # accuracy, one depth
+    assert not {"fig1", "fig3b"} & {n for n, _ in jobs} and "fig8 d4" in {n for n, _ in jobs}
+    assert sum("skipped" in n and "depth 4" in n for n in notes) == 2
 
 
 def test_report_figures_plot_their_inputs():
@@ -424,19 +440,23 @@ def test_report_figures_plot_their_inputs():
 
     res = make_result([0.5, 0.95, 0.97])
     st = res.attention["probs"]
-    ax = plot_block_curves(res, threshold=0.9)
+    ax, tokens = plot_block_curves(res, threshold=0.9)  # the softmax panel, then the token-feature panel
     np.testing.assert_allclose(ax.lines[0].get_ydata()[1:], [0.5, 0.95, 0.97])  # similarity with the previous block
     np.testing.assert_allclose(ax.lines[1].get_ydata(), st.cross_head)
     np.testing.assert_allclose(ax.lines[0].get_xdata(), [1, 2, 3, 4])  # blocks numbered from 1, as everywhere
+    np.testing.assert_allclose(tokens.lines[0].get_ydata()[1:], np.diag(res.features.similarity, -1))
     np.testing.assert_allclose(plot_similarity_heatmap(res).images[0].get_array(), st.similarity)  # the one heatmap
     np.testing.assert_allclose(plot_cross_head({"a": res}, reference=None).lines[0].get_ydata(), st.cross_head)
     ax = plot_rank(res)
     np.testing.assert_allclose(ax.lines[0].get_ydata(), st.effective_rank)
     np.testing.assert_allclose(ax.lines[1].get_ydata(), st.energy_rank)
     deep = make_result([0.9] * 7, seed=1)
-    ax = plot_relative_depth({"a": res, "b": deep}, threshold=0.9)
+    ax, = plot_relative_depth({"a": res, "b": deep}, threshold=0.9)  # one kind: one panel
     assert [line.get_label() for line in ax.lines[:2]] == ["a (probs)", "b (probs)"]  # each names its map kind
     np.testing.assert_allclose(ax.lines[1].get_xdata(), np.arange(8) / 7)  # 0 = first block, 1 = last
+    ax, = plot_relative_depth({"a": res, "c": make_result([0.2, 0.3, 0.4], seed=2)})  # one depth: block numbers
+    np.testing.assert_allclose(ax.lines[1].get_xdata(), [1, 2, 3, 4])
+    assert ax.get_xlabel() == "block"
     given = Figure().add_subplot()
     assert plot_rank(res, ax=given) is given
     assert figure_png(given.figure)[:8] == b"\x89PNG\r\n\x1a\n"

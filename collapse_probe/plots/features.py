@@ -18,18 +18,18 @@ from matplotlib.axes import Axes
 
 from ..probing.result import ProbeResult
 from .data import pick_kind
+from .kinds import finish_kind
 from .style import (
     BASELINE_LABEL,
     BASELINE_STYLE,
-    MIXED_NOTE,
     axes_or_new,
     block_axis,
-    data_ylim,
+    legend_below,
+    legend_right,
+    matrix_block_ticks,
     new_figure,
-    note,
     offdiag_limits,
     styled,
-    threshold_line,
     unit_ylim,
 )
 
@@ -83,20 +83,20 @@ def feature_attention_partial_correlation(result: ProbeResult, kind: str = "auto
 @styled
 def plot_feature_vs_last(result: ProbeResult, label: str | None = None, baseline: ProbeResult | None = None,
                          ax: Axes | None = None) -> Axes:
-    """Fig. 4 (left): similarity of each block's token features with the final block's (x = 1-based block);
-    ``baseline`` (an untrained twin) as a grey dashed line."""
-    ax = axes_or_new(ax)
+    """Fig. 4 (left): similarity of each block's token features with the final block's (x = 1-based block), labelled
+    ``label`` (default "token features, trained"); ``baseline`` (an untrained twin) as a grey dashed line."""
+    ax = axes_or_new(ax, (6.4, 3.4))
     f = _features(result)
-    ax.plot(np.asarray(f.blocks) + 1, feature_vs_last(result), marker="o", ms=2.5, color="C2", label=label)
+    ax.plot(np.asarray(f.blocks) + 1, feature_vs_last(result), marker="o", ms=2.5, color="C2",
+            label=label or "token features, trained")
     if baseline is not None and baseline.features is not None:
         ax.plot(np.asarray(baseline.features.blocks) + 1, feature_vs_last(baseline), **BASELINE_STYLE,
                 label=BASELINE_LABEL)
     unit_ylim(ax)
     ax.set(xlabel="block", ylabel="token-feature similarity with last block")
-    block_axis(ax)
+    block_axis(ax, max(f.blocks) + 1)
     ax.set_title("Feature similarity with the final block")
-    if label or baseline is not None:
-        ax.legend(loc="lower right")
+    legend_right(ax)
     return ax
 
 
@@ -111,10 +111,7 @@ def plot_feature_heatmap(result: ProbeResult, ax: Axes | None = None) -> Axes:
     lo, hi = offdiag_limits(m)
     im = ax.imshow(m, vmin=lo, vmax=hi, origin="upper", interpolation="nearest",
                    extent=(0.5, n + 0.5, n + 0.5, 0.5))
-    step = max(1, int(np.ceil(n / 8)))
-    pos = list(range(1, n + 1, step))
-    ax.set_xticks(pos, [str(f.blocks[p - 1] + 1) for p in pos])
-    ax.set_yticks(pos, [str(f.blocks[p - 1] + 1) for p in pos])
+    matrix_block_ticks(ax, f.blocks)
     ax.grid(False)
     ax.set(xlabel="block", ylabel="block", title="Token-feature similarity")
     bar = ax.figure.colorbar(im, ax=ax, shrink=0.95)
@@ -136,27 +133,22 @@ def plot_attention_vs_features(result: ProbeResult, kind: str = "auto", reductio
     """Fig. 4 (right): attention similarity with the previous block; the title gives its Pearson r with the
     feature-similarity-with-last-block curve and the partial r given the block index. The threshold is drawn for
     softmax maps only; "mixed" maps get ``MIXED_NOTE`` and a y scale fitted to the data. ``baseline``: grey dashed."""
-    ax = axes_or_new(ax)
+    ax = axes_or_new(ax, (6.4, 3.4))
     k = pick_kind(result, kind)
     st = result.attention[k]
-    ax.plot(np.asarray(st.blocks) + 1, st.neighbor(1, reduction), marker="o", ms=2.5, color="C0",
+    ax.plot(np.asarray(st.blocks) + 1, st.neighbor(1, reduction), marker="o", ms=2.5, color="C0", gid=k,
             label=f"attention ({k}) vs previous block")
     if baseline is not None:
         bst = baseline.attention[k if k in baseline.attention else baseline.applied_kind]
-        ax.plot(np.asarray(bst.blocks) + 1, bst.neighbor(1, reduction), **BASELINE_STYLE, label=BASELINE_LABEL)
-    if k == "mixed":
-        note(ax, MIXED_NOTE)
-        data_ylim(ax)
-    else:
-        if threshold is not None:
-            threshold_line(ax, threshold)
-        unit_ylim(ax)
+        ax.plot(np.asarray(bst.blocks) + 1, bst.neighbor(1, reduction), **BASELINE_STYLE, gid=bst.kind,
+                label=BASELINE_LABEL)
+    finish_kind(ax, k, threshold)
     r = feature_attention_correlation(result, k, reduction)
     rp = feature_attention_partial_correlation(result, k, reduction)
     ax.set(xlabel="block", ylabel="attention similarity")
-    block_axis(ax)
+    block_axis(ax, max(st.blocks) + 1)
     ax.set_title(f"Attention similarity with features: {correlation_text(r, rp)}", fontsize=8.5)
-    ax.legend(loc="best")
+    legend_right(ax)
     return ax
 
 
@@ -164,13 +156,14 @@ def plot_attention_vs_features(result: ProbeResult, kind: str = "auto", reductio
 def plot_feature_figure(result: ProbeResult, kind: str = "auto", reduction: str = "mean", title: str | None = None,
                         baseline: ProbeResult | None = None, axes: Sequence[Axes] | None = None) -> np.ndarray:
     """All of Fig. 4 on three axes (new 1 x 3 figure when ``axes`` is None); returns the axes. ``baseline`` (an
-    untrained twin) is drawn grey dashed on the two curve panels."""
+    untrained twin) is drawn grey dashed on the two curve panels; one legend under the figure names every curve."""
     if axes is None:
-        fig = new_figure((13.5, 3.6))
+        fig = new_figure((13.5, 4.0))
         axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 0.9, 1]})
         if title:
             fig.suptitle(title)
     plot_feature_vs_last(result, baseline=baseline, ax=axes[0])
     plot_feature_heatmap(result, ax=axes[1])
     plot_attention_vs_features(result, kind, reduction, baseline=baseline, ax=axes[2])
+    legend_below(axes[0].figure, axes, ncol=4)
     return np.asarray(axes)

@@ -16,7 +16,8 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from ..probing.outcome import InterventionReport
-from .style import axes_or_new, new_figure, styled, threshold_line, unit_ylim
+from .kinds import finish_kind
+from .style import axes_or_new, block_axis, legend_below, legend_right, new_figure, styled
 
 _WHAT = {"reuse": "blocks after k reuse block k's map", "skip": "blocks after k skipped",
          "uniform": "blocks after k: uniform attention"}
@@ -30,7 +31,7 @@ def _name(report: InterventionReport) -> str:
 def plot_output_change(report: InterventionReport, ax: Axes | None = None) -> Axes:
     """Per intervention (x: its block k, 1-based): fraction of top-1 predictions changed with its Wilson 95 % band,
     the accuracy drop where labels exist, and the mean KL(p_orig || p_intervened) on a second y-axis."""
-    ax = axes_or_new(ax, (5.2, 3.4))
+    ax = axes_or_new(ax, (5.6, 3.8))
     rows = report.rows()
     by_mode: dict[str, list[dict]] = {}
     for r in rows:
@@ -56,28 +57,28 @@ def plot_output_change(report: InterventionReport, ax: Axes | None = None) -> Ax
     kl = [r["kl"] for r in rows if not math.isnan(r["kl"])]
     twin.set_ylim(bottom=0, top=max(kl) * 1.05 if kl and max(kl) > 0 else 1)
     ax.set_ylim(-0.02, 1.02)
-    handles = ax.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
-    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="best")
+    block_axis(ax, _depth(report))
+    legend_below(ax.figure, [ax, twin])  # the right side holds the KL axis: the legend goes under the figure
     ax.set_title(f"{_name(report)}: output change ({report.images.count} images)")
     return ax
 
 
 @styled
 def plot_block_similarity(report: InterventionReport, ax: Axes | None = None) -> Axes:
-    """The applied maps' similarity of block k with block k − 1 (``report.similarity``; 1-based block numbers)."""
-    ax = axes_or_new(ax, (4.6, 3.4))
+    """The applied maps' similarity of block k with block k − 1 (``report.similarity``; 1-based block numbers),
+    by the rule of ``plots.kinds``: the threshold line for softmax maps only; maps after Θ + BatchNorm ("mixed") get
+    a note and a y scale fitted to their data."""
+    ax = axes_or_new(ax, (6.4, 3.4))
     sim = report.similarity
     if sim:
         x = np.array(sim["blocks"]) + 1
         y = np.array([np.nan if v is None else v for v in sim["neighbor"]], dtype=float)
-        ax.plot(x, y, marker="o", ms=3, color="0.25", label=f"{sim['kind']}: block k vs k − 1")
-        if sim.get("threshold") is not None:
-            threshold_line(ax, sim["threshold"])
-        unit_ylim(ax)
-        ax.legend(loc="best")
+        ax.plot(x, y, marker="o", ms=3, color="0.25", gid=sim["kind"], label=f"{sim['kind']}: block k vs k − 1")
+        finish_kind(ax, sim["kind"], sim.get("threshold"))
+        legend_right(ax)
     else:
         ax.text(0.5, 0.5, "similarity not probed", ha="center", va="center", transform=ax.transAxes)
+    block_axis(ax, _depth(report))
     ax.set(xlabel="block k", ylabel="mean column cosine with block k − 1")
     ax.set_title("Attention similarity (maps that multiply V)")
     return ax
@@ -86,10 +87,21 @@ def plot_block_similarity(report: InterventionReport, ax: Axes | None = None) ->
 @styled
 def plot_intervention_figure(report: InterventionReport, axes: list[Axes] | None = None) -> list[Axes]:
     """Output change against k (``plot_output_change``) next to the similarity curve (``plot_block_similarity``),
-    on a shared block axis."""
+    on a shared block axis, with one legend under both."""
     if axes is None:
-        fig = new_figure((10.0, 3.6))
+        fig = new_figure((11.0, 4.2))
         axes = list(fig.subplots(1, 2, sharex=True, gridspec_kw={"width_ratios": [1.2, 1.0]}))
     plot_output_change(report, axes[0])
     plot_block_similarity(report, axes[1])
+    fig = axes[0].figure
+    for old in list(fig.legends):
+        old.remove()
+    twins = [a for a in fig.axes if a not in axes]  # the KL axis of the first panel
+    legend_below(fig, [axes[0], *twins, *axes[1:]], ncol=4)
     return axes
+
+
+def _depth(report: InterventionReport) -> int:
+    """The last block number any row or the similarity curve mentions."""
+    blocks = [r["block"] for r in report.rows()] + [b + 1 for b in (report.similarity or {}).get("blocks", [])]
+    return int(report.depth or max(blocks, default=1))

@@ -5,9 +5,11 @@
     axes = plot_theta(theta_weights)                   # one H x H heatmap per block
     axes = plot_theta_change(final_theta, init_theta)  # final, init and final - init per block
 
-Map panels are scaled one by one (``scale="percentile"``: each panel's own 1st-99th percentile, or +-99th
-percentile of |value| for signed maps, with the range in its title), because averaged maps of neighbouring blocks
-often differ by a few percent that one shared scale would hide. The class token's row and column are marked.
+Map panels share one colour scale with one colour bar that states it (``scale="shared"``, the default; the rule of
+``plots.kinds.map_scale``): softmax maps diverge around uniform attention 1/N (white), so a near-uniform map looks
+pale and a sharp one dark, whichever block it is; maps after Θ + BatchNorm diverge around 0. ``scale="percentile"``
+or ``"panel"`` give each panel its own range (printed in its title) for a closer look at small differences. The
+class token's row and column are marked.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from .data import MeanMaps, ThetaWeights
-from .style import new_figure, styled
+from .kinds import map_scale
+from .style import block_axis, new_figure, styled
 
-SCALES = ("percentile", "panel", "shared")
+SCALES = ("shared", "percentile", "panel")
 
 
 def _grid(n: int, ncols: int, panel: float, extra_w: float = 0.0, title: bool = False) -> np.ndarray:
@@ -62,13 +65,11 @@ def _range_text(lo: float, hi: float, signed: bool) -> str:
     return f"±{hi:.2g}" if signed else f"{lo:.3g}–{hi:.3g}"
 
 
-def _draw_map(ax: Axes, m: np.ndarray, title: str, lims: tuple[float, float, bool], prefix: int,
-              show_range: bool) -> object:
-    lo, hi, signed = lims
-    im = ax.imshow(m, cmap="RdBu_r" if signed else "viridis", vmin=lo, vmax=hi, interpolation="nearest")
+def _draw_map(ax: Axes, m: np.ndarray, title: str, look: dict, prefix: int, dark_lines: bool) -> object:
+    im = ax.imshow(m, interpolation="nearest", **look)
     if prefix:  # the class token's row (a query) and column (a key) set apart from the patch tokens
-        ax.axhline(prefix - 0.5, color="k" if signed else "w", lw=0.7)
-        ax.axvline(prefix - 0.5, color="k" if signed else "w", lw=0.7)
+        ax.axhline(prefix - 0.5, color="k" if dark_lines else "w", lw=0.7)
+        ax.axvline(prefix - 0.5, color="k" if dark_lines else "w", lw=0.7)
         ax.set_xticks([0], ["cls"] if prefix == 1 else ["pre"])
         ax.set_yticks([0], ["cls"] if prefix == 1 else ["pre"])
         ax.tick_params(labelsize=5, length=1.5, pad=1)
@@ -76,19 +77,26 @@ def _draw_map(ax: Axes, m: np.ndarray, title: str, lims: tuple[float, float, boo
         ax.set_xticks([])
         ax.set_yticks([])
     ax.grid(False)
-    ax.set_title(f"{title}: {_range_text(lo, hi, signed)}" if show_range else title, fontsize=7, pad=2)
+    ax.set_title(title, fontsize=7, pad=2)
     return im
 
 
 def _map_panels(panels: Sequence[tuple[str, np.ndarray]], ncols: int, panel: float, scale: str,
-                prefix_tokens: int | None, title: str | None, label: str, axes: Sequence[Axes] | None) -> np.ndarray:
+                prefix_tokens: int | None, title: str | None, kind: str, what: str,
+                axes: Sequence[Axes] | None) -> np.ndarray:
+    """Draw ``panels`` (name, [N, N] map); "shared": one ``map_scale`` and one colour bar under the grid, which
+    states the scale; otherwise each panel's own ``panel_limits``, printed in its title."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     n = len(panels)
     shared = scale == "shared"
-    grid = _grid(n, ncols, panel, extra_w=0.8 if shared else 0.0, title=bool(title)) if axes is None \
-        else np.asarray(axes).ravel()
+    grid = _grid(n, ncols, panel, title=bool(title)) if axes is None else np.asarray(axes).ravel()
+    if shared and axes is None:  # room under the grid for the colour bar and its two-line label
+        fig = grid[0].figure
+        fig.set_figheight(fig.get_figheight() + 0.9)
     if len(grid) < n:
         raise ValueError(f"need {n} axes for {n} panels, got {len(grid)}")
-    everything = np.stack([m for _, m in panels]) if shared and n else None
+    common = map_scale(np.stack([m for _, m in panels]), kind, what) if shared and n else None
     prefix = prefix_token_count(panels[0][1].shape[-1]) if prefix_tokens is None and n else (prefix_tokens or 0)
     im = None
     for i, ax in enumerate(grid):
@@ -96,33 +104,49 @@ def _map_panels(panels: Sequence[tuple[str, np.ndarray]], ncols: int, panel: flo
             ax.set_visible(False)
             continue
         name, m = panels[i]
-        im = _draw_map(ax, m, name, panel_limits(m, scale, everything), prefix, show_range=not shared)
-    if shared and im is not None:
-        lo, hi = im.get_clim()
-        grid[0].figure.colorbar(im, ax=list(grid[:n]), shrink=0.8, label=f"{label} ({lo:.3g} … {hi:.3g})")
+        if common is not None:
+            im = _draw_map(ax, m, name, {"norm": common.norm, "cmap": common.cmap}, prefix, True)
+        else:
+            lo, hi, signed = panel_limits(m, scale)
+            _draw_map(ax, m, f"{name}: {_range_text(lo, hi, signed)}",
+                      {"vmin": lo, "vmax": hi, "cmap": "RdBu_r" if signed else "viridis"}, prefix, signed)
+    if common is not None and im is not None:
+        _colorbar(grid[0].figure, im, list(grid[:n]), common)
     if title and axes is None:
         grid[0].figure.suptitle(title)
     return grid[:n]
 
 
+def _colorbar(fig: object, im: object, axes: list[Axes], scale: object) -> None:
+    """One horizontal colour bar under ``axes``, its label (the scale, wrapped to the figure's width) below it."""
+    import textwrap
+
+    bar = fig.colorbar(im, ax=axes, location="bottom", shrink=0.7, aspect=40, pad=0.02, extend=scale.extend)
+    if scale.ticks is not None:
+        bar.set_ticks(scale.ticks, labels=scale.tick_labels)
+    width = max(40, int(fig.get_figwidth() * 0.7 * 72 / 4.4))  # characters of 8 pt text across the bar
+    bar.set_label(textwrap.fill(scale.label, width), fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
 @styled
 def plot_attention_maps(maps: MeanMaps, title: str | None = None, ncols: int = 8, panel: float = 1.45,
-                        scale: str = "percentile", prefix_tokens: int | None = None,
+                        scale: str = "shared", prefix_tokens: int | None = None,
                         axes: Sequence[Axes] | None = None) -> np.ndarray:
     """One panel per block: the head- and batch-averaged map [N, N] (rows = queries, columns = keys).
 
-    ``scale``: "percentile" (default; each panel its own 1st-99th percentile, range in the title), "panel" (each its
-    own min..max) or "shared" (one min..max over all blocks, with a colour bar: near-identical maps look identical).
-    ``prefix_tokens``: class-token rows/columns to mark (None: guessed from N). Extra axes of a given grid are
-    hidden. Returns the axes used, one per block.
+    ``scale``: "shared" (default: one scale for all blocks from ``plots.kinds.map_scale`` for ``maps.kind``, with
+    one colour bar that states it), "percentile" (each panel its own 1st-99th percentile, range in the title) or
+    "panel" (each its own min..max). ``prefix_tokens``: class-token rows/columns to mark (None: guessed from N).
+    Extra axes of a given grid are hidden. Returns the axes used, one per block.
     """
     panels = [(f"block {b + 1}", maps.maps[i]) for i, b in enumerate(maps.blocks)]
-    return _map_panels(panels, ncols, panel, scale, prefix_tokens, title, "mean attention", axes)
+    return _map_panels(panels, ncols, panel, scale, prefix_tokens, title, maps.kind, "all blocks", axes)
 
 
 @styled
 def plot_head_maps(maps: MeanMaps, heads: Sequence[int] | None = None, title: str | None = None,
-                   ncols: int | None = None, panel: float = 1.45, scale: str = "percentile",
+                   ncols: int | None = None, panel: float = 1.45, scale: str = "shared",
                    prefix_tokens: int | None = None, axes: Sequence[Axes] | None = None) -> np.ndarray:
     """Single-head maps of the first image (``maps.first_image`` [L, H, N, N]): for each block (in order), one panel
     per head in ``heads`` (default: all). With several heads each row holds the heads of one block; with one head
@@ -136,7 +160,8 @@ def plot_head_maps(maps: MeanMaps, heads: Sequence[int] | None = None, title: st
     panels = [(f"block {b + 1}" + (f" h{x}" if len(heads) > 1 else ""), maps.first_image[i, x])
               for i, b in enumerate(maps.blocks) for x in heads]
     cols = ncols or (len(heads) if len(heads) > 1 else 8)
-    return _map_panels(panels, cols, panel, scale, prefix_tokens, title, "attention", axes)
+    what = "all blocks and heads" if len(heads) > 1 else "all blocks"
+    return _map_panels(panels, cols, panel, scale, prefix_tokens, title, maps.kind, what, axes)
 
 
 def _theta_ticks(ax: Axes, h: int, xlabels: bool, ylabels: bool) -> None:
@@ -195,6 +220,7 @@ def plot_theta_change(final: ThetaWeights, init: ThetaWeights, title: str | None
     top = fig.add_subplot(gs[0, :cols])
     top.plot(np.asarray(final.blocks) + 1, rel, marker="o", ms=3, color="C3")
     top.set(xlabel="block", ylabel="‖Θ − Θ₀‖ / ‖Θ₀‖", ylim=(0, max(0.05, float(np.nanmax(rel)) * 1.15)))
+    block_axis(top, max(final.blocks) + 1, first=min(final.blocks) + 1)
     top.set_title("Relative change of Θ from its initialisation", fontsize=9)
     both = np.concatenate([final.weight, init.weight])
     vmax = float(np.nanmax(np.abs(both))) or 1.0
@@ -215,7 +241,7 @@ def plot_theta_change(final: ThetaWeights, init: ThetaWeights, title: str | None
                 im_delta = im
             _theta_ticks(ax, h, False, False)
             if r == 0:
-                ax.set_title(f"block {final.blocks[i] + 1}: Δ {100 * rel[i]:.2g}%", fontsize=7, pad=2)
+                ax.set_title(f"block {final.blocks[i] + 1}: Δ {100 * rel[i]:.2g}%", fontsize=6.5, pad=2)
             if c == 0:
                 ax.set_ylabel(rows[r], fontsize=7)
             out.append(ax)

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from ..probing.blocks import BlockView, Criterion
 from ..probing.result import ProbeResult
 from .data import pick_kind
-from .style import axes_or_new, new_figure, styled
+from .style import axes_or_new, block_axis, legend_below, new_figure, styled
 
 PANELS = (("sim_prev", "paper's cosine (Eq. 3) with previous; dotted: its floor"),
           ("pearson_prev", "centred similarity (Pearson) with previous"),
@@ -59,12 +59,13 @@ def plot_block_measure(result: ProbeResult, key: str, kind: str = "auto", title:
     x, y, extra = _series(result, kind, key)
     ax.plot(x, y, marker="o", ms=2.5, label="trained")
     if "low" in extra and np.isfinite(extra["low"]).any():
-        ax.fill_between(x, extra["low"], extra["high"], alpha=0.25, lw=0)
+        ax.fill_between(x, extra["low"], extra["high"], alpha=0.25, lw=0, label="trained: 95 % interval over images")
     if "floor" in extra and np.isfinite(extra["floor"]).any():
         ax.plot(x, extra["floor"], ls=":", lw=1, label="uncorrelated floor")
     if "twin" in extra:
         ax.plot(x, extra["twin"], ls="--", color="0.55", lw=1, label="untrained twin")
-    ax.set_xlabel("block (1-based)")
+    ax.set_xlabel("block")
+    block_axis(ax, int(np.nanmax(x)) if len(x) else 1)
     ax.ticklabel_format(axis="y", useOffset=False)  # near-1 entropies read as such, not as an offset
     ax.set_title(title or key, fontsize=8)
     return ax
@@ -77,6 +78,6 @@ def plot_measures_figure(result: ProbeResult, kind: str = "auto", title: str | N
     axes = fig.subplots(2, 3, squeeze=False).ravel()
     for ax, (key, label) in zip(axes, PANELS):
         plot_block_measure(result, key, kind, title=label, ax=ax)
-    axes[0].legend(fontsize=6, loc="best")
+    legend_below(fig, axes, ncol=4)  # under the panels, off the data
     fig.suptitle(title or f"per-block measures ({pick_kind(result, kind)} maps)", fontsize=9)
     return axes

@@ -76,7 +76,8 @@ def family_color(family: str, position: float = 1.0) -> Any:
 
 
 def threshold_line(ax: Axes, threshold: float, label: str | None = None) -> None:
-    ax.axhline(threshold, color="0.35", ls="--", lw=0.9, label=label or f"threshold {threshold:g}", zorder=1)
+    ax.axhline(threshold, color="0.35", ls="--", lw=0.9, label=label or f"threshold {threshold:g}", zorder=1,
+               gid="threshold")
 
 
 def unit_ylim(ax: Axes) -> None:
@@ -91,6 +92,15 @@ def unit_ylim(ax: Axes) -> None:
 MIXED_NOTE = "mixed: after Θ + BatchNorm, centred — not the same scale as softmax maps"
 BASELINE_LABEL = "untrained twin"
 BASELINE_STYLE: dict[str, Any] = {"color": "0.55", "ls": "--", "lw": 1.2, "marker": None}
+TWIN_MARKERS = ("o", "^", "s", "D", "v")
+
+
+def twin_style(i: int, many: bool) -> dict[str, Any]:
+    """``BASELINE_STYLE`` for the ``i``-th untrained twin on an axis; with ``many`` twins each gets its own hollow
+    marker, so that grey dashed lines of different models stay apart."""
+    if not many:
+        return dict(BASELINE_STYLE)
+    return {**BASELINE_STYLE, "marker": TWIN_MARKERS[i % len(TWIN_MARKERS)], "ms": 3.5, "mfc": "none"}
 
 
 def kind_name(result: Any, kind: str) -> str:
@@ -110,11 +120,72 @@ def note(ax: Axes, text: str, width: int | None = None) -> None:
                 textcoords="offset points", ha="center", va="top", fontsize=6.5, color="0.3", annotation_clip=False)
 
 
-def block_axis(ax: Axes) -> None:
-    """Integer ticks on a block-number x axis (no "block 2.5")."""
-    from matplotlib.ticker import MaxNLocator
+BLOCK_STEPS = (1, 2, 4, 5, 8, 10, 16, 20, 25, 50, 100, 200, 500)
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+def block_numbers(last: int, most: int = 9) -> list[int]:
+    """Tick positions for blocks 1..``last`` (1-based): every block up to ``most`` blocks, else block 1 and the
+    multiples of the smallest step in ``BLOCK_STEPS`` that keeps at most about ``most`` labels (1, 4, 8, ..., 32)."""
+    last = max(1, int(last))
+    step = next((s for s in BLOCK_STEPS if last / s <= most), BLOCK_STEPS[-1])
+    return [1] + [t for t in range(step, last + 1, step) if t - 1 >= step / 2]
+
+
+def block_axis(ax: Axes, last: int | None = None, axis: str = "x", first: int = 1) -> None:
+    """1-based block ticks (``block_numbers``) on a block-number axis that spans blocks ``first``..``last`` (default
+    last: the largest x of the drawn lines), with half a block of margin: no "block 0", no "block 2.5"."""
+    if last is None:
+        xs = [np.asarray(line.get_xdata(), dtype=float) for line in ax.lines if len(line.get_xdata())]
+        last = int(max((np.nanmax(x) for x in xs if np.isfinite(x).any()), default=1))
+    ticks = [t for t in block_numbers(last) if t >= first] or [first]
+    if axis == "x":
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlim(first - 0.5, last + 0.5)
+    else:
+        ax.set_yticks(ticks, [str(t) for t in ticks])
+
+
+def matrix_block_ticks(ax: Axes, blocks: Sequence[int]) -> None:
+    """Both axes of an L x L block matrix drawn with ``extent=(0.5, L + 0.5, L + 0.5, 0.5)``: ticks at the positions
+    ``block_numbers(L)``, labelled with those positions' 1-based block numbers (``blocks`` are 0-based indices)."""
+    pos = block_numbers(len(blocks))
+    labels = [str(blocks[p - 1] + 1) for p in pos]
+    ax.set_xticks(pos, labels)
+    ax.set_yticks(pos, labels)
+
+
+def legend_right(ax: Axes, **kwargs: Any) -> Any:
+    """The axes' legend outside the data area, to the right of the axes (constrained layout makes room for it);
+    None when nothing is labelled."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    return ax.legend(handles, [_wrap(t) for t in labels], loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                     borderaxespad=0.0, **kwargs)
+
+
+def legend_below(fig: Figure, axes: Iterable[Axes], ncol: int = 3, **kwargs: Any) -> Any:
+    """One figure legend under all panels (``loc="outside lower center"``: constrained layout keeps it off the
+    axes) with the labelled artists of ``axes``, each label once, in place of their own legends; None when nothing
+    is labelled."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    if not seen:
+        return None
+    return fig.legend(list(seen.values()), [_wrap(t) for t in seen], loc="outside lower center",
+                      ncol=min(ncol, len(seen)), **kwargs)
+
+
+def _wrap(label: str, width: int = 48) -> str:
+    """A legend label broken at spaces into lines of about ``width`` characters (a long model name would otherwise
+    push the legend, and with it the axes, out of the figure)."""
+    import textwrap
+
+    return textwrap.fill(label, width, break_long_words=False, break_on_hyphens=False)
 
 
 def data_ylim(ax: Axes, pad: float = 0.08) -> None:

@@ -57,10 +57,12 @@ def _figures(result: ProbeResult, threshold: float, k: int, reduction: str) -> d
     from ..plots.report import figure_png, plot_block_curves, plot_rank
     from ..plots.similarity import plot_cross_head, plot_similarity_heatmap
 
+    label = result.model.architecture or "model"
     axes = {"similarity_heatmap": plot_similarity_heatmap(result, "auto", reduction),
-            "block_curves": plot_block_curves(result, threshold, k, reduction),
+            "block_curves": plot_block_curves(result, threshold, k, reduction)[0],  # one panel per map kind
             "rank": plot_rank(result, "auto"),
-            "cross_head": plot_cross_head({result.model.architecture or "model": result}, reference=None)}
+            "cross_head": plot_cross_head({label: result}, reference=None,
+                                          baselines={label: result.baseline} if result.baseline is not None else None)}
     return {name: figure_png(ax.figure) for name, ax in axes.items()}
 
 
@@ -348,7 +350,7 @@ def compare(
         markdown = table if fmt == "markdown" else render_compare(results, "markdown", threshold, neighbors,
                                                                    reduction, verdicts)
         head, rows = _summary_cells(compare_rows(results, threshold, neighbors, reduction, verdicts))
-        png = figure_png(plot_relative_depth(results, "auto", neighbors, reduction, threshold).figure)
+        png = figure_png(plot_relative_depth(results, "auto", neighbors, reduction, threshold)[0].figure)
         uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
         md = f"# Attention-collapse comparison\n\n{markdown}\n![curves]({uri})\n"
         page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>comparison</title><style>{_CSS}</style>"

@@ -19,10 +19,12 @@ from ..plots import features as pfeat
 from ..plots import maps as pmaps
 from ..plots import similarity as psim
 from ..plots.data import pick_kind
-from ..plots.style import family_color, new_figure, save_figure, styled, write_csv
+from ..plots.kinds import PANEL_TITLES
+from ..plots.kinds import present as kinds_of
+from ..plots.style import family_color, kind_name, new_figure, save_figure, styled, write_csv
 from ..probing.blocks import Criterion
 from ..probing.result import ProbeResult
-from ..probing.verdict import judge, spans
+from ..probing.verdict import judge, spans, sweep
 from .figure_inputs import ModelRun
 
 MAX_HEAD_PANELS = 64  # beyond this (blocks x heads) the single-image figure shows head 0 only; the CSV has all
@@ -98,25 +100,31 @@ def _entry_cuts(runs: Sequence[ModelRun]) -> str:
 
 @styled
 def fig3b(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str], threshold: float) -> None:
-    """Fig. 3(b) for both reductions (rows), count and ratio (columns), the paper's counts on panels of their own."""
+    """Fig. 3(b): similar blocks / depth against depth, one row per map kind (``plots.kinds``: softmax maps of ViT and
+    of DeepViT before Θ; maps after Θ + BatchNorm), one column per reduction, the paper's ratios on a panel of their
+    own. The CSV has counts and ratios of both kinds."""
     fams: dict[str, list[ModelRun]] = {}
     for r in sorted(runs, key=family_order):
         fams.setdefault(r.family, []).append(r)
     families = {f: [r.result for r in rs] for f, rs in fams.items()}
     twins = {f: [r.baseline for r in rs if r.baseline is not None] for f, rs in fams.items()}
     twins = {f: t for f, t in twins.items() if t}
-    fig = new_figure((14.0, 6.6))
-    grid = fig.subplots(2, 3)
+    kinds = kinds_of([r.result for r in runs])
+    fig = new_figure((14.0, 3.1 * len(kinds) + 1.0))
+    gs = fig.add_gridspec(len(kinds), 3, width_ratios=[1.0, 1.0, 0.8])
     cut = _entry_cuts(runs)
-    for row, reduction in enumerate(("mean", "ratio")):
-        for col, what in enumerate(("count", "ratio")):
-            pdepth.plot_similar_blocks(families, what, threshold, reduction=reduction, baselines=twins, premix=True,
-                                       ax=grid[row, col])
-        pdepth.plot_paper_similar_blocks("count" if row == 0 else "ratio", ax=grid[row, 2])
-    fig.suptitle(f"Similar blocks vs depth (similarity with the previous block > {threshold:g}), for two readings "
-                 "of the paper, whose own reduction is unpublished:\n"
-                 f"mean = mean column cosine > {threshold:g} (top row); ratio = fraction of column cosines above "
-                 f"{cut} (the per-entry cut) > {threshold:g} (bottom row)", fontsize=9)
+    for row, kind in enumerate(kinds):
+        for col, reduction in enumerate(("mean", "ratio")):
+            ax = pdepth.plot_similar_blocks(families, "ratio", threshold, reduction=reduction, kind=kind,
+                                            baselines=twins, ax=fig.add_subplot(gs[row, col]))
+            ax.set_title(f"{PANEL_TITLES.get(kind, kind)}\nreduction: {reduction}", fontsize=9)
+            if col == 0 and ax.get_legend() is not None:  # the row's legend once, right of its last panel
+                ax.get_legend().remove()
+    pdepth.plot_paper_similar_blocks("ratio", ax=fig.add_subplot(gs[:, 2]))
+    fig.suptitle(f"Ratio of similar blocks vs depth (similarity with the previous block > {threshold:g}), one row per "
+                 "map kind, for two readings of the paper, whose own reduction is unpublished:\n"
+                 f"mean = mean column cosine > {threshold:g}; ratio = fraction of column cosines above {cut} (the "
+                 f"per-entry cut) > {threshold:g}. Counts: the CSV", fontsize=9)
     rows: list[tuple] = []
     for f, rs in fams.items():
         for r in rs:
@@ -139,15 +147,18 @@ def fig3b(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str], threshold: 
 
 
 def fig3c(runs: Sequence[ModelRun], all_runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str]) -> None:
-    ax = psim.plot_cross_head({r.label: r.result for r in runs}, colors={r.label: _color(r, all_runs) for r in runs},
-                              baselines={r.label: r.baseline for r in runs if r.baseline is not None})
+    """Fig. 3(c): cross-head similarity, one panel per map kind (the paper's 0.3 on the softmax panel only)."""
+    axes = psim.plot_cross_head_by_kind({r.label: r.result for r in runs},
+                                        colors={r.label: _color(r, all_runs) for r in runs},
+                                        baselines={r.label: r.baseline for r in runs if r.baseline is not None})
     rows = []
     for name, res, trained in _with_twins(runs):
-        kind = trained.applied_kind if trained.applied_kind in res.attention else res.applied_kind
-        st = res.attention[kind]
-        rows += [(name, kind, n, v) for n, v in zip(_nb(st.blocks), st.cross_head)]
-    write_csv(stem.with_suffix(".csv"), ["model", "kind", "block_number", "cross_head_similarity"], rows)
-    save_figure(ax.figure, stem, fmts)
+        for kind in _kinds(res):
+            st = res.attention[kind]
+            rows += [(name, kind, int(kind == trained.applied_kind), n, v) for n, v in zip(_nb(st.blocks),
+                                                                                           st.cross_head)]
+    write_csv(stem.with_suffix(".csv"), ["model", "kind", "applied", "block_number", "cross_head_similarity"], rows)
+    save_figure(axes[0].figure, stem, fmts)
 
 
 def fig4(run: ModelRun, stem: Path, fmts: Sequence[str]) -> None:
@@ -174,7 +185,8 @@ def fig4(run: ModelRun, stem: Path, fmts: Sequence[str]) -> None:
 
 def maps(run: ModelRun, kind: str, stem: Path, fmts: Sequence[str]) -> None:
     """Fig. 8 map grids: softmax maps averaged over heads and images; centred "mixed" maps (which average out) as
-    single heads of the first image. Every panel on its own percentile scale, class token marked."""
+    single heads of the first image. One colour scale for all panels with a colour bar that states it
+    (``plots.kinds.map_scale``), class token marked."""
     m = run.maps[kind]
     prefix = run.result.model.num_prefix_tokens
     single = kind == "mixed" and m.first_image is not None
@@ -184,12 +196,12 @@ def maps(run: ModelRun, kind: str, stem: Path, fmts: Sequence[str]) -> None:
         which = f"all {H} heads" if len(heads) > 1 else f"head 0 of {H} (all heads in the CSV)"
         axes = pmaps.plot_head_maps(m, heads, prefix_tokens=prefix, title=(
             f"{run.label}: Re-attention maps after Θ + BatchNorm (centred, signed) of one image (the first of "
-            f"{m.count}), {which}\neach panel on its own ±99th-percentile scale (printed); cls = class token"))
+            f"{m.count}), {which}\none colour scale for all panels (colour bar); cls = class token"))
     else:
         what = "self-attention (post-softmax)" if kind == "probs" else "Re-attention (after Θ and norm)"
         axes = pmaps.plot_attention_maps(m, prefix_tokens=prefix, title=(
-            f"{run.label}: {what}, mean over heads and {m.count} images\neach panel on its own 1st–99th "
-            "percentile scale (printed); cls = class token"))
+            f"{run.label}: {what}, mean over heads and {m.count} images\none colour scale for all blocks (colour "
+            "bar); cls = class token"))
 
     def rows() -> Iterator[tuple]:
         n = m.maps.shape[2]
@@ -301,17 +313,26 @@ def summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
 @styled
 def threshold_sweep(runs: Sequence[ModelRun], all_runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str],
                     threshold: float) -> None:
-    """Similar blocks against the block threshold (0.80-0.98), both reductions, each model beside its twin: how much
-    the headline count depends on a free choice."""
-    sweeps = {r.label: judge(r.result, Criterion.of(r.result, threshold=threshold))["sweep"] for r in runs}
-    fig = new_figure((9.5, 3.4))
-    colors = {r.label: _color(r, all_runs) for r in runs}
-    for ax, red in zip(fig.subplots(1, 2), ("mean", "ratio")):
-        pdepth.plot_threshold_sweep(sweeps, red, colors=colors, ax=ax)
-        ax.set_title(f"{red} reduction (a reading of the paper's)")
-    rows = [(label, r["threshold"], red, r[f"count_{red}"], "" if r[f"twin_count_{red}"] is None else
-             r[f"twin_count_{red}"]) for label, rs in sweeps.items() for r in rs for red in ("mean", "ratio")]
-    write_csv(stem.with_suffix(".csv"), ["model", "block_threshold", "reduction", "similar_blocks",
+    """Similar blocks against the block threshold (0.80-0.98), one row per map kind (``plots.kinds``), one column per
+    reduction, each model beside its twin: how much the headline count depends on a free choice."""
+    kinds = kinds_of([r.result for r in runs])
+    sweeps = {k: {r.label: sweep(r.result, Criterion.of(r.result, threshold=threshold), k) for r in runs
+                  if k in r.result.attention} for k in kinds}
+    fig = new_figure((11.0, 3.0 * len(kinds) + 0.5))
+    grid = fig.subplots(len(kinds), 2, squeeze=False)
+    for row, kind in enumerate(kinds):
+        named = {f"{r.label} ({kind_name(r.result, kind)})": r for r in runs if r.label in sweeps[kind]}
+        colors = {name: _color(r, all_runs) for name, r in named.items()}
+        curves = {name: sweeps[kind][r.label] for name, r in named.items()}
+        for col, red in enumerate(("mean", "ratio")):
+            ax = pdepth.plot_threshold_sweep(curves, red, colors=colors, kind=kind, ax=grid[row, col])
+            ax.set_title(f"{PANEL_TITLES.get(kind, kind)}\n{red} reduction (a reading of the paper's)", fontsize=9)
+            if col == 0 and ax.get_legend() is not None:  # the row's legend once, right of its last panel
+                ax.get_legend().remove()
+    rows = [(label, kind, r["threshold"], red, r[f"count_{red}"], "" if r[f"twin_count_{red}"] is None else
+             r[f"twin_count_{red}"]) for kind in kinds for label, rs in sweeps[kind].items() for r in rs
+            for red in ("mean", "ratio")]
+    write_csv(stem.with_suffix(".csv"), ["model", "kind", "block_threshold", "reduction", "similar_blocks",
                                          "twin_similar_blocks"], rows)
     save_figure(fig, stem, fmts)
 

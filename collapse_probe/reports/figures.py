@@ -9,8 +9,11 @@
 Each checkpoint is probed once (one forward pass per batch feeds both the collapse metrics and the mean attention
 maps). Models are grouped into families by architecture name (``vit_*`` / ``deepvit_*``) with depth from the
 metadata; accuracy for Fig. 1 comes from the safetensors metadata ``collapse_probe.eval.top1`` when the trainer wrote
-it. Figures that the checkpoints do not allow are skipped with a note. All files are rendered into a temporary folder
-next to ``output`` and moved into place at the end, so an interrupted run leaves the previous files untouched.
+it. Figures that the checkpoints do not allow are skipped with a note (Fig. 1 and 3(b), "vs depth", need two depths
+or more). Every figure follows ``plots.kinds``: softmax maps and maps after Re-attention on separate panels, the
+threshold on softmax panels only, one colour scale with a colour bar per map grid. All files are rendered into a
+temporary folder next to ``output`` and moved into place at the end, so an interrupted run leaves the previous files
+untouched.
 
 CSV columns: ``model`` is the checkpoint's file stem; ``block_number`` counts blocks from 1, as the figures' x axes
 and the paper do (``collapse-probe similarity`` reports 0-based block indices).
@@ -106,6 +109,12 @@ class FigureReport:
 Job = tuple[str, Callable[[Path, tuple[str, ...]], None]]  # (name, render(folder, formats))
 
 
+def _one_depth(runs: Sequence[ModelRun]) -> bool:
+    """True when ``runs`` span fewer than two depths: a "vs depth" figure of them would be a single column of points
+    (so it is skipped with a note)."""
+    return len({r.depth for r in runs}) < 2
+
+
 def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bool = False
                  ) -> tuple[list[Job], list[str]]:
     """(name, render(folder)) for every figure ``runs`` allow, and notes on the ones they do not."""
@@ -119,11 +128,18 @@ def plan_figures(runs: Sequence[ModelRun], threshold: float = 0.9, per_model: bo
 
     jobs.append(("summary", lambda d, f: fj.summary(runs, d / "summary.csv", threshold)))
     with_acc = [r for r in runs if r.top1 is not None]
-    if with_acc:
-        jobs.append(("fig1", lambda d, f: fj.fig1(with_acc, d / "fig1_accuracy_vs_depth", f)))
-    else:
+    if not with_acc:
         notes.append("Fig. 1 skipped: no checkpoint has eval top-1 accuracy in its metadata (collapse_probe.eval.top1)")
-    jobs.append(("fig3b", lambda d, f: fj.fig3b(runs, d / "fig3b_similar_blocks_vs_depth", f, threshold)))
+    elif _one_depth(with_acc):
+        notes.append(f"Fig. 1 skipped: accuracy vs depth needs checkpoints of two depths or more with eval top-1 "
+                     f"accuracy; they are all of depth {with_acc[0].depth}")
+    else:
+        jobs.append(("fig1", lambda d, f: fj.fig1(with_acc, d / "fig1_accuracy_vs_depth", f)))
+    if _one_depth(runs):
+        notes.append(f"Fig. 3(b) skipped: similar blocks vs depth needs checkpoints of two depths or more; they are "
+                     f"all of depth {runs[0].depth}" if runs else "Fig. 3(b) skipped: no checkpoints")
+    else:
+        jobs.append(("fig3b", lambda d, f: fj.fig3b(runs, d / "fig3b_similar_blocks_vs_depth", f, threshold)))
     jobs.append(("fig3c", lambda d, f: fj.fig3c(featured, runs, d / "fig3c_cross_head_similarity", f)))
     jobs.append(("sweep", lambda d, f: fj.threshold_sweep(featured, runs, d / "threshold_sweep", f, threshold)))
     for r in featured:
