@@ -208,8 +208,8 @@ def test_fig1_groups_seeds_with_pooled_wilson_bars(tmp_path, drawn):
     assert (v4["seeds"], v4["models"], v4["seed_values"]) == ("2", "v4_s0 v4_s1", "0 1")
     assert float(v4["top1"]) == 85.0 and (v4["correct"], v4["images"]) == ("170", "200")
     lo, hi = wilson_interval(170, 200)
-    assert (float(v4["ci95_low"]), float(v4["ci95_high"])) == pytest.approx((100 * lo, 100 * hi))
-    assert rows[("deepvit", "4")]["seeds"] == "1" and rows[("deepvit", "8")]["ci95_low"] == ""
+    assert (float(v4["top1_ci_low"]), float(v4["top1_ci_high"])) == pytest.approx((100 * lo, 100 * hi))
+    assert rows[("deepvit", "4")]["seeds"] == "1" and rows[("deepvit", "8")]["top1_ci_low"] == ""
     assert rows[("deepvit", "8")]["images_source"] == "not recorded"
     ax = drawn["fig1"].axes[0]
     bars = [c for c in ax.collections if isinstance(c, LineCollection)]
