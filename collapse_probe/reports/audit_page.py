@@ -22,9 +22,8 @@ from ..probing.blocks import Criterion, block_rows
 from ..probing.result import ProbeResult
 from .text import _missing, twin_text
 
-# (row key, heading): what the verdict decides from; the rest of block_rows goes to per_block.csv
-DECISION_COLUMNS = (("block", "block"), ("sim_prev", "similarity with previous"), ("twin_sim_prev", "twin"),
-                    ("similar", "similar"), ("beyond_twin", "beyond twin"), ("regime", "regime"))
+# what the verdict decides from, under the names of every CSV; the rest of block_rows goes to per_block.csv
+DECISION_COLUMNS = ("block", "sim_prev", "twin_sim_prev", "similar", "beyond_twin", "regime")
 CAPTIONS = {"block_measures": "The evidence per block: the paper's cosine beside its floor, centred and row "
                               "similarity, entropy, rank-1 residual and token uniformity (grey dashed: untrained twin)",
             "block_curves": "Similarity with the previous block and cross-head similarity, both map kinds",
@@ -53,9 +52,10 @@ def fmt(v: Any, spec: str = ".3f") -> str:
 def decision_rows(result: ProbeResult, crit: Criterion, kind: str) -> tuple[list[str], list[list[str]]]:
     """(headings, cells) of the decision columns for the judged ``kind``; twin columns only when it was measured."""
     rows = [r for r in block_rows(result, crit) if r["kind"] == kind]
-    cols = [(k, h) for k, h in DECISION_COLUMNS if k in ("block", "similar") or any(
-        k in r and not _missing(r[k]) for r in rows)]
-    return [h for _, h in cols], [[fmt(r.get(k)) for k, _ in cols] for r in rows]
+    cols = [k for k in DECISION_COLUMNS if k in ("block", "similar") or any(k in r and not _missing(r[k])
+                                                                          for r in rows)]
+    yes_no = {True: "yes", False: "no"}  # a decision reads as one, where "" would look like a missing value
+    return cols, [[yes_no[r[k]] if isinstance(r.get(k), bool) else fmt(r.get(k)) for k in cols] for r in rows]
 
 
 def model_rows(result: ProbeResult) -> list[tuple[str, str]]:
@@ -74,10 +74,11 @@ def model_rows(result: ProbeResult) -> list[tuple[str, str]]:
 
 
 def table_note(vd: dict[str, Any]) -> str:
-    beyond = (f"beyond twin: also above the twin's centred similarity by {vd['criterion']['twin_margin']} (paired 95% "
-              "bound above 0)" if vd["baseline"] else "beyond twin: not judged (no twin measured)")
-    return (f"Kind {vd['kind']}: {vd['kind_text']}. Block numbers start at 1. similarity with previous: "
-            f"{vd['metric']}; similar: {vd['reduction_text']}; {beyond}. {vd['paper_reduction']}. Every other "
+    beyond = (f"beyond_twin: also above the twin's centred similarity by {vd['criterion']['twin_margin']} (paired 95% "
+              "bound above 0)" if vd["baseline"] else "beyond_twin: not judged (no twin measured)")
+    return (f"Kind {vd['kind']}: {vd['kind_text']}. Block numbers start at 1. sim_prev: similarity with the previous "
+            f"block by the paper's metric, {vd['metric']}; twin_sim_prev: the untrained twin's; similar: "
+            f"{vd['reduction_text']}; {beyond}. {vd['paper_reduction']}. Every other "
             "column (intervals, centred and row similarity, entropy, ranks, both map kinds): per_block.csv; every "
             "number: metrics.json; definitions: the README's metric section.")
 
@@ -93,11 +94,12 @@ def md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def html_table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+def html_table(head: list[str] | None, rows: list[list[str]], cls: str = "") -> str:
+    """A table; ``head`` None: rows only (a key-value list)."""
+    th = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" if head else ""
     body = "".join("<tr>" + "".join(f"<td{' class=yes' if c == 'yes' else ''}>{html.escape(c)}</td>" for c in r)
                    + "</tr>" for r in rows)
-    return f"<table{f' class={cls}' if cls else ''}><tr>{th}</tr>{body}</table>"
+    return f"<table{f' class={cls}' if cls else ''}>{th}{body}</table>"
 
 
 def _uri(png: bytes) -> str:
@@ -141,6 +143,6 @@ def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, byte
             f"<p class=note>{e(table_note(vd))}</p><h2>Figures</h2>{figs}<h2>Threshold sweep</h2>"
             f"<p class=note>Similar blocks of kind {e(vd['kind'])} for each block threshold (per-entry cut "
             f"{vd['criterion']['entry_threshold']} for ratio).</p>{html_table(sh, sr)}<h2>Model, images, twin</h2>"
-            f"{html_table(['', ''], [[a, b] for a, b in model_rows(result)], 'kv')}<p class=note>Settings: "
+            f"{html_table(None, [[a, b] for a, b in model_rows(result)], 'kv')}<p class=note>Settings: "
             f"threshold {crit.threshold}, neighbours {crit.neighbors}, reduction {crit.reduction}.</p>"
             "</body></html>\n")

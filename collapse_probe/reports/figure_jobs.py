@@ -281,7 +281,8 @@ def summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
             other = vd.get("other_kind") or {}
             iv, base, beyond = vd["count_interval"] or ["", ""], vd["baseline"], vd["collapsed_beyond_twin"]
             feats = res.features is not None
-            rows.append((name, vd["verdict"] if res is r.result else "", r.architecture, r.family, r.depth, kind, res.images.count,
+            rows.append((name, vd["verdict"] if res is r.result else "", r.architecture, r.family, r.depth, kind,
+                         res.images.count,
                          r.top1 if res is r.result else None, vd["criterion"]["reduction"], vd["count"], iv[0], iv[1],
                          vd["ratio"], " ".join(map(str, vd["similar_blocks"])),
                          "" if vd["onset"] is None else vd["onset"], "" if base is None else base["count"],
