@@ -20,7 +20,7 @@ have it; without a twin nothing is recommended.
 
 Regimes (``BlockView.regimes``) are read from the measures of the map kind they describe, and every regime sentence
 names that kind. "Near-uniform" is a property of row-stochastic maps (entropy / log N), so only softmax maps are ever
-called uniform; for a Re-attention model, judged on the maps after Θ and BatchNorm, the softmax maps' uniformity is
+called uniform; for a Re-attention model, judged on the maps after Θ and its norm, the softmax maps' uniformity is
 reported in a sentence of its own about the softmax maps. A median that does not exist is left out, never printed as
 nan.
 """
@@ -45,7 +45,9 @@ REDUCTION_TEXT = {"mean": "mean column cosine with the previous {k} block(s) > {
                   "ratio": "fraction of column cosines above {e} with the previous {k} block(s) > {t}"}
 PAPER_REDUCTION = ("The paper does not publish how it reduces Eq. 3 over heads, tokens and images; 'mean' and 'ratio' "
                    "are two readings of it")
-KIND_TEXT = {"probs": "softmax maps", "mixed": "maps after Re-attention (Θ, BatchNorm), the maps that multiply V"}
+# the norm after Θ is BatchNorm in the paper's code and our models, a LayerNorm over heads in vit-pytorch: name neither
+KIND_TEXT = {"probs": "softmax maps", "mixed": "maps after Re-attention (head mixing Θ, then a norm), the maps that "
+             "multiply V"}
 KIND_SHORT = {"probs": "softmax maps", "mixed": "maps after Re-attention"}
 SWEEP = tuple(round(0.80 + 0.02 * i, 2) for i in range(10))  # 0.80 ... 0.98
 
@@ -238,7 +240,8 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
             o_mask = [r == "uniform" for r in other.regimes()]
             text.append(_uniform_sentence("Before Re-attention, in the softmax maps, ", o_uniform, other.values,
                                           o_mask, after=" The maps after Re-attention are judged on their own "
-                                          "measures (BatchNorm rescales them, so they have no entropy)."))
+                                          "measures (the norm after Θ rescales them: not row-stochastic, so no "
+                                          "entropy)."))
     if s["regimes"]["token-uniform"]:
         m = mask["token-uniform"]
         rows = _med("median", v["row_cosine_prev"], m)
@@ -271,7 +274,8 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
     if "other_kind" in s and s["kind"] == "mixed":
         o = s["other_kind"]
         text.append(f"Re-attention: {s['count']} blocks similar after head mixing ({s['kind_text']}), {o['count']} in "
-                    "the softmax maps before it; the two are not on one scale (BatchNorm centres the mixed maps).")
+                    "the softmax maps before it; the two are not on one scale (the norm after Θ centres the mixed "
+                    "maps).")
     text += list(notes)
     im = result.images
     text.append(f"Measured on {im.count} images ({im.source}).")

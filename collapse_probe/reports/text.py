@@ -9,7 +9,7 @@ map kinds. One naming scheme everywhere (text table, CSV, JSON ``per_block``, th
 section defines every column:
 
     checkpoint      the file as given (compare: its name), so rows of several results stay apart
-    kind            "probs" (softmax maps) or "mixed" (maps after Re-attention's Θ and BatchNorm)
+    kind            "probs" (softmax maps) or "mixed" (maps after Re-attention's Θ and its norm)
     block           1-based block number (block 1 = module blocks.0), as in the paper; index is the 0-based module
     sim_prev        the paper's metric: mean column cosine (uncentred, Eq. 3) with the previous k block(s)
     ratio_prev      fraction of those column cosines above the per-entry cut (--entry-threshold)
