@@ -212,9 +212,9 @@ class ProbeResult:
     """Everything one probe run measured, plus what it ran on (``model``, ``images``) and the settings used.
 
     ``baseline``: the untrained twin's result on the same images (``probe(..., baseline=True)``), or None.
-    ``findings``: problems seen per site, e.g. ``{"name": "blocks.5.attn.probs", "kind": "probs", "block": 5,
-    "problem": "non-finite values", "nonfinite_values": 2352, "images": 2, "action": ...}``; those images are left out
-    of that block's numbers rather than averaged in.
+    ``findings``: problems seen per site, e.g. ``{"name": "blocks.5.attn.probs", "kind": "probs", "block": 6,
+    "index": 5, "problem": "non-finite values", "nonfinite_values": 2352, "images": 2, "action": ...}``; those images
+    are left out of that block's numbers rather than averaged in.
     """
 
     attention: dict[str, AttentionStats]

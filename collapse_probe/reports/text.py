@@ -106,7 +106,7 @@ def _table(result: ProbeResult, crit: Criterion) -> str:
             + ": --format csv; what each means: the README's metric section", ""]
     foot = [""] + [line for t in summary["text"][1:] for line in textwrap.wrap(t, 120)]
     for f in result.findings:
-        foot.append(f"WARNING {f['name']} ({f['kind']}, block {f['block'] + 1}): {f['nonfinite_values']} "
+        foot.append(f"WARNING {f['name']} ({f['kind']}, block {f['block']}): {f['nonfinite_values']} "
                     f"{f['problem']} in {f['images']} image(s); {f['action']}")
     return "\n".join(head + [aligned(cols, body)] + foot)
 
