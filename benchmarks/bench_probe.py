@@ -121,7 +121,7 @@ def child(args) -> dict:
         elif args.mode in ("probe", "norank", "probe2x"):
             probe(model, batches, kinds=kinds, device=device, progress=False,
                   rank_images=0 if args.mode == "norank" else args.rank_images,
-                  storage=args.storage, max_memory=args.max_memory)
+                  storage=args.storage, max_memory=args.max_memory, baseline=False)
         else:
             with torch.inference_mode():
                 _naive(model, batches, tuple(k for k in kinds if k != "out"), args.rank_images, device)

@@ -54,7 +54,8 @@ def test_audit_every_family_writes_a_complete_report(tmp_path, index, name):
     out = tmp_path / "report"
     metrics = audit(path, out, threshold=0.5, **kw, **FAST)
     files = {p.name for p in out.iterdir()}
-    assert files == {"report.md", "report.html", "metrics.json", MANIFEST, *(f"{f}.png" for f in FIGURES)}
+    assert files == {"report.md", "report.html", "metrics.json", "per_block.csv", MANIFEST,
+                     *(f"{f}.png" for f in FIGURES)}
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["tool"]["version"] == __version__ and on_disk["config"]["threshold"] == 0.5
@@ -100,11 +101,19 @@ def test_verdict_numbers_blocks_from_one_and_says_what_it_lacks():
     assert "3 of 6 blocks similar by the paper's metric (column cosine, uncentred (Eq. 3)" in text
     assert "no untrained twin measured" in text and "Similar blocks (paper's criterion): 3, 5-6" in text
     assert "uniform attention 5;" in vd["headline"]  # what 1/N maps would give, beside the count even without a twin
-    # without a twin or centred similarity there is no evidence of redundancy, so nothing is recommended
-    assert "reuse" not in text and "removal" not in text
-    assert "In blocks 3-4 all heads" in text  # cross-head similarity above the threshold: modules 2 and 3
+    assert vd["text"][0] == vd["verdict"] and vd["verdict"].startswith("VERDICT: not judged, the untrained twin was "
+                                                                       "not measured")
+    assert "paper's metric 3/6" in vd["verdict"] and "uniform attention 5/6" in vd["verdict"]
+    # without a twin there is no evidence that training made anything redundant: nothing is recommended, not even
+    # head pruning for the blocks whose heads are alike (modules 2 and 3)
+    assert "reuse" not in text and "removal" not in text and "pruning" not in text
+    result.baseline = ProbeResult({"probs": _stats(np.eye(6), [0.1] * 6)}, images={"count": 3}, model={"depth": 6})
+    twin = verdict(result, threshold=0.9)
+    assert twin["verdict"].startswith("VERDICT: no collapse beyond initialisation (0 of 6 blocks)")
+    assert "untrained twin 0/6" in twin["verdict"]
+    assert "in blocks 3-4 all heads attend nearly alike" in " ".join(twin["text"])  # beyond the twin's 0.1 by >= 0.1
     none = verdict(ProbeResult({"probs": _stats(np.eye(3), [0.0] * 3)}, images={}, model={"depth": 3}), 0.9)
-    assert none["similar_blocks"] == [] and none["onset"] is None and "0 of 3 blocks" in none["text"][0]
+    assert none["similar_blocks"] == [] and none["onset"] is None and "0 of 3 blocks" in none["text"][1]
 
 
 def test_failed_audit_leaves_no_output_and_reports_replace_atomically(tmp_path):
@@ -141,7 +150,7 @@ def test_compare_side_by_side(tmp_path):
     assert lines[0].startswith("| checkpoint |") and "a.safetensors" in lines[2] and "b.pt" in lines[3]
     assert "relative-position table" in lines[3]
     assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.md", "compare.html", "curves.png",
-                                                              "metrics.json", MANIFEST}
+                                                              "metrics.json", "per_block.csv", MANIFEST}
     saved = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
     assert set(saved["checkpoints"]) == {"a.safetensors", "b.pt"}
     assert saved["checkpoints"]["b.pt"]["model"]["key"] == "state_dict_ema"

@@ -56,7 +56,8 @@ def test_deepvit_reports_probs_and_mixed_as_json(deepvit_ckpt):
     summary = data["summary"]  # the one versioned schema every command shares
     assert summary["schema"] == "collapse-probe/summary" and summary["schema_version"] >= 2
     assert summary["depth"] == 3 and summary["kind"] == "mixed" and summary["other_kind"]["kind"] == "probs"
-    assert "1-based" in summary["block_numbering"] and data["baseline"] is None  # similarity: twin only on request
+    assert "1-based" in summary["block_numbering"] and data["baseline"] is not None  # the twin, by default
+    assert summary["verdict"] == summary["text"][0] and summary["verdict"].startswith("VERDICT: ")
     assert data["settings"]["rank_images"] == 16  # the costly SVD rank is capped by default on the command line
 
 
@@ -121,8 +122,8 @@ def _similarity(ckpt, *args):
 
 def test_output_format_follows_the_extension(tmp_path, deepvit_ckpt):
     for name, check in (("out.json", lambda t: json.loads(t)["per_block"][0]["kind"] == "probs"),
-                        ("out.csv", lambda t: t.startswith("kind,block,index,sim_prev")),
-                        ("out.txt", lambda t: t.startswith("model ")), ("out", lambda t: t.startswith("model "))):
+                        ("out.csv", lambda t: t.startswith("checkpoint,kind,block,index,sim_prev")),
+                        ("out.txt", lambda t: t.startswith("VERDICT: ")), ("out", lambda t: t.startswith("VERDICT: "))):
         res = _similarity(deepvit_ckpt, "-o", str(tmp_path / name))
         assert res.exit_code == 0, res.output
         assert check((tmp_path / name).read_text()), name
@@ -130,7 +131,7 @@ def test_output_format_follows_the_extension(tmp_path, deepvit_ckpt):
     assert res.exit_code == 2 and "contradicts" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad.json").exists()
     res = _similarity(deepvit_ckpt)  # no --format, no -o: the table on stdout
-    assert res.exit_code == 0 and res.stdout.startswith("model ")
+    assert res.exit_code == 0 and res.stdout.startswith("VERDICT: ")
 
 
 def test_one_name_per_quantity_in_table_csv_json_and_audit(tmp_path, deepvit_ckpt):
@@ -141,9 +142,13 @@ def test_one_name_per_quantity_in_table_csv_json_and_audit(tmp_path, deepvit_ckp
                                     str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     report = (tmp_path / "rep" / "report.md").read_text()
-    for text in (table, csv_text, report, json.dumps(rows)):
-        assert "sim_prev" in text and "cross_head" in text and "effective_rank" in text
+    for text in (table, csv_text, report, json.dumps(rows)):  # the table and report show fewer columns, same names
+        assert "sim_prev" in text and "twin_sim_prev" in text
         assert "probs:cos" not in text and "similarity w/ previous" not in text and "probs_sim_prev" not in text
+        assert "sim_prev_low" not in text and "sim_prev_lo " not in text  # intervals are *_ci_low / *_ci_high
+    header = csv_text.splitlines()[0].split(",")
+    assert [c for c in header if c.endswith(("_lo", "_low", "_hi", "_high")) and "_ci_" not in c] == []
+    assert "cross_head" in table and "effective_rank" in header and "sim_prev_ci_low" in header
     assert [r["block"] for r in rows if r["kind"] == "mixed"] == [1, 2, 3]
     assert {r["kind"] for r in csv.DictReader(io.StringIO(csv_text))} == {"probs", "mixed"}
 
@@ -154,14 +159,16 @@ def test_compare_formats_short_table_and_checkpoint_column(tmp_path, deepvit_ckp
     base = ["compare", str(deepvit_ckpt), str(other), "--num-images", "2", "--no-progress"]
     table = CliRunner().invoke(main, base)
     assert table.exit_code == 0, table.output
-    assert table.stdout.startswith("checkpoint") and max(map(len, table.stdout.splitlines())) <= 120
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"{deepvit_ckpt.name}: VERDICT: ") and lines[1].startswith("other.safetensors: VERDICT")
+    assert lines[3].startswith("checkpoint") and max(len(t) for t in lines if "VERDICT" not in t) <= 120
     rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(main, [*base, "--format", "csv"]).stdout)))
     assert {r["checkpoint"] for r in rows} == {deepvit_ckpt.name, "other.safetensors"} and "sim_prev" in rows[0]
     assert len(rows) == 2 * 2 * 3  # checkpoints x kinds x blocks
     data = json.loads(CliRunner().invoke(main, [*base, "--format", "json"]).stdout)
     assert [s["checkpoint"] for s in data["summary"]] == [deepvit_ckpt.name, "other.safetensors"]
     md = CliRunner().invoke(main, [*base, "--format", "markdown"]).stdout
-    assert md.startswith("| checkpoint | architecture |")
+    assert md.startswith("| checkpoint | verdict | architecture |")
 
 
 def test_to_pandas_has_one_row_per_kind_and_block(deepvit_ckpt):
@@ -169,7 +176,8 @@ def test_to_pandas_has_one_row_per_kind_and_block(deepvit_ckpt):
 
     result = probe(deepvit_ckpt, num_images=2, progress=False, device="cpu")
     df = result.to_pandas()
-    assert list(df.columns[:5]) == ["kind", "block", "index", "sim_prev", "ratio_prev"]
+    assert list(df.columns[:6]) == ["checkpoint", "kind", "block", "index", "sim_prev", "ratio_prev"]
+    assert set(df.checkpoint) == {str(deepvit_ckpt)}
     assert {"cross_head", "effective_rank", "energy_rank", "similar", "regime"} <= set(df.columns)
     assert {"feature_sim_last", "feature_residual"} <= set(df.columns)
     assert len(df) == 2 * 3 and (df.block == df["index"] + 1).all() and df.similar.dtype == bool

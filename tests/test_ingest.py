@@ -301,9 +301,11 @@ def test_vit_pytorch_head_guess_is_visible_and_overridable(tmp_path):
     _, info = _load(path)
     assert info.num_heads == 3 and "guess" in info.heads_source
     result = probe(path, images=torch.randn(2, 3, 32, 32), progress=False)
-    headline = render(result, "table").splitlines()[0]
-    assert headline.startswith("model") and "HEADS GUESSED" in headline and "3 heads" in headline
-    assert "is a guess" in verdict(result)["text"][0] and "--num-heads" in verdict(result)["text"][0]
+    lines = render(result, "table").splitlines()
+    assert lines[0].startswith("VERDICT: ")  # the answer first, then the model line with the warning
+    model_line = next(line for line in lines if line.startswith("model"))
+    assert "HEADS GUESSED" in model_line and "3 heads" in model_line
+    assert "is a guess" in verdict(result)["text"][1] and "--num-heads" in verdict(result)["text"][1]
     right, info6 = _load(path, num_heads=6)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(logits(right, x), logits(model, x))

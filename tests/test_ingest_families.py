@@ -96,7 +96,7 @@ def test_grid_choice_is_shown_in_the_table_header_json_and_audit(dinov2_file, tm
     _, path = dinov2_file
     code, out, err = _cli("similarity", path, "--model", "vit_small_patch14_reg4_dinov2", *COMMON)
     assert code == 0, err
-    header = out.splitlines()[0]
+    header = next(line for line in out.splitlines() if line.startswith("model "))  # after the verdict line
     assert header.startswith("model    vit_small_patch14_reg4_dinov2 (--model; built at the file's 4x4 patch grid")
     code, out, err = _cli("similarity", path, "--model", "vit_small_patch14_reg4_dinov2", "--format", "json", *COMMON)
     assert code == 0, err

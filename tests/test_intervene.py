@@ -31,7 +31,7 @@ from .family_models import FAMILIES, example_input, logits, make, save_weights
 
 torch.manual_seed(0)
 X = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-DEPTH, K = 6, 2  # planted models: blocks K..DEPTH-1 (0-based) share block K's map
+DEPTH, K = 6, 2  # planted models: modules K..DEPTH-1 (0-based; blocks K+1..DEPTH) share module K's map
 
 
 def _hooks(model: nn.Module) -> int:
@@ -111,8 +111,8 @@ def test_planted_repeat_reuse_changes_nothing_and_a_wrong_source_does(name, kind
     maps = cap.kind(kind)
     assert all(torch.equal(maps[K], maps[b]) for b in range(K, DEPTH))  # the plant: identical applied maps
     assert not torch.equal(maps[K - 1], maps[K])
-    wrong = Intervention("reuse", tuple(range(K + 1, DEPTH)), K - 1, K - 1)
-    report = measure(model, X, [from_block("reuse", K, DEPTH), wrong], progress=False)
+    wrong = Intervention("reuse", tuple(range(K + 2, DEPTH + 1)), K, K)  # blocks are 1-based: block K = module K-1
+    report = measure(model, X, [from_block("reuse", K + 1, DEPTH), wrong], progress=False)
     right, control = report.outcomes
     assert right.agree == right.images == len(X) and right.changed == 0
     assert abs(right.kl) < 1e-12 and right.cosine == pytest.approx(1.0, abs=1e-9)
@@ -122,7 +122,8 @@ def test_planted_repeat_reuse_changes_nothing_and_a_wrong_source_does(name, kind
 
 def test_skipping_blocks_that_carry_information_changes_predictions():
     model = planted()
-    report = measure(model, X, [from_block("skip", K, DEPTH), from_block("skip", DEPTH - 2, DEPTH)], progress=False)
+    report = measure(model, X, [from_block("skip", K + 1, DEPTH), from_block("skip", DEPTH - 1, DEPTH)],
+                     progress=False)
     rest, last = report.outcomes
     assert rest.changed > len(X) // 4 and rest.kl > 1e-3 and rest.cosine < 0.9
     assert 0 < last.cosine < 1
@@ -146,7 +147,7 @@ def test_uniform_attention_changes_a_sharp_model_and_not_a_flat_one():
         with capture(sharp) as cap:
             sharp(X)
     assert min(float(m.amax(-1).mean()) for m in cap.kind("probs")) > 0.5  # most weight on one key
-    everything = [Intervention("uniform", tuple(range(4)), None, 0)]
+    everything = [Intervention("uniform", tuple(range(1, 5)), None, 1)]
     s, f = measure(sharp, X, everything, progress=False).outcomes[0], measure(flat, X, everything,
                                                                               progress=False).outcomes[0]
     assert s.kl > 1e-3 and s.cosine < 0.99 and s.changed > 0
@@ -321,19 +322,37 @@ def test_bad_requests_fail_before_anything_changes():
             pass
     assert _hooks(model) == hooks
     with pytest.raises(BadArgumentError, match="between 1 and 5"):
-        from_block("reuse", 5, 6)
+        from_block("reuse", 6, 6)
     with pytest.raises(BadArgumentError, match="block 1 has none"):
-        one_block("reuse", 0, 6)
-    assert [iv.source for iv in sweep("reuse", 4)] == [0, 1, 2] and sweep("skip", 3)[0].blocks == (1, 2)
+        one_block("reuse", 1, 6)
+    with pytest.raises(BadArgumentError, match="start at 1"):
+        Intervention("skip", (0, 1))
+    assert [iv.source for iv in sweep("reuse", 4)] == [1, 2, 3] and sweep("skip", 3)[0].blocks == (2, 3)
+
+
+def test_the_intervention_api_takes_the_command_lines_block_numbers():
+    from collapse_probe.reports.intervene import plan
+
+    iv = from_block("reuse", 17, 32)  # --from-block 17: blocks 18-32 reuse block 17's map
+    assert plan("reuse", 32, from_block=17) == [iv]
+    assert (iv.blocks, iv.source, iv.block) == (tuple(range(18, 33)), 17, 17)
+    assert iv.spec() == {"reuse": dict.fromkeys(range(17, 32), 16)}  # the hooks take 0-based module indices
+    assert iv.describe() == "reusing block 17's map in blocks 18-32"
+    assert plan("skip", 32, blocks=[30, 31]) == [one_block("skip", 30, 32), one_block("skip", 31, 32)]
+    assert one_block("skip", 30, 32).spec() == {"skip": [29]}
+    assert plan("reuse", 4, blocks=[3], source=1) == [one_block("reuse", 3, 4, source=1)]
+    # intervention.json written before the 1-based numbering (0-based, "at") reads back renumbered
+    old = {"mode": "reuse", "blocks": list(range(17, 32)), "source": 16, "at": 16}
+    assert Intervention.from_dict(old) == iv and Intervention.from_dict(iv.to_dict()) == iv
 
 
 # ---------------------------------------------------------------- report, sentences, the audit hook
 
 def test_check_flagged_sentences_cite_the_measurement_and_round_trip():
     model = planted()
-    report = check_flagged(model, X, list(range(K + 1, DEPTH)))
+    report = check_flagged(model, X, list(range(K + 2, DEPTH + 1)))  # the verdict's 1-based block numbers
     reuse, skip = report.outcomes
-    assert (reuse.intervention.source, reuse.intervention.blocks) == (K, tuple(range(K + 1, DEPTH)))
+    assert (reuse.intervention.source, reuse.intervention.blocks) == (K + 1, tuple(range(K + 2, DEPTH + 1)))
     assert skip.intervention.mode == "skip" and skip.intervention.blocks == reuse.intervention.blocks
     text = intervention_sentences(report)
     assert text[0].startswith(f"Reusing block {K + 1}'s map in blocks {K + 2}-{DEPTH} changes 0.0 % of top-1 "
@@ -347,7 +366,7 @@ def test_check_flagged_sentences_cite_the_measurement_and_round_trip():
 
 def test_refused_family_is_listed_not_raised_in_check_flagged():
     model = make("vit-pytorch-cait")
-    report = check_flagged(model, example_input("vit-pytorch-cait", 4), [1])
+    report = check_flagged(model, example_input("vit-pytorch-cait", 4), [2])
     assert [o.intervention.mode for o in report.outcomes] == ["skip"]
     assert "cannot be replaced" in report.refused[0] and intervention_sentences(report)[-1].startswith("Not checked")
 
@@ -357,7 +376,7 @@ def test_bundled_checkpoint_labels_give_its_own_accuracy():
     from collapse_probe.probing.run import image_batches, open_model
 
     loaded, _, _ = open_model(REPO / "checkpoints" / "vit_micro_d8.safetensors", "cpu")
-    report = measure(loaded, "builtin:digits", [from_block("skip", 0, 8)], num_images=40, batch_size=20,
+    report = measure(loaded, "builtin:digits", [from_block("skip", 1, 8)], num_images=40, batch_size=20,
                      progress=False)
     o = report.outcomes[0]
     batches, _ = image_batches("builtin:digits", loaded.model, 40, 40)
@@ -379,16 +398,19 @@ def test_cli_writes_csv_json_png_and_prints_a_table(tmp_path, deepvit_ckpt):
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "intervention.csv", "intervention.json",
                                                             "intervention.png"])
     rows = (out / "intervention.csv").read_text().splitlines()
-    assert rows[0].startswith("mode,block,block_index,source,blocks") and len(rows) == 1 + 2
-    assert rows[1].startswith("reuse,1,0,1,2-3,4,") and rows[2].startswith("reuse,2,1,2,3,4,")
+    assert rows[0].startswith("checkpoint,mode,block,block_index,source,blocks") and len(rows) == 1 + 2
+    assert rows[1].startswith(f"{deepvit_ckpt},reuse,1,0,1,2-3,4,")
+    assert rows[2].startswith(f"{deepvit_ckpt},reuse,2,1,2,3,4,")
+    assert "_ci_low" in rows[0] and "_lo," not in rows[0]
     data = json.loads((out / "intervention.json").read_text())
     assert data["similarity"]["kind"] == "mixed" and len(data["similarity"]["neighbor"]) == 3
-    assert res.stdout.startswith("mode,block,block_index")  # --format csv on stdout
+    assert res.stdout.startswith("checkpoint,mode,block,block_index")  # --format csv on stdout
+    assert data["similarity"]["blocks"] == [1, 2, 3] and data["numbering"] == "1-based"
     again = CliRunner().invoke(main, ["intervene", str(deepvit_ckpt), "--mode", "skip", "--blocks", "2,3",
                                       "--num-images", "2", "--no-progress", "-o", str(out)])
     assert again.exit_code == 0, again.output  # our own folder is replaced
     assert "skip" in again.stdout and json.loads((out / "intervention.json").read_text())["outcomes"][1][
-        "intervention"]["blocks"] == [2]
+        "intervention"]["blocks"] == [3]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -431,7 +453,7 @@ def test_plots_take_reports_and_a_backbone_report_round_trips():
     planted_report = measure(planted(), X[:8], sweep("reuse", DEPTH), progress=False, similarity=True)
     axes = plot_intervention_figure(planted_report)
     assert len(axes) == 2 and axes[0].figure is axes[1].figure
-    assert len(planted_report.similarity["neighbor"]) == DEPTH and planted_report.neighbor(K + 1) == pytest.approx(1.0)
+    assert len(planted_report.similarity["neighbor"]) == DEPTH and planted_report.neighbor(K + 2) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("name, kind", [("vit_micro", "probs"), ("deepvit_micro", "mixed")])

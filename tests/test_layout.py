@@ -171,21 +171,23 @@ def test_package_face() -> None:
 
 
 def test_library_probe_equals_the_similarity_command(tmp_path: Path) -> None:
+    """No option on either side: the same default images (the digits the checkpoint was trained on), rank images,
+    twin and settings, so the same JSON, summary and verdict included."""
     from click.testing import CliRunner
 
     import collapse_probe as cp
     from collapse_probe.cli import main
 
-    ckpt = REPO / "checkpoints" / "vit_micro_d32.safetensors"
-    lib = cp.probe(str(ckpt), "builtin:digits", num_images=12, batch_size=6, rank_images=4, progress=False)
-    assert isinstance(lib, cp.ProbeResult)
+    ckpt = REPO / "checkpoints" / "vit_micro_d4.safetensors"
+    lib = cp.probe(str(ckpt))
+    assert isinstance(lib, cp.ProbeResult) and lib.baseline is not None and lib.settings["rank_images"] == 16
     out = tmp_path / "sim.json"
-    res = CliRunner().invoke(main, ["similarity", str(ckpt), "--images", "builtin:digits", "--num-images", "12",
-                                    "--batch-size", "6", "--rank-images", "4", "--format", "json", "-o", str(out),
-                                    "--no-progress"])
+    res = CliRunner().invoke(main, ["similarity", str(ckpt), "-o", str(out)])
     assert res.exit_code == 0, res.output
     cli = json.loads(out.read_text())
+    assert "digits" in cli["images"]["source"]  # both chose the set the checkpoint was trained on
     assert cli == json.loads(lib.to_json())  # same numbers, same settings, same summary
+    assert cp.judge(lib)["verdict"] == cli["summary"]["verdict"]
 
 
 def test_figures_accepts_every_loading_option_of_similarity() -> None:

@@ -121,7 +121,7 @@ def test_neighbor_similarity_and_similar_blocks():
     assert math.isnan(nb1[0]) and nb1[1:].tolist() == [0.5, 0.95, 0.97]
     nb2 = MF.neighbor_similarity(sim, 2)
     assert nb2[2] == pytest.approx((0.95 + 0.2) / 2) and nb2[3] == pytest.approx((0.97 + 0.3) / 2)
-    assert MF.similar_blocks(sim, 0.9, k=1) == [2, 3]
+    assert MF.similar_indices(sim, 0.9, k=1) == [2, 3] and MF.similar_blocks(sim, 0.9, k=1) == [3, 4]  # 0- / 1-based
     assert MF.similar_blocks(sim, 0.9, k=2) == []
 
 

@@ -127,7 +127,7 @@ def test_buffers_depend_on_batch_size_not_on_image_count(model_and_images):
         for cls in peak:
             cls.end_batch = spy
         try:
-            probe(model, [images] * n_batches, progress=False)
+            probe(model, [images] * n_batches, progress=False, baseline=False)  # one probe, no twin
         finally:
             for cls, orig in origs.items():
                 cls.end_batch = orig
@@ -173,7 +173,8 @@ def test_nan_images_are_excluded_and_reported(model_and_images):
     assert len(result.findings) == 4 * 3  # every block, every kind
     assert all(f["images"] == 1 and f["nonfinite_values"] > 0 for f in result.findings)
     probs0 = next(f for f in result.findings if f["name"] == "blocks.0.attn.probs")
-    assert probs0["nonfinite_values"] == 4 * 65 * 65 and probs0["kind"] == "probs" and probs0["block"] == 0
+    assert probs0["nonfinite_values"] == 4 * 65 * 65 and probs0["kind"] == "probs" and probs0["block"] == 1
+    assert probs0["index"] == 0  # block 1-based, index 0-based
     back = ProbeResult.from_json(result.to_json())
     assert back.findings == result.findings
     table = render(result, "table")

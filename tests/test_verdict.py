@@ -141,6 +141,12 @@ def test_every_command_names_the_same_similar_blocks_with_the_same_numbers(tmp_p
     assert aud["count"] == int(fig["similar_blocks"]) == len(expected) == sim["count"]
     headline = run("similarity", str(ckpt)).splitlines()
     assert any(f"{len(expected)} of 6 blocks similar" in line for line in headline)
+    assert headline[0] == sim["verdict"]  # similarity measures the twin by default ...
+    assert sim["verdict"].startswith("VERDICT: no collapse beyond initialisation") or "collapsed beyond" in sim[
+        "verdict"]
+    # ... the others were asked not to: the same line, saying so, in audit, compare and figures' summary.csv
+    assert aud["verdict"] == cmp_["verdict"] == fig["verdict"]
+    assert aud["verdict"].startswith("VERDICT: not judged, the untrained twin was not measured")
 
 
 # ------------------------------------------------------------------- planted ground truth through the real collector
@@ -213,7 +219,13 @@ def test_d_planted_redundancy_is_collapse_beyond_the_twin_exactly_where_planted(
         assert rows[b]["pearson_prev"] == pytest.approx(1.0, abs=1e-5)
     assert vd["collapsed_beyond_twin"] == list(range(k + 1, L + 1))
     assert vd["regimes"]["redundant"] == list(range(k + 1, L + 1))
+    assert vd["verdict"].startswith(f"VERDICT: blocks {k + 1}-{L} collapsed beyond the untrained twin ({L - k} of {L} "
+                                    "blocks) — softmax maps: paper's metric")
     assert f"From block {k + 1} to the last block attention repeats" in " ".join(vd["text"])
+    result.baseline = None  # the same maps without the twin: described, never acted on
+    alone = judge(result)
+    assert alone["regimes"]["redundant"] == list(range(k + 1, L + 1)) and "attention repeats" not in " ".join(
+        alone["text"]) and alone["verdict"].startswith("VERDICT: not judged")
     assert vd["count_interval"] is not None and vd["baseline"]["count_interval"] is not None
 
 

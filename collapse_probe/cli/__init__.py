@@ -93,8 +93,9 @@ def main() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               help="Default: from --output's extension (.json, .csv; .txt, .md or none: table); table on stdout.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")
-@click.option("--baseline/--no-baseline", default=False, show_default=True,
-              help="Also measure the untrained twin (same architecture, fresh init, same images) and show it beside.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
+              "it; --no-baseline skips it (about half the time) and the verdict then says it was not judged.")
 @_probe_options
 def similarity(checkpoint, fmt, output, **kwargs):
     """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
@@ -107,7 +108,7 @@ def similarity(checkpoint, fmt, output, **kwargs):
       collapse-probe similarity checkpoints/vit_micro_d32.safetensors --images builtin:digits
       collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --threshold 0.9
       collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 -o sim.json   # format from .json
-      collapse-probe similarity ckpt.pt --baseline --reduction ratio --entry-threshold 0.9 --block-threshold 0.5
+      collapse-probe similarity ckpt.pt --reduction ratio --entry-threshold 0.9 --block-threshold 0.5
     """
     from ..distributed import is_main
     from ..outputs import file_target, is_stdout
@@ -129,6 +130,8 @@ def similarity(checkpoint, fmt, output, **kwargs):
               help="Report folder: report.md, report.html, metrics.json and the figures (replaced atomically).")
 @click.option("--intervene", is_flag=True, help="Also check the flagged blocks by intervention (reuse the map before "
               "them, skip them) and cite the measured change in predictions in the verdict.")
+@click.option("--per-image", is_flag=True, help="Keep the per-image rows in metrics.json (enough to re-bootstrap "
+              "every interval; tens of MB for deep models). Default: summaries and intervals only.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time).")

@@ -46,7 +46,7 @@ def _default_images(checkpoint: Path, kwargs: dict) -> dict:
     that has a built-in twin (digits); else unchanged (the probe's default, builtin:photos)."""
     if kwargs.get("images") is not None:
         return kwargs
-    from ..train.provenance import matching_images
+    from ..loading.provenance import matching_images
 
     match = matching_images(checkpoint)
     if match is None:

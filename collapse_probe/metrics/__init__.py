@@ -13,6 +13,7 @@ from .functional import (
     normalize_columns,
     residual_norm_ratio,
     similar_blocks,
+    similar_indices,
     singular_value_ranks,
     token_feature_similarity,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "patch_grid",
     "residual_norm_ratio",
     "similar_blocks",
+    "similar_indices",
     "singular_value_ranks",
     "token_feature_similarity",
     "unit_columns",

@@ -75,9 +75,14 @@ def collapse_onset(values: Sequence[float], threshold: float, blocks: Sequence[i
     return onset
 
 
-def similar_blocks(sim: torch.Tensor, threshold: float = 0.9, k: int = 1) -> list[int]:
-    """0-based blocks l >= k whose mean similarity with the previous k blocks exceeds ``threshold``."""
+def similar_indices(sim: torch.Tensor, threshold: float = 0.9, k: int = 1) -> list[int]:
+    """0-based module indices l >= k whose mean similarity with the previous k blocks exceeds ``threshold``."""
     return blocks_above(neighbor_similarity(sim, k).tolist(), threshold)
+
+
+def similar_blocks(sim: torch.Tensor, threshold: float = 0.9, k: int = 1) -> list[int]:
+    """The same blocks as 1-based block numbers (block 1 = module 0), as every report prints them."""
+    return [i + 1 for i in similar_indices(sim, threshold, k)]
 
 
 def head_similarity_matrix(attn: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def plot_output_change(report: InterventionReport, ax: Axes | None = None) -> Ax
     for i, (mode, rs) in enumerate(by_mode.items()):
         x = np.array([r["block"] for r in rs])
         changed = np.array([r["changed"] for r in rs], dtype=float)
-        lo, hi = (np.array([r[k] for r in rs], dtype=float) for k in ("changed_lo", "changed_hi"))
+        lo, hi = (np.array([r[k] for r in rs], dtype=float) for k in ("changed_ci_low", "changed_ci_high"))
         if len(x) > 2:
             ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.18, lw=0)
         else:  # a band needs a run of points; a few get error bars
@@ -71,7 +71,7 @@ def plot_block_similarity(report: InterventionReport, ax: Axes | None = None) ->
     ax = axes_or_new(ax, (6.4, 3.4))
     sim = report.similarity
     if sim:
-        x = np.array(sim["blocks"]) + 1
+        x = np.array(sim["blocks"])  # 1-based (InterventionReport reads older 0-based files renumbered)
         y = np.array([np.nan if v is None else v for v in sim["neighbor"]], dtype=float)
         ax.plot(x, y, marker="o", ms=3, color="0.25", gid=sim["kind"], label=f"{sim['kind']}: block k vs k − 1")
         finish_kind(ax, sim["kind"], sim.get("threshold"))

@@ -6,7 +6,9 @@ command prints (text table, CSV, JSON ``per_block``, the audit report, ``Result.
     rows = block_rows(result)                                                # one dict per (kind, block)
 
 Numbering: ``block`` is 1-based (block 1 = module ``blocks.0``), as in the paper and every table people read;
-``index`` is the 0-based module index, for code. "prev" quantities compare a block with the previous ``k`` blocks
+``index`` is the 0-based module index, for code (``BlockView.blocks`` holds those module indices). Column names, the
+one scheme of every CSV and DataFrame: ``checkpoint`` first, 95 % intervals as ``<name>_ci_low`` / ``<name>_ci_high``,
+the untrained twin's value as ``twin_<name>``. "prev" quantities compare a block with the previous ``k`` blocks
 (``--neighbors``); the centred, row and matched similarities, JSD and the twin margin always use the previous block.
 """
 from __future__ import annotations
@@ -161,17 +163,19 @@ class BlockView:
             ok &= np.nan_to_num(self.twin_difference_low, nan=-np.inf) > 0
         return self.similar & ok
 
-    def regimes(self, probs_entropy: np.ndarray | None = None) -> list[str]:
-        """Per block: "uniform" (entropy of the softmax maps / log N >= 0.95), "token-uniform" (rank-1 residual <=
-        0.1: rows alike), "redundant" (collapsed beyond the twin; without a twin: centred similarity with the previous
-        block above the block threshold) or "" (none of these)."""
-        ent = self.values["entropy"] if probs_entropy is None else probs_entropy
+    def regimes(self) -> list[str]:
+        """Per block, read from this kind's own measures only (never borrowed from the other kind): "uniform" (entropy
+        / log N >= 0.95; defined for row-stochastic maps only, so the softmax maps: a map after Re-attention's Θ and
+        BatchNorm has no entropy and is never called uniform), "token-uniform" (rank-1 residual <= 0.1: rows alike),
+        "redundant" (collapsed beyond the twin; without a twin: centred similarity with the previous block above the
+        block threshold) or "" (none of these)."""
+        ent = self.values["entropy"]
         beyond = self.beyond_twin
         if beyond is None:
             beyond = np.nan_to_num(self.values["pearson_prev"], nan=-np.inf) > self.criterion.threshold
         out = []
         for i in range(len(self.blocks)):
-            if ent[i] >= UNIFORM_ENTROPY:
+            if ent[i] >= UNIFORM_ENTROPY:  # NaN (mixed maps) compares False
                 out.append("uniform")
             elif self.values["rank1_residual"][i] <= TOKEN_UNIFORM_RESIDUAL:
                 out.append("token-uniform")
@@ -217,27 +221,29 @@ TWIN_KEYS = ("sim_prev", "ratio_prev", "pearson_prev", "entropy", "rank1_residua
 FEATURE_KEYS = ("feature_sim_last", "feature_residual", "token_uniformity", "cka_prev")
 
 
-def block_rows(result: Result, crit: Criterion | None = None) -> list[dict[str, Any]]:
-    """One dict per (kind, block): kind, block (1-based), index (0-based), the ``ROW_KEYS`` values, ``*_low`` /
-    ``*_high`` bounds for ``INTERVAL_KEYS`` (when per-image values exist), ``twin_*`` for ``TWIN_KEYS`` (with a
-    baseline), similar / beyond_twin / regime, and the feature columns when block outputs were probed. NaN where a
-    number does not exist (e.g. sim_prev of block 1)."""
+def checkpoint_label(result: Result) -> str:
+    """What the ``checkpoint`` column of a result's rows says: the file or folder as given, else "in-memory model"."""
+    return str(result.model.checkpoint) if result.model.checkpoint else "in-memory model"
+
+
+def block_rows(result: Result, crit: Criterion | None = None, checkpoint: str | None = None) -> list[dict[str, Any]]:
+    """One dict per (kind, block): checkpoint (``checkpoint``, default ``checkpoint_label``), kind, block (1-based),
+    index (0-based), the ``ROW_KEYS`` values, ``*_ci_low`` / ``*_ci_high`` bounds for ``INTERVAL_KEYS`` (when
+    per-image values exist), ``twin_*`` for ``TWIN_KEYS`` (with a baseline), similar / beyond_twin / regime, and the
+    feature columns when block outputs were probed. NaN where a number does not exist (e.g. sim_prev of block 1)."""
     crit = crit or Criterion.of(result)
     feats = _feature_columns(result)
-    probs = result.attention.get("probs")
+    label = checkpoint_label(result) if checkpoint is None else checkpoint
     rows: list[dict[str, Any]] = []
     for kind in result.attention:
         view = BlockView.of(result, kind, crit)
-        ent = None
-        if kind != "probs" and probs is not None and list(probs.blocks) == view.blocks:
-            ent = _arr(probs, "entropy", len(view.blocks))  # uniformity is a property of the softmax maps
-        regimes, similar, beyond = view.regimes(ent), view.similar, view.beyond_twin
+        regimes, similar, beyond = view.regimes(), view.similar, view.beyond_twin
         for i, b in enumerate(view.blocks):
-            row: dict[str, Any] = {"kind": kind, "block": b + 1, "index": b}
+            row: dict[str, Any] = {"checkpoint": label, "kind": kind, "block": b + 1, "index": b}
             row.update({key: float(view.values[key][i]) for key in ROW_KEYS})
             for key in INTERVAL_KEYS:
                 if key in view.low:
-                    row[f"{key}_low"], row[f"{key}_high"] = float(view.low[key][i]), float(view.high[key][i])
+                    row[f"{key}_ci_low"], row[f"{key}_ci_high"] = float(view.low[key][i]), float(view.high[key][i])
             if view.twin:
                 row.update({f"twin_{key}": float(view.twin[key][i]) for key in TWIN_KEYS})
             row["similar"] = bool(similar[i])

@@ -117,7 +117,7 @@ class CollapseCollector:
                                     f.residual().numpy(), token_uniformity=f.token_uniformity().numpy(),
                                     cka=self.cka.cka().numpy(), per_image=_numpy(f.per_image()))
         findings = [
-            {"name": s.name, "kind": s.kind, "block": s.block, "problem": "non-finite values",
+            {"name": s.name, "kind": s.kind, "block": s.block + 1, "index": s.block, "problem": "non-finite values",
              "nonfinite_values": int(self.findings.nonfinite[i]), "images": int(self.findings.images[i]),
              "action": "images excluded from this block's numbers"}
             for i, s in enumerate(self.all_sites) if self.findings.images[i] > 0

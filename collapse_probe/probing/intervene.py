@@ -4,7 +4,7 @@ no accuracy).
 
     report = measure("checkpoints/vit_micro_d32.safetensors", "builtin:digits", sweep("reuse", 32))
     report.rows()[16]       # reuse block 17's map in blocks 18-32: agreement, KL, feature cosine, accuracy (+ CIs)
-    report = check_flagged(loaded, "builtin:digits", collapsed_blocks=list(range(17, 32)))   # audit's cheap checks
+    report = check_flagged(loaded, "builtin:digits", collapsed_blocks=list(range(18, 33)))   # audit's cheap checks
 
 Per intervention and image: top-1 agreement with the unmodified model, KL(p_orig || p_intervened) of the softmax
 outputs, cosine of the final features (the classifier's input, "pre-logits") and, where the images carry labels
@@ -28,7 +28,7 @@ from ..hooks.intervene import check, intervene, intervention_blocks
 from ..loading.images import batch_images, image_labels
 from ..loading.info import LoadedModel
 from .outcome import Intervention, InterventionReport, Outcome
-from .run import image_batches, open_model, probe
+from .run import default_images, image_batches, open_model, probe
 
 HEAD_NAMES = ("heads", "classifier", "cls_classifier", "mlp_head", "head", "fc")  # torchvision, HF, vit-pytorch, ...
 Output = tuple["torch.Tensor | None", torch.Tensor]  # (logits [B, K] or None, final features [B, D])
@@ -135,6 +135,8 @@ def measure(
     """
     loaded, dev, _ = open_model(model_or_path, device, **load)
     model = loaded.model
+    if images is None:  # the probe's and the commands' default: the set the checkpoint was trained on, else photos
+        images = default_images(model_or_path)
     blocks = intervention_blocks(model)
     todo, refused = _check_all(model, interventions, keep_going)
     batches, image_info = image_batches(images, model, num_images, batch_size, workers)
@@ -176,11 +178,11 @@ def measure(
             handle.remove()
     sim = None
     if similarity:
-        opts = {"kinds": ("probs", "mixed"), **(probe_options or {})}
+        opts = {"kinds": ("probs", "mixed"), **(probe_options or {}), "baseline": False}  # the curve needs no twin
         res = probe(loaded, images, num_images=num_images, batch_size=batch_size, workers=workers, device=dev,
                     progress=progress, **opts)
         st, s = res.attention[res.applied_kind], res.settings
-        sim = {"kind": res.applied_kind, "blocks": list(st.blocks), "threshold": s["threshold"],
+        sim = {"kind": res.applied_kind, "blocks": [b + 1 for b in st.blocks], "threshold": s["threshold"],
                "neighbors": s["neighbors"], "reduction": s["reduction"],
                "neighbor": st.neighbor(s["neighbors"], s["reduction"]).tolist()}
     settings = {"batch_size": batch_size, "device": str(dev), "classifier": head is not None,
@@ -190,7 +192,7 @@ def measure(
 
 
 def _last_run(blocks: Sequence[int]) -> tuple[int, int] | None:
-    """(first, last) of the last run of consecutive indices, or None."""
+    """(first, last) of the last run of consecutive numbers, or None."""
     bs = sorted(set(blocks))
     if not bs:
         return None
@@ -206,8 +208,9 @@ def check_flagged(
     collapsed_blocks: list[int],
     **options: Any,
 ) -> InterventionReport | None:
-    """The cheap checks of a verdict: for the last run of collapsed blocks f..l (0-based; each similar to the block
-    before it), reuse block f-1's map in blocks f..l, and skip blocks f..l. None when no block is flagged.
+    """The cheap checks of a verdict: for the last run of collapsed blocks f..l (1-based, as the verdict names them;
+    each similar to the block before it), reuse block f-1's map in blocks f..l, and skip blocks f..l. None when no
+    block is flagged.
 
     ``options`` go to ``measure`` (num_images, batch_size, device, progress, labels, load options ...). Interventions
     the model's family cannot make are listed in ``report.refused`` rather than raised.
@@ -217,6 +220,6 @@ def check_flagged(
         return None
     first, last = run
     targets = tuple(range(first, last + 1))
-    ivs = [Intervention("reuse", targets, first - 1, first - 1)] if first >= 1 else []
-    ivs.append(Intervention("skip", targets, None, max(first - 1, 0)))
+    ivs = [Intervention("reuse", targets, first - 1, first - 1)] if first >= 2 else []
+    ivs.append(Intervention("skip", targets, None, max(first - 1, 1)))
     return measure(model_or_loaded, images, ivs, keep_going=True, **{"progress": False, **options})

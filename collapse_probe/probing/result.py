@@ -2,19 +2,28 @@
 
 Plots and reports take these objects, never models:
 
-    result = ProbeResult.from_json(path.read_text())
-    result.attention["probs"].similar_blocks(threshold=0.9, k=1)   # 0-based block indices
+    result = ProbeResult.from_json("sim.json")                      # a path, or the JSON text itself
+    result.attention["probs"].similar_blocks(threshold=0.9, k=1)   # 1-based block numbers, as every command prints
+    result.attention["probs"].similar_indices(threshold=0.9, k=1)  # the same blocks as 0-based module indices
+    result.to_pandas()                                              # one row per (kind, block), a checkpoint column
+
+Numbering: whatever is called ``block`` (methods, summary fields, table and CSV columns) is 1-based, block 1 being
+module ``blocks.0``, as in the paper; whatever is called ``index`` / ``*_index`` / ``*_indices`` is a 0-based module
+index. One exception, kept for the JSON schema: the ``blocks`` field of ``AttentionStats`` / ``FeatureStats`` lists
+the 0-based module indices probed (the array positions).
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from .._version import __version__
+from ..errors import BadArgumentError, MalformedFileError
 from ..loading.info import ImageInfo, ModelInfo
 from ..metrics.functional import blocks_above, collapse_onset
 from .blocks import Criterion, block_rows, neighbor_of
@@ -67,8 +76,9 @@ def _nan_fill(obj: Any, shapes: dict[str, tuple[int, ...]]) -> None:
 class AttentionStats:
     """Per-block statistics of one kind of map ("probs" or "mixed") over the probed images.
 
-    ``blocks`` are 0-based model block indices (``blocks.{i}``); every array is indexed by position in ``blocks``
-    (L of them; H heads).
+    ``blocks`` are 0-based model block indices (``blocks.{i}``; the schema's one exception to "block is 1-based");
+    every array is indexed by position in ``blocks`` (L of them; H heads). ``similar_blocks`` / ``onset`` answer in
+    1-based block numbers, ``similar_indices`` / ``onset_index`` in 0-based module indices.
     similarity / ratio: [L, L] mean column cosine and fraction of cosines above ``threshold``.
     head_similarity: [L, H, H]; cross_head: [L] mean over different heads; effective_rank, energy_rank: [L].
 
@@ -122,13 +132,24 @@ class AttentionStats:
         """[L]: mean similarity of each block with the k blocks just before it (NaN where those are not probed)."""
         return neighbor_of(self.matrix(reduction), list(self.blocks), k)
 
-    def similar_blocks(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> list[int]:
-        """Model block indices whose similarity with the previous k blocks exceeds ``threshold``."""
+    def similar_indices(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> list[int]:
+        """0-based module indices of the blocks whose similarity with the previous k blocks exceeds ``threshold``."""
         return blocks_above(self.neighbor(k, reduction), threshold, self.blocks)
 
-    def onset(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> int | None:
-        """The block from which every later block is similar (0-based), or None (``metrics.collapse_onset``)."""
+    def similar_blocks(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> list[int]:
+        """1-based block numbers (as printed by every command) whose similarity with the previous k blocks exceeds
+        ``threshold``."""
+        return [i + 1 for i in self.similar_indices(threshold, k, reduction)]
+
+    def onset_index(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> int | None:
+        """0-based module index from which every later block is similar, or None (``metrics.collapse_onset``)."""
         return collapse_onset(self.neighbor(k, reduction), threshold, self.blocks)
+
+    def onset(self, threshold: float = 0.9, k: int = 1, reduction: Reduction = "mean") -> int | None:
+        """1-based block number from which every later block is similar (the paper's "after block 17" reads onset
+        18), or None."""
+        i = self.onset_index(threshold, k, reduction)
+        return None if i is None else i + 1
 
     def to_dict(self) -> dict[str, Any]:
         dist = {k: None if getattr(self, k) is None else _list(getattr(self, k)) for k in _ATTN_DISTANCE}
@@ -191,9 +212,9 @@ class ProbeResult:
     """Everything one probe run measured, plus what it ran on (``model``, ``images``) and the settings used.
 
     ``baseline``: the untrained twin's result on the same images (``probe(..., baseline=True)``), or None.
-    ``findings``: problems seen per site, e.g. ``{"name": "blocks.5.attn.probs", "kind": "probs", "block": 5,
-    "problem": "non-finite values", "nonfinite_values": 2352, "images": 2, "action": ...}``; those images are left out
-    of that block's numbers rather than averaged in.
+    ``findings``: problems seen per site, e.g. ``{"name": "blocks.5.attn.probs", "kind": "probs", "block": 6,
+    "index": 5, "problem": "non-finite values", "nonfinite_values": 2352, "images": 2, "action": ...}``; those images
+    are left out of that block's numbers rather than averaged in.
     """
 
     attention: dict[str, AttentionStats]
@@ -231,36 +252,46 @@ class ProbeResult:
 
     def summary(self, kind: str, threshold: float | None = None, k: int | None = None,
                 reduction: Reduction | None = None) -> dict[str, Any]:
-        """Similar blocks of one kind (0-based module indices, for code), their count, count / depth and the onset,
-        with the settings used (default: those the result was probed with). What commands print is
-        ``probing.verdict.judge`` (1-based block numbers, intervals, the twin)."""
+        """Similar blocks of one kind (1-based block numbers, as the commands print them; ``similar_indices``: the
+        same as 0-based module indices), their count, count / depth and the onset (1-based), with the settings used
+        (default: those the result was probed with). The full verdict is ``probing.verdict.judge`` (intervals, the
+        twin, the verdict line)."""
         s = self.settings
         threshold = s.get("threshold", 0.9) if threshold is None else threshold
         k = s.get("neighbors", 1) if k is None else k
         reduction = s.get("reduction", "mean") if reduction is None else reduction
         st = self.attention[kind]
-        blocks = st.similar_blocks(threshold, k, reduction)
-        return {"similar_blocks": blocks, "count": len(blocks), "ratio": len(blocks) / self.depth,
+        indices = st.similar_indices(threshold, k, reduction)
+        return {"similar_blocks": [i + 1 for i in indices], "similar_indices": indices, "count": len(indices),
+                "ratio": len(indices) / self.depth,
                 "onset": st.onset(threshold, k, reduction), "depth": self.depth, "threshold": threshold,
                 "neighbors": k, "reduction": reduction}
 
     def to_pandas(self, threshold: float | None = None, k: int | None = None,
-                  reduction: Reduction | None = None) -> Any:
-        """A ``pandas.DataFrame`` with one row per (kind, block): the rows of the text table, the CSV and JSON's
-        ``per_block`` (``probing.blocks.block_rows``; block is 1-based, index 0-based). Defaults: the settings probed
-        with.
+                  reduction: Reduction | None = None, checkpoint: str | None = None) -> Any:
+        """A ``pandas.DataFrame`` with one row per (kind, block): the rows of the CSV and JSON's ``per_block``
+        (``probing.blocks.block_rows``; block is 1-based, index 0-based, intervals ``*_ci_low`` / ``*_ci_high``).
+        The ``checkpoint`` column (default: the file as given, ``checkpoint`` to name it otherwise) keeps results apart
+        after ``pd.concat``. Defaults: the settings probed with.
 
-            df = result.to_pandas()
-            df[df.kind == result.applied_kind].plot(x="block", y=["sim_prev", "twin_sim_prev"])
+            df = pd.concat([a.to_pandas(), b.to_pandas()])
+            df[df.kind == "probs"].groupby("checkpoint").similar.sum()
         """
         import pandas as pd  # only here: the package itself does not need pandas to load
 
-        df = pd.DataFrame(per_block_rows(self, threshold, k, reduction))
+        df = pd.DataFrame(per_block_rows(self, threshold, k, reduction, checkpoint))
         return df.astype({"block": "int64", "index": "int64", "similar": "bool"})
 
     to_frame = to_pandas
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, per_image: bool = True) -> dict[str, Any]:
+        """Everything, as plain JSON types; ``per_image=False`` leaves out the per-image rows (see ``to_json``)."""
+        d = self._dict()
+        if not per_image:
+            _drop_per_image(d)
+        return d
+
+    def _dict(self) -> dict[str, Any]:
         s = self.settings
         return {
             "tool": {"name": "collapse-probe", "version": __version__},
@@ -277,10 +308,7 @@ class ProbeResult:
         """Strict JSON: a NaN/Inf anywhere (e.g. a block whose every image was excluded) is written as null.
         ``per_image=False`` leaves out the per-image rows (the summary's intervals are computed first, so they stay;
         a result read back from such a file has no rows to re-bootstrap)."""
-        d = self.to_dict()
-        if not per_image:
-            _drop_per_image(d)
-        return json.dumps(finite(d), indent=indent, allow_nan=False)
+        return json.dumps(finite(self.to_dict(per_image)), indent=indent, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
@@ -294,8 +322,30 @@ class ProbeResult:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> ProbeResult:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, source: str | Path) -> ProbeResult:
+        """A result from its JSON: a path (``Path`` or a string naming a file, e.g. ``similarity -o sim.json``), or
+        the JSON text itself. A file that is not a saved result is one line (``MalformedFileError``, exit 4)."""
+        text, where = _json_text(source)
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MalformedFileError(f"{where} is not a collapse-probe result (similarity --format json or an audit's "
+                                     f"metrics.json): {type(e).__name__}: {e}") from e
+
+
+def _json_text(source: str | Path) -> tuple[str, str]:
+    """(JSON text, what to call it in an error) of a path or of the text itself."""
+    if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith(("{", "["))):
+        path = Path(source)
+        try:
+            return path.read_text(), str(path)
+        except FileNotFoundError as e:
+            raise BadArgumentError(f"no such file: {path}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise MalformedFileError(f"cannot read {path}: {e}") from e
+    if not isinstance(source, str):
+        raise BadArgumentError(f"from_json takes a path or JSON text, got a {type(source).__name__}")
+    return source, "the text given"
 
 
 def _drop_per_image(d: dict[str, Any]) -> None:
@@ -309,6 +359,6 @@ def _drop_per_image(d: dict[str, Any]) -> None:
 
 
 def per_block_rows(result: ProbeResult, threshold: float | None = None, k: int | None = None,
-                   reduction: str | None = None) -> list[dict[str, Any]]:
+                   reduction: str | None = None, checkpoint: str | None = None) -> list[dict[str, Any]]:
     """One dict per (kind, block): ``probing.blocks.block_rows`` with the settings probed with, or these."""
-    return block_rows(result, Criterion.of(result, threshold=threshold, neighbors=k, reduction=reduction))
+    return block_rows(result, Criterion.of(result, threshold=threshold, neighbors=k, reduction=reduction), checkpoint)

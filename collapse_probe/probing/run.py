@@ -30,6 +30,8 @@ from ..hooks.capture import Site, capture
 from ..loading.build import describe, load_model
 from ..loading.images import batch_images, image_loader
 from ..loading.info import ImageInfo, LoadedModel
+from ..loading.pictures import is_pictures, picture_loader
+from ..loading.provenance import matching_images
 from .baseline import recalibrate_bn, untrained_twin
 from .collector import STORAGE_DTYPES, CollapseCollector
 from .memory import fit_batch, parse_bytes
@@ -89,16 +91,54 @@ def open_model(model_or_path: nn.Module | LoadedModel | str | Path, device: str 
     return loaded, dev, world
 
 
+def default_images(model_or_path: Any) -> str | None:
+    """The image set a probe uses when none is given: the built-in set matching the dataset our trainer recorded in
+    the checkpoint (digits), else None (``image_loader``'s default, builtin:photos). The commands use the same rule
+    (``loading.provenance``), so ``probe(path)`` and ``collapse-probe similarity path`` see the same images."""
+    path = model_or_path if isinstance(model_or_path, (str, Path)) else (
+        model_or_path.info.checkpoint if isinstance(model_or_path, LoadedModel) else None)
+    match = matching_images(path) if path is not None else None
+    return match[0] if match else None
+
+
+def _check_batches(images: list | tuple) -> list | tuple:
+    """A list of batches, checked: tensors [B, C, H, W] or (x, y) pairs. Anything else is one line, not an error deep
+    inside the model."""
+    for i, b in enumerate(images):
+        x = batch_images(b)
+        if not isinstance(x, torch.Tensor):
+            raise BadArgumentError(f"images: item {i} is a {type(x).__name__}; pass tensors [B, 3, H, W], (x, y) "
+                                   "pairs, numpy arrays or PIL images")
+        if x.ndim != 4:
+            raise BadArgumentError(f"images: batch {i} has shape {tuple(x.shape)}; a batch is [B, C, H, W] (a list "
+                                   "of [C, H, W] tensors is stacked)")
+    return images
+
+
 def image_batches(images: Any, model: nn.Module, num_images: int | None, batch_size: int,
                   workers: int = 0) -> tuple[Iterable, ImageInfo]:
-    """Any accepted ``images`` -> (batches, what they are): a folder or builtin:... set, a tensor, or batches."""
+    """Any accepted ``images`` -> (batches, what they are): a folder or builtin:... set, a tensor, batches, or
+    pictures (numpy arrays / PIL images, preprocessed like image files: ``loading.pictures``)."""
     if images is None or isinstance(images, (str, Path)):
         return image_loader(model, images, num_images, batch_size, workers)
+    if is_pictures(images):
+        return picture_loader(model, images, num_images, batch_size, workers)
+    if isinstance(images, (list, tuple)) and images and all(isinstance(x, torch.Tensor) and x.ndim == 3
+                                                            for x in images):
+        try:  # single preprocessed images [C, H, W]: one tensor of them
+            images = torch.stack(list(images))
+        except RuntimeError as e:
+            raise BadArgumentError(f"images: [C, H, W] tensors of different shapes cannot be stacked ({e})") from e
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
             raise BadArgumentError(f"images must be a batch [B, C, H, W], got shape {tuple(images.shape)}")
         return images.split(batch_size), ImageInfo("in-memory tensor", int(images.shape[0]),
                                                    list(images.shape[1:]))
+    if isinstance(images, (list, tuple)):
+        images = _check_batches(images)
+    elif not hasattr(images, "__iter__"):
+        raise BadArgumentError(f"images must be a folder, builtin:photos / builtin:digits, a tensor [B, 3, H, W], "
+                               f"batches, numpy arrays or PIL images; got a {type(images).__name__}")
     return images, ImageInfo("in-memory batches", None)
 
 
@@ -121,7 +161,7 @@ def probe(
     entry_threshold: float | None = None,
     neighbors: int = 1,
     reduction: str = "mean",
-    rank_images: int | None = None,
+    rank_images: int | None = 16,
     kinds: Sequence[str] = ("probs", "mixed", "out"),
     storage: str | torch.dtype = "float32",
     max_memory: int | str | None = None,
@@ -129,7 +169,7 @@ def probe(
     progress: bool = True,
     all_reduce: bool | None = None,
     observers: Sequence[Observer] = (),
-    baseline: bool = False,
+    baseline: bool = True,
     baseline_seed: int = 0,
     prefix_tokens: int | None = None,
 ) -> ProbeResult:
@@ -138,15 +178,17 @@ def probe(
     Args:
         model_or_path: a checkpoint file or model folder (read with every safety check, see ``load_model``), a
             ``LoadedModel``, or an ``nn.Module`` of a supported family.
-        images: a folder, ``builtin:photos`` (default) or ``builtin:digits`` (preprocessed with the model's own
-            eval transform), a tensor [B, 3, H, W] already preprocessed, or an iterable of such batches / (x, y).
+        images: a folder, ``builtin:photos`` or ``builtin:digits`` (preprocessed with the model's own eval
+            transform), a tensor [B, 3, H, W] already preprocessed, an iterable of such batches / (x, y), or pictures
+            (numpy arrays, PIL images: ``loading.pictures``). Default: as the commands choose (``default_images``):
+            the set the checkpoint was trained on when our trainer recorded one (digits), else builtin:photos.
         model_name, num_heads, mean, std, key, trust_pickle, prefix: how to read a path (``load_model``).
         num_images, batch_size, workers: how many images of a folder / built-in set, in batches of this size.
         threshold: the block criterion: a block is similar when its similarity with the previous block(s) exceeds it.
         entry_threshold: the per-entry cut of the ratio reduction (fraction of column cosines above it; default
             ``threshold``), fixed while probing.
         neighbors, reduction: how ``result.summary`` counts similar blocks (stored in ``settings``).
-        rank_images: images whose maps enter the SVD-based ranks (None: all).
+        rank_images: images whose maps enter the SVD-based ranks (None: all; default 16, as the commands).
         storage: precision of the per-batch maps kept for the all-pairs similarity ("float16" halves memory).
         max_memory: split batches so the probe's tensors fit, e.g. "2GiB".
         device: "auto", "cpu", "cuda:N" (default: "auto" for a path, the model's own device otherwise).
@@ -155,10 +197,13 @@ def probe(
         observers: extra ``fn(site, tensor)`` callbacks that see every captured tensor in the same forward passes.
         baseline: also measure the untrained twin (``probing.baseline``: same architecture, fresh init with
             ``baseline_seed``, BatchNorm statistics re-estimated on these images) and store it as ``result.baseline``.
+            On by default, as in every command: without it the verdict cannot tell collapse from initialisation.
+            ``baseline=False`` halves the time.
         prefix_tokens: class / distillation / register tokens before the patch tokens, for the mean attention
             distance (default: the model's ``num_prefix_tokens``, else its token parameters; see ``prefix_tokens_of``).
 
-    The model is switched to eval mode (dropout and BatchNorm statistics frozen) and restored afterwards.
+    The model is switched to eval mode (dropout and BatchNorm statistics frozen) and restored afterwards. Every default
+    is the ``similarity`` command's, so ``probe(path)`` and ``collapse-probe similarity path`` give the same JSON.
     """
     entry_threshold = threshold if entry_threshold is None else entry_threshold
     _check(threshold, neighbors, reduction, max_memory)
@@ -170,6 +215,8 @@ def probe(
     loaded, dev, world = open_model(model_or_path, device, model_name=model_name, num_heads=num_heads, mean=mean,
                                     std=std, key=key, trust_pickle=trust_pickle, prefix=prefix)
     model, model_info = loaded.model, loaded.info
+    if images is None:
+        images = default_images(model_or_path)
     batches, image_info = image_batches(images, model, num_images, batch_size, workers)
     if not model_info.depth and iter(batches) is not batches:  # no adapter, no guessed input ran: describe it on ours
         first = next(iter(batches), None)
@@ -181,8 +228,8 @@ def probe(
         batches = distributed.shard_loader(batches)
     show = progress and distributed.is_main()
     if baseline and iter(batches) is batches:
-        raise BadArgumentError("the untrained twin needs images it can read twice: pass a folder, a built-in set, a "
-                               "tensor or a list of batches, not a one-shot iterator")
+        raise BadArgumentError("the untrained twin (baseline=True, the default) needs images it can read twice: pass "
+                               "a folder, a built-in set, a tensor or a list of batches, or baseline=False")
     prefix = prefix_tokens_of(model) if prefix_tokens is None else prefix_tokens
     result, max_batch = _measure(model, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory, dev,
                                  show, all_reduce, observers, prefix)

@@ -2,8 +2,13 @@
 collapse tracking) says about a ``Result``, as one versioned JSON summary plus sentences.
 
     summary = judge(result)                       # settings from result.settings; result.baseline = untrained twin
-    summary["headline"], summary["text"]          # what people read
+    summary["verdict"]                            # "VERDICT: no collapse beyond initialisation (0 of 32 blocks) — ..."
+    summary["text"]                               # the verdict line first, then the sentences with the detail
     summary["similar_blocks"], summary["count_interval"], summary["collapsed_beyond_twin"]   # 1-based block numbers
+
+The verdict line is worded from the summary's fields by ``verdict_line`` alone, so every command (``similarity``,
+``audit``, ``compare``, ``figures``' summary.csv) and ``judge`` print the same line, and the rules under it can change
+without touching its wording.
 
 Three things make a count a finding rather than a number: the twin (``probe(..., baseline=True)``: same architecture,
 fresh init, same images; a block is *collapsed beyond the twin* only when its centred similarity exceeds the twin's),
@@ -11,7 +16,13 @@ the interval (bootstrap over images), and the map kind (the maps that multiply V
 paper's metric is reported as such ("column cosine, uncentred, Eq. 3") under the chosen reduction; the paper does not
 publish its reduction, so both readings are offered and each number says which it uses. Recommendations (reuse,
 removal, head pruning, Re-attention) are made only from collapse beyond the twin, never Re-attention for blocks that
-have it.
+have it; without a twin nothing is recommended.
+
+Regimes (``BlockView.regimes``) are read from the measures of the map kind they describe, and every regime sentence
+names that kind. "Near-uniform" is a property of row-stochastic maps (entropy / log N), so only softmax maps are ever
+called uniform; for a Re-attention model, judged on the maps after Θ and its norm, the softmax maps' uniformity is
+reported in a sentence of its own about the softmax maps. A median that does not exist is left out, never printed as
+nan.
 """
 from __future__ import annotations
 
@@ -23,7 +34,7 @@ import numpy as np
 
 from ..metrics import bootstrap
 from ..metrics.functional import collapse_onset
-from .blocks import TOKEN_UNIFORM_RESIDUAL, UNIFORM_ENTROPY, BlockView, Criterion, Result, _arr
+from .blocks import TOKEN_UNIFORM_RESIDUAL, UNIFORM_ENTROPY, BlockView, Criterion, Result
 
 SCHEMA = "collapse-probe/summary"
 SCHEMA_VERSION = 2
@@ -34,7 +45,10 @@ REDUCTION_TEXT = {"mean": "mean column cosine with the previous {k} block(s) > {
                   "ratio": "fraction of column cosines above {e} with the previous {k} block(s) > {t}"}
 PAPER_REDUCTION = ("The paper does not publish how it reduces Eq. 3 over heads, tokens and images; 'mean' and 'ratio' "
                    "are two readings of it")
-KIND_TEXT = {"probs": "softmax maps", "mixed": "maps after Re-attention (Θ, BatchNorm), the maps that multiply V"}
+# the norm after Θ is BatchNorm in the paper's code and our models, a LayerNorm over heads in vit-pytorch: name neither
+KIND_TEXT = {"probs": "softmax maps", "mixed": "maps after Re-attention (head mixing Θ, then a norm), the maps that "
+             "multiply V"}
+KIND_SHORT = {"probs": "softmax maps", "mixed": "maps after Re-attention"}
 SWEEP = tuple(round(0.80 + 0.02 * i, 2) for i in range(10))  # 0.80 ... 0.98
 
 
@@ -78,6 +92,16 @@ def _median(x: np.ndarray, mask: Sequence[bool]) -> float:
     return float(np.median(v)) if v.size else math.nan
 
 
+def _med(label: str, x: np.ndarray, mask: Sequence[bool]) -> str:
+    """"<label> 0.123" for the median of x over mask, or "" where no finite value exists (never "nan")."""
+    m = _median(x, mask)
+    return "" if math.isnan(m) else f"{label} {m:.3f}"
+
+
+def _join(*parts: str) -> str:
+    return ", ".join(p for p in parts if p)
+
+
 def sweep(result: Result, crit: Criterion, kind: str, thresholds: Sequence[float] = SWEEP) -> list[dict]:
     """Similar-block counts of ``kind`` for each block threshold, both reductions, the twin beside (None without)."""
     st, twin = result.attention[kind], (result.baseline.attention.get(kind) if result.baseline else None)
@@ -93,24 +117,22 @@ def sweep(result: Result, crit: Criterion, kind: str, thresholds: Sequence[float
 
 def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Sequence[float] | None = SWEEP,
           notes: Sequence[str] = ()) -> dict[str, Any]:
-    """The summary of ``result`` (schema ``SCHEMA`` version ``SCHEMA_VERSION``): counts with intervals, the twin's,
-    uniform attention's, collapse beyond the twin, regimes per block, a threshold sweep and the sentences.
+    """The summary of ``result`` (schema ``SCHEMA`` version ``SCHEMA_VERSION``): the verdict line, counts with
+    intervals, the twin's, uniform attention's, collapse beyond the twin, regimes per block, a threshold sweep and the
+    sentences (``text``, the verdict line first).
 
     ``notes``: extra sentences to cite (e.g. an intervention's measured output change)."""
     crit = crit or Criterion.of(result)
     kind = result.applied_kind
     view = BlockView.of(result, kind, crit)
-    probs = result.attention.get("probs")
-    ent = _arr(probs, "entropy", len(view.blocks)) if (kind != "probs" and probs is not None
-                                                        and list(probs.blocks) == view.blocks) else None
-    regimes = view.regimes(ent)
+    regimes = view.regimes()
     depth = result.depth
     similar, beyond = view.similar, view.beyond_twin
     sim_numbers = _numbers(view, similar)
     twin_mask = view.twin_similar
     comparable = sum(1 for p in range(len(view.blocks)) if np.isfinite(view.values["sim_prev"][p]))
     out: dict[str, Any] = {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "block_numbering": NUMBERING,
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "block_numbering": NUMBERING, "verdict": "",
         "kind": kind, "kind_text": KIND_TEXT.get(kind, kind), "metric": PAPER_METRIC,
         "reduction_text": REDUCTION_TEXT[crit.reduction].format(k=crit.neighbors, t=crit.threshold,
                                                                  e=crit.entry_threshold),
@@ -122,8 +144,7 @@ def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Seque
         "uniform_attention": {"count": comparable, "note": "uniform maps (1/N) give column cosine 1 between any two "
                               "blocks, so every block with a previous block would count"},
         "baseline": None, "collapsed_beyond_twin": _numbers(view, beyond),
-        "regimes": {name: [b + 1 for b, r in zip(view.blocks, regimes) if r == name]
-                    for name in ("uniform", "token-uniform", "redundant")},
+        "regimes": _regime_numbers(view, regimes),
     }
     if view.twin:
         tb = result.baseline
@@ -132,14 +153,45 @@ def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Seque
                            "similar_blocks": twin_numbers, "count": len(twin_numbers),
                            "count_interval": _count_interval(view, view.twin_per_image_prev)}
     other = [k for k in result.attention if k != kind]
+    ov = None
     if other:
         ov = BlockView.of(result, other[0], crit)
         on = _numbers(ov, ov.similar) or []
         out["other_kind"] = {"kind": other[0], "kind_text": KIND_TEXT.get(other[0], other[0]),
-                             "similar_blocks": on, "count": len(on)}
+                             "similar_blocks": on, "count": len(on), "regimes": _regime_numbers(ov, ov.regimes())}
     out["sweep"] = sweep(result, crit, kind, sweep_thresholds) if sweep_thresholds else []
-    out["headline"], out["text"] = _sentences(result, view, regimes, out, notes)
+    out["verdict"] = verdict_line(out)
+    out["headline"], out["text"] = _sentences(result, view, regimes, ov, out, notes)
     return out
+
+
+def _regime_numbers(view: BlockView, regimes: list[str]) -> dict[str, list[int]]:
+    return {name: [b + 1 for b, r in zip(view.blocks, regimes) if r == name]
+            for name in ("uniform", "token-uniform", "redundant")}
+
+
+def verdict_line(s: dict[str, Any]) -> str:
+    """The one-line answer, worded from the summary ``s`` alone (``judge``'s fields: depth, kind, count,
+    uniform_attention, baseline, collapsed_beyond_twin), e.g.
+
+        VERDICT: no collapse beyond initialisation (0 of 32 blocks) — softmax maps: paper's metric 25/32, untrained
+        twin 31/32, uniform attention 31/32
+
+    Every command prints this line first; change the rules in ``judge``, the wording here."""
+    d, base, beyond = s["depth"], s.get("baseline"), s.get("collapsed_beyond_twin")
+    counts = [f"paper's metric {s['count']}/{d}"]
+    if base is not None:
+        counts.append(f"untrained twin {base['count']}/{d}")
+    counts.append(f"uniform attention {s['uniform_attention']['count']}/{d}")
+    detail = f"{KIND_SHORT.get(s['kind'], s['kind'])}: " + ", ".join(counts)
+    if base is None or beyond is None:
+        answer = "not judged, the untrained twin was not measured (--no-baseline / baseline=False)"
+    elif beyond:
+        answer = f"block{'s' if len(beyond) > 1 else ''} {spans(beyond)} collapsed beyond the untrained twin " \
+                 f"({len(beyond)} of {d} blocks)"
+    else:
+        answer = f"no collapse beyond initialisation (0 of {d} blocks)"
+    return f"VERDICT: {answer} — {detail}"
 
 
 def _heads_note(result: Result) -> list[str]:
@@ -161,11 +213,11 @@ def _ci(iv: list[float] | None) -> str:
     return "" if iv is None else f" [95% CI {iv[0]:.0f}-{iv[1]:.0f} over images]"
 
 
-def _sentences(result: Result, view: BlockView, regimes: list[str], s: dict[str, Any],
+def _sentences(result: Result, view: BlockView, regimes: list[str], other: BlockView | None, s: dict[str, Any],
                notes: Sequence[str]) -> tuple[str, list[str]]:
     crit, v = view.criterion, view.values
     name = result.model.architecture or "model"
-    base = s["baseline"]
+    base, where = s["baseline"], f"In the {KIND_SHORT.get(view.kind, view.kind)}, "
     head = (f"{name}, {s['kind_text']}: {s['count']} of {s['depth']} blocks similar by the paper's metric "
             f"({PAPER_METRIC}; {s['reduction_text']}){_ci(s['count_interval'])}")
     head += (f"; untrained twin {base['count']}{_ci(base['count_interval'])}; uniform attention "
@@ -173,7 +225,7 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], s: dict[str,
              + (f" (blocks {spans(s['collapsed_beyond_twin'])})" if s["collapsed_beyond_twin"] else "")
              if base else f"; uniform attention {s['uniform_attention']['count']}; no untrained twin measured, so this "
              "count cannot be told apart from initialisation")
-    text = _heads_note(result) + [head + "."]
+    text = [s["verdict"], *_heads_note(result), head + "."]
     text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
     if base and s["similar_blocks"] and _not_above(s, base):
         text.append(f"The untrained twin scores {base['count']} on the same images: the paper's count alone does "
@@ -181,50 +233,79 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], s: dict[str,
     mask = {r: [x == r for x in regimes] for r in ("uniform", "token-uniform", "redundant")}
     reattn = {b + 1 for b in (result.model.reattn_blocks or [])}
     if s["regimes"]["uniform"]:
-        text.append(f"Blocks {spans(s['regimes']['uniform'])} attend near-uniformly (softmax entropy >= "
-                    f"{UNIFORM_ENTROPY} of log N; median {_median(v['entropy'], mask['uniform']):.3f} here, TV from "
-                    f"uniform {_median(v['tv_uniform'], mask['uniform']):.3f}): the paper's cosine sits at its floor "
-                    f"(median floor {_median(v['floor_prev'], mask['uniform']):.3f}), so their similarity says little "
-                    "about redundancy.")
+        text.append(_uniform_sentence(where, s["regimes"]["uniform"], v, mask["uniform"]))
+    if other is not None and other.kind == "probs" and s["kind"] != "probs":
+        o_uniform = s["other_kind"]["regimes"]["uniform"]
+        if o_uniform:
+            o_mask = [r == "uniform" for r in other.regimes()]
+            text.append(_uniform_sentence("Before Re-attention, in the softmax maps, ", o_uniform, other.values,
+                                          o_mask, after=" The maps after Re-attention are judged on their own "
+                                          "measures (the norm after Θ rescales them: not row-stochastic, so no "
+                                          "entropy)."))
     if s["regimes"]["token-uniform"]:
-        text.append(f"Blocks {spans(s['regimes']['token-uniform'])} have rows alike (rank-1 residual <= "
-                    f"{TOKEN_UNIFORM_RESIDUAL}; median {_median(v['rank1_residual'], mask['token-uniform']):.3f}): "
-                    "every query attends the same way (token-uniform maps). Eq. 3 scores such maps 1 even on disjoint "
-                    f"keys; row cosine with the previous block, median "
-                    f"{_median(v['row_cosine_prev'], mask['token-uniform']):.3f}.")
+        m = mask["token-uniform"]
+        rows = _med("median", v["row_cosine_prev"], m)
+        text.append(f"{where}blocks {spans(s['regimes']['token-uniform'])} have rows alike ("
+                    + _join(f"rank-1 residual <= {TOKEN_UNIFORM_RESIDUAL}", _med("median", v["rank1_residual"], m))
+                    + "): every query attends the same way (token-uniform maps). Eq. 3 scores such maps 1 even on "
+                    "disjoint keys" + (f"; row cosine with the previous block, {rows}" if rows else "") + ".")
     red = s["regimes"]["redundant"]
     if red:
-        tw = f" vs the twin's {_median(view.twin['pearson_prev'], mask['redundant']):.3f}" if view.twin else ""
-        text.append(f"Blocks {spans(red)} are redundant: centred similarity (column Pearson) with the previous block, "
-                    f"median {_median(v['pearson_prev'], mask['redundant']):.3f}{tw}"
+        m = mask["redundant"]
+        tw = _med("vs the twin's", view.twin["pearson_prev"], m) if view.twin else ""
+        text.append(f"{where}blocks {spans(red)} are redundant: centred similarity (column Pearson) with the previous "
+                    f"block, {_join(_med('median', v['pearson_prev'], m), tw)}"
                     + (f" (margin >= {crit.margin}, paired 95% bound above 0)." if view.twin else
-                       f" (> {crit.threshold}; no twin measured)."))
+                       f" (> {crit.threshold}). Without the untrained twin this is no evidence that training made "
+                       "them so, and nothing is recommended; measure the twin (drop --no-baseline)."))
         last = runs(red)[-1]
-        if last[1] == view.blocks[-1] + 1 and last[0] > view.blocks[0] + 1:
+        if view.twin and last[1] == view.blocks[-1] + 1 and last[0] > view.blocks[0] + 1:
             cure = "" if set(range(last[0], last[1] + 1)) <= reattn else \
                 ", or for Re-attention (DeepViT) when retraining a deeper model"
             text.append(f"From block {last[0]} to the last block attention repeats: blocks {last[0]}-{last[1]} could "
                         f"reuse block {last[0] - 1}'s attention map (attention sharing), or are candidates for "
                         f"removal{cure}. Check it with `collapse-probe intervene`.")
     if not any(s["regimes"].values()):
-        text.append("No regime of collapse: attention is not near-uniform, rows differ between queries, and no block "
-                    "repeats the previous block's centred attention pattern" + (" beyond the twin." if view.twin
-                                                                                else "."))
-    ch, tch = v["cross_head"], view.twin.get("cross_head")
-    # alike heads are evidence of redundant heads only where the maps carry a pattern: uniform or token-uniform maps
-    # make every pair of heads alike trivially
-    heads = [b + 1 for i, b in enumerate(view.blocks) if ch[i] > crit.threshold and regimes[i] == ""
-             and (tch is None or ch[i] - tch[i] >= crit.margin)]
-    if heads:
-        mix = "" if set(heads) <= reattn else " or for mixing heads (Re-attention)"
-        text.append(f"In blocks {spans(heads)} all heads attend nearly alike (cross-head similarity > {crit.threshold}"
-                    + (f", beyond the twin by >= {crit.margin}" if tch is not None else "")
-                    + f"): redundant heads, candidates for head pruning{mix}.")
+        uniform_defined = bool(np.isfinite(v["entropy"]).any())  # row-stochastic maps only
+        text.append(f"{where}no regime of collapse: " + ("attention is not near-uniform, " if uniform_defined else "")
+                    + "rows differ between queries, and no block repeats the previous block's centred attention "
+                    "pattern" + (" beyond the twin." if view.twin else "."))
+    text += _heads_sentences(view, regimes, other, reattn)
     if "other_kind" in s and s["kind"] == "mixed":
         o = s["other_kind"]
         text.append(f"Re-attention: {s['count']} blocks similar after head mixing ({s['kind_text']}), {o['count']} in "
-                    "the softmax maps before it; the two are not on one scale (BatchNorm centres the mixed maps).")
+                    "the softmax maps before it; the two are not on one scale (the norm after Θ centres the mixed "
+                    "maps).")
     text += list(notes)
     im = result.images
     text.append(f"Measured on {im.count} images ({im.source}).")
     return head, text
+
+
+def _uniform_sentence(where: str, blocks: list[int], v: dict[str, np.ndarray], m: Sequence[bool],
+                      after: str = "") -> str:
+    floor = _med("median floor", v["floor_prev"], m)
+    return (f"{where}blocks {spans(blocks)} attend near-uniformly ("
+            + _join(f"entropy >= {UNIFORM_ENTROPY} of log N", _med("median", v["entropy"], m),
+                    _med("TV from uniform", v["tv_uniform"], m))
+            + "): the paper's cosine sits at its floor" + (f" ({floor})" if floor else "")
+            + ", so their similarity says little about redundancy." + after)
+
+
+def _heads_sentences(view: BlockView, regimes: list[str], other: BlockView | None, reattn: set[int]) -> list[str]:
+    """Head pruning, only from heads alike beyond the twin (no twin: no advice). Alike heads are evidence of
+    redundant heads only where the maps carry a pattern: uniform or token-uniform maps make every pair of heads alike
+    trivially, and for maps after Re-attention the softmax maps they are mixed from must carry one too."""
+    crit, ch, tch = view.criterion, view.values["cross_head"], view.twin.get("cross_head")
+    if tch is None:
+        return []
+    soft_uniform = other.regimes() if other is not None and other.kind == "probs" and other.blocks == view.blocks \
+        else [""] * len(view.blocks)
+    heads = [b + 1 for i, b in enumerate(view.blocks) if ch[i] > crit.threshold and regimes[i] == ""
+             and soft_uniform[i] != "uniform" and ch[i] - tch[i] >= crit.margin]
+    if not heads:
+        return []
+    mix = "" if set(heads) <= reattn else " or for mixing heads (Re-attention)"
+    return [f"In the {KIND_SHORT.get(view.kind, view.kind)}, in blocks {spans(heads)} all heads attend nearly alike "
+            f"(cross-head similarity > {crit.threshold}, beyond the twin by >= {crit.margin}): redundant heads, "
+            f"candidates for head pruning{mix}."]

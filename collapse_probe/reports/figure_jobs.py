@@ -136,7 +136,7 @@ def fig3b(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str], threshold: 
                     for reduction in ("mean", "ratio"):
                         s = res.summary(kind, threshold, 1, reduction)
                         rows.append((f, name, kind, reduction, res.depth, s["count"], s["ratio"],
-                                     " ".join(str(b + 1) for b in s["similar_blocks"]),
+                                     " ".join(map(str, s["similar_blocks"])),
                                      res.attention[kind].threshold))
     for fam, table in (("paper ViT (ImageNet)", pdepth.PAPER_SIMILAR_BLOCKS),
                        ("paper DeepViT (ImageNet)", pdepth.PAPER_SIMILAR_BLOCKS_DEEPVIT)):
@@ -275,7 +275,7 @@ def fig1(runs: Sequence[ModelRun], stem: Path, fmts: Sequence[str]) -> None:
                      "; ".join(sorted({r.val_images_source for r in rs}))))
     ax = pdepth.plot_accuracy_vs_depth(accs, intervals=cis, seeds=seeds, per_seed=per_seed)
     write_csv(stem.with_suffix(".csv"), ["family", "depth", "seeds", "models", "seed_values", "top1",
-                                         "top1_per_seed", "correct", "images", "ci95_low", "ci95_high",
+                                         "top1_per_seed", "correct", "images", "top1_ci_low", "top1_ci_high",
                                          "images_source"], rows)
     save_figure(ax.figure, stem, fmts)
 
@@ -293,7 +293,8 @@ def summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
             other = vd.get("other_kind") or {}
             iv, base, beyond = vd["count_interval"] or ["", ""], vd["baseline"], vd["collapsed_beyond_twin"]
             feats = res.features is not None
-            rows.append((name, r.architecture, r.family, r.depth, kind, res.images.count,
+            rows.append((name, vd["verdict"] if res is r.result else "", r.architecture, r.family, r.depth, kind,
+                         res.images.count,
                          r.top1 if res is r.result else None, vd["criterion"]["reduction"], vd["count"], iv[0], iv[1],
                          vd["ratio"], " ".join(map(str, vd["similar_blocks"])),
                          "" if vd["onset"] is None else vd["onset"], "" if base is None else base["count"],
@@ -303,7 +304,7 @@ def summary(runs: Sequence[ModelRun], stem: Path, threshold: float) -> None:
                          float(np.nanmax(st.cross_head)), float(np.nanmean(st.cross_head)),
                          pfeat.feature_attention_correlation(res, kind) if feats else math.nan,
                          pfeat.feature_attention_partial_correlation(res, kind) if feats else math.nan))
-    write_csv(stem, ["model", "architecture", "family", "depth", "kind", "images", "top1", "reduction",
+    write_csv(stem, ["model", "verdict", "architecture", "family", "depth", "kind", "images", "top1", "reduction",
                      "similar_blocks", "count_ci_low", "count_ci_high", "ratio", "similar_block_numbers",
                      "all_similar_from_block", "twin_similar_blocks", "collapsed_beyond_twin", "regimes",
                      "similar_blocks_probs", "cross_head_max", "cross_head_mean", "feature_attention_r",

@@ -52,8 +52,8 @@ def plan(mode: str, depth: int, from_block: int | None = None, blocks: list[int]
             raise BadArgumentError(f"--sweep needs at least 2 blocks, the model has {depth}")
         return outcome.sweep(mode, depth)
     if from_block is not None:
-        return [outcome.from_block(mode, from_block - 1, depth)]
-    return [outcome.one_block(mode, b - 1, depth, None if source is None else source - 1) for b in blocks or []]
+        return [outcome.from_block(mode, from_block, depth)]
+    return [outcome.one_block(mode, b, depth, source) for b in blocks or []]
 
 
 def run_intervene(checkpoint: Any, mode: str = "reuse", from_block: int | None = None,
@@ -88,7 +88,7 @@ def _ci(lo: float, hi: float) -> str:
     return "-" if math.isnan(lo) else f"{100 * lo:.1f}-{100 * hi:.1f} %"
 
 
-def intervention_sentences(report: InterventionReport, one_based: bool = True) -> list[str]:
+def intervention_sentences(report: InterventionReport) -> list[str]:
     """One sentence per measured intervention, citing its numbers, plus one per refused intervention.
 
     e.g. "Reusing block 17's map in blocks 18-32 changes 0.3 % of top-1 predictions (1 of 360 images, 95 % CI
@@ -96,7 +96,7 @@ def intervention_sentences(report: InterventionReport, one_based: bool = True) -
     """
     out = []
     for o in report.outcomes:
-        what = o.intervention.describe(one_based)
+        what = o.intervention.describe()
         what = what[0].upper() + what[1:]
         if o.changed is None:
             out.append(f"{what} leaves the final features at mean cosine {o.cosine:.3f} over {o.images} images (the "
@@ -137,7 +137,7 @@ def to_table(report: InterventionReport) -> str:
     lines = [f"{name}: {report.images.count} images ({report.images.source})", head]
     for r in report.rows():
         lines.append(f"{r['mode']:8s}{r['block']:>4d}  {r['blocks']:12s}{_pct(r['changed']):>9s} "
-                     f"{_ci(r['changed_lo'], r['changed_hi']):>14s}{_num(r['kl'], '.4g'):>10s}"
+                     f"{_ci(r['changed_ci_low'], r['changed_ci_high']):>14s}{_num(r['kl'], '.4g'):>10s}"
                      f"{_num(r['cosine'], '.3f'):>8s}{_pct(r['accuracy_orig']):>10s}{_pct(r['accuracy']):>9s}"
                      f"{_num(r['sim_prev'], '.3f'):>9s}")
     lines.extend(f"not checked: {line}" for line in report.refused)

@@ -1,11 +1,15 @@
-"""Turn a ProbeResult into text: a per-block table for people, CSV rows or JSON for programs.
+"""Turn a ProbeResult into text: the verdict and a per-block table for people, CSV rows or JSON for programs.
 
     print(render(result, "table"))     # threshold, neighbours and reduction: the ones in result.settings
 
-One naming scheme everywhere (text table, CSV, JSON ``per_block``, the audit report, ``ProbeResult.to_pandas()``):
-one row per (kind, block) from ``probing.blocks.block_rows``; the README's metric section defines every column:
+The table is short: the verdict line (``probing.verdict.verdict_line``), one line on the model, images and twin, the
+per-block table of the maps the verdict judges, then the verdict's sentences. CSV and JSON have every column of both
+map kinds. One naming scheme everywhere (text table, CSV, JSON ``per_block``, the audit report,
+``ProbeResult.to_pandas()``): one row per (kind, block) from ``probing.blocks.block_rows``; the README's metric
+section defines every column:
 
-    kind            "probs" (softmax maps) or "mixed" (maps after Re-attention's Θ and BatchNorm)
+    checkpoint      the file as given (compare: its name), so rows of several results stay apart
+    kind            "probs" (softmax maps) or "mixed" (maps after Re-attention's Θ and its norm)
     block           1-based block number (block 1 = module blocks.0), as in the paper; index is the 0-based module
     sim_prev        the paper's metric: mean column cosine (uncentred, Eq. 3) with the previous k block(s)
     ratio_prev      fraction of those column cosines above the per-entry cut (--entry-threshold)
@@ -13,7 +17,7 @@ one row per (kind, block) from ``probing.blocks.block_rows``; the README's metri
     pearson_prev    centred similarity (column Pearson) with the previous block: the cross-family comparison
     row_cosine_prev, jsd_prev, matched_prev   row-wise similarity, Jensen-Shannon divergence, head-matched similarity
     entropy, tv_uniform, rank1_residual       entropy / log N, TV distance from uniform, |A - 1 mean row| / |A|
-    *_low, *_high   95% bootstrap interval over images; twin_*: the untrained twin's value
+    *_ci_low, *_ci_high   95% bootstrap interval over images; twin_*: the untrained twin's value
     similar         the paper's criterion; beyond_twin: also collapsed beyond the twin; regime: the verdict's reading
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from typing import Any
 
 from ..loading.info import ModelInfo
@@ -31,9 +36,8 @@ from ..probing.verdict import judge
 _SPECS = {"block": "d", "index": "d", "similar": "", "beyond_twin": "", "regime": "", "kind": "",
           "effective_rank": ".1f", "energy_rank": ".1f", "attention_distance": ".2f"}
 # what the text table shows (CSV and JSON have every column); twin columns only when a twin was measured
-TABLE_COLUMNS = ("block", "kind", "sim_prev", "sim_prev_low", "sim_prev_high", "twin_sim_prev", "pearson_prev",
-                 "twin_pearson_prev", "entropy", "rank1_residual", "cross_head", "effective_rank", "similar",
-                 "beyond_twin", "regime")
+TABLE_COLUMNS = ("block", "sim_prev", "sim_prev_ci_low", "sim_prev_ci_high", "twin_sim_prev", "pearson_prev",
+                 "twin_pearson_prev", "entropy", "rank1_residual", "cross_head", "similar", "beyond_twin", "regime")
 
 
 def _missing(v: Any) -> bool:
@@ -74,29 +78,35 @@ def _present(rows: list[dict[str, Any]], c: str) -> bool:
     return any(c in r and not _missing(r[c]) for r in rows)
 
 
+def twin_text(result: ProbeResult) -> str:
+    """How the untrained twin was made, or that it was not measured; BatchNorm only where the model has some."""
+    if result.baseline is None:
+        return "not measured (--no-baseline): the verdict cannot tell collapse from initialisation"
+    t = result.baseline.settings.get("twin", {})
+    bn = t.get("batchnorm_batches")
+    return f"{t.get('init', '?')}" + (f"; BatchNorm statistics re-estimated on the same images ({bn} batches)"
+                                      if bn else "")
+
+
 def _table(result: ProbeResult, crit: Criterion) -> str:
-    rows = block_rows(result, crit)
-    cols = [c for c in TABLE_COLUMNS if _present(rows, c) or c in ("block", "kind", "similar")]
+    summary = judge(result, crit, sweep_thresholds=None)
+    kind = summary["kind"]
+    rows = [r for r in block_rows(result, crit) if r["kind"] == kind]
+    cols = [c for c in TABLE_COLUMNS if _present(rows, c) or c in ("block", "similar")]
     body = [[cell(r.get(c), _SPECS.get(c, ".3f")) for c in cols] for r in rows]
     m, im = result.model, result.images
-    summary = judge(result, crit)
-    twin = result.baseline.settings.get("twin", {}) if result.baseline is not None else None
-    head = [f"model    {m.architecture or '?'} ({m.architecture_source or '?'}): depth {m.depth}, "
+    head = [summary["verdict"], "",
+            f"model    {m.architecture or '?'} ({m.architecture_source or '?'}): depth {m.depth}, "
             f"{m.num_heads or '?'} heads{_heads_source(m)}, {m.tokens or '?'} tokens, {m.params / 1e6:.2f}M params",
             f"images   {im.count} from {im.source}, input {im.input_size}",
-            "twin     " + (f"untrained twin: {twin.get('init', '?')}, BatchNorm re-estimated on these images"
-                           if twin is not None else "none (pass --baseline to measure the untrained twin)"),
-            f"columns  block: 1-based; sim_prev: {summary['metric']} with the previous {crit.neighbors} block(s), "
-            "_low/_high its 95% interval over images",
-            "         pearson_prev: centred similarity with the previous block; twin_*: the untrained twin; entropy: "
-            "/ log N; rank1_residual: 0 = rows alike",
-            f"         similar: {summary['reduction_text']}; beyond_twin: also above the twin's centred similarity "
-            f"by {crit.margin}",
-            "         kind: probs = softmax maps, mixed = after Re-attention (not on the softmax scale); all columns: "
-            "--format csv", ""]
-    foot = ["", *summary["text"]]
+            f"twin     {twin_text(result)}",
+            f"table    {summary['kind_text']}; blocks from 1; sim_prev: {summary['metric']} with the previous "
+            f"{crit.neighbors} block(s)",
+            "         every column" + (" and both map kinds" if len(result.attention) > 1 else "")
+            + ": --format csv; what each means: the README's metric section", ""]
+    foot = [""] + [line for t in summary["text"][1:] for line in textwrap.wrap(t, 120)]
     for f in result.findings:
-        foot.append(f"WARNING {f['name']} ({f['kind']}, block {f['block'] + 1}): {f['nonfinite_values']} "
+        foot.append(f"WARNING {f['name']} ({f['kind']}, block {f['block']}): {f['nonfinite_values']} "
                     f"{f['problem']} in {f['images']} image(s); {f['action']}")
     return "\n".join(head + [aligned(cols, body)] + foot)
 

@@ -5,8 +5,8 @@
 
 Modules: config (dataclass + presets), data (datasets, loaders), engine (the loop), evaluation (BatchNorm
 re-calibration, evaluation, collapse tracking), runs (run folders, resume, progress), artifacts (logs, checkpoints),
-provenance (what a checkpoint was trained on), state (atomic training state, RNG), baselines (attention reuse /
-temperature / dropping, cosine regulariser).
+state (atomic training state, RNG), baselines (attention reuse / temperature / dropping, cosine regulariser). What a
+checkpoint was trained on is read by ``loading.provenance`` (the probe's default images need it).
 """
 from typing import Any
 

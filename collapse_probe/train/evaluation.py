@@ -66,7 +66,7 @@ def track_collapse(model: nn.Module, images: torch.Tensor, threshold: float = 0.
     from ..probing.run import probe
     from ..probing.verdict import judge
 
-    res = probe(model, [images], kinds=("probs", "mixed"), progress=False, threshold=threshold)
+    res = probe(model, [images], kinds=("probs", "mixed"), progress=False, threshold=threshold, baseline=False)
     crit = Criterion.of(res)
     out: dict[str, Any] = {}
     for kind in res.attention:

@@ -32,8 +32,8 @@ def _dataset(meta: Any) -> str | None:
 def trained_dataset(path: str | Path) -> str | None:
     """The ``dataset`` recorded by our trainer in the checkpoint at ``path`` (digits, synthetic, folder), or None."""
     from ..errors import CollapseProbeError
-    from ..loading.read import META_KEY, sniff_format
-    from ..loading.safety import check_safetensors, check_torch_file
+    from .read import META_KEY, sniff_format
+    from .safety import check_safetensors, check_torch_file
 
     path = Path(path)
     try:
