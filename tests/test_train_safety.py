@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 import collapse_probe.models  # noqa: F401  (registers our models with timm)
 from collapse_probe.cli import main
+
 from . import hostile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,7 @@ HOSTILE_STATES = {
     "rng_wrong_size": (lambda s: s["rng"][0].update(torch=torch.zeros(3, dtype=torch.uint8)), 4, "rng"),
     "rng_python_words": (lambda s: s["rng"][0]["python"]["state"].fill_(-5), 4, "rng"),
     "adam_moment_shape": (lambda s: _first_moment(s).update(exp_avg=torch.zeros(3, 3)), 4, "shape"),
+    "adam_moment_missing": (lambda s: _first_moment(s).pop("exp_avg"), 4, "exp_avg"),
     "adam_moment_nan": (lambda s: _first_moment(s)["exp_avg_sq"].fill_(math.nan), 4, "non-finite"),
     "optimizer_lr_nan": (lambda s: s["optimizer"]["param_groups"][0].update(lr=math.nan), 4, "lr"),
     "optimizer_betas": (lambda s: s["optimizer"]["param_groups"][0].update(betas=(0.1, 0.2)), 4, "betas"),
@@ -150,9 +152,11 @@ def test_resume_reads_through_the_checkpoint_safety_checks(run, tmp_path, build,
     line = _errors(_cli(*TINY, "-o", folder, "--resume", "--epochs", "2"), code, word)
     assert len(_cli(*TINY, "-o", folder, "--resume").stderr.strip().splitlines()) == 1
     assert _snapshot(folder) == before and not list(sentinel.iterdir())
-    if code == 3:  # refused as the probing commands refuse the same file
+    if code == 3:  # refused as the probing commands refuse the same file, also as --initial-checkpoint
         probe = CliRunner().invoke(main, ["similarity", str(folder / "last.pt")])
         assert probe.exit_code == 3 and word in probe.stderr and word in line
+        _one_line(_cli(*TINY, "-o", tmp_path / "ft", "--initial-checkpoint", folder / "last.pt"), 3, word)
+        assert not (tmp_path / "ft").exists()
 
 
 def test_a_fifo_as_resume_or_initial_checkpoint_is_refused(run, tmp_path):
@@ -321,6 +325,18 @@ def test_a_full_disk_while_saving_last_pt_is_one_line(run, tmp_path, monkeypatch
     assert (folder / "last.pt").read_bytes() == last and not [p for p in folder.iterdir() if p.suffix == ".tmp"]
     _errors(_cli(*TINY, "--epochs", "1", "-o", tmp_path / "fresh"), 2, "last.pt")
     assert not (tmp_path / "fresh").exists()  # a run that never saved an epoch leaves nothing
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_run_folder_is_one_line(run, tmp_path):
+    folder = _copy(run, tmp_path / "run")
+    before = _snapshot(folder)
+    folder.chmod(0o555)
+    try:
+        _one_line(_cli(*TINY, "-o", folder, "--resume", "--epochs", "2"), 2, "cannot write")
+    finally:
+        folder.chmod(0o755)
+    assert _snapshot(folder) == before
 
 
 def test_a_full_disk_while_saving_safetensors_is_one_line(tmp_path, monkeypatch):

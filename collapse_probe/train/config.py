@@ -139,7 +139,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_HELP = {
     "paper": "official DeepViT ImageNet recipe (DeiT-style, 300 epochs, batch 256 over 8 GPUs); needs --data-dir",
     "paper32": "the 32-block variant: mixup 0.1, no cutmix, cosine regulariser 0.1; needs --data-dir",
-    "digits": "scikit-learn digits at 32 px, patch 4, on a CPU, 40 epochs, light augmentation (the bundled checkpoints)",
+    "digits": "scikit-learn digits at 32 px, patch 4, on a CPU, 40 epochs, light augmentation (the bundled "
+              "checkpoints)",
     "smoke": "synthetic images, 2 epochs of a 2-block model, for tests",
 }
 # keys that change how a run is executed or logged, not what it computes: they may differ on --resume

@@ -65,7 +65,8 @@ def check_ranges(cfg: Any) -> None:
         if getattr(cfg, key) not in allowed:
             raise _bad(key, "one of " + ", ".join(allowed), getattr(cfg, key))
     if not _DEVICE.match(cfg.device):
-        raise _bad("device", "auto, cpu, mps, cuda or cuda:N", repr(cfg.device))
+        raise BadArgumentError(f"unknown device {str(cfg.device)[:40]!r} (config key device): use auto, cpu, mps, "
+                               "cuda or cuda:N")
     lo, hi = cfg.scale
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 1):
         raise _bad("scale", "two numbers 0 < low <= high <= 1", list(cfg.scale))
@@ -74,6 +75,8 @@ def check_ranges(cfg: Any) -> None:
     if not cfg.model or not isinstance(cfg.model, str):
         raise _bad("model", "an architecture name", repr(cfg.model))
     check_model_args(cfg.model_args)
+    if len(cfg.extended) > 1000:
+        raise _bad("extended", "a list of at most 1000 changes of length", f"{len(cfg.extended)} entries")
     for i, e in enumerate(cfg.extended):
         if set(e) != {"at_epoch", "from", "to"} or not all(type(v) is int and 0 <= v <= MAX_EPOCHS for v in e.values()):
             raise _bad(f"extended[{i}]", "{at_epoch, from, to} epoch counts (written by --resume --epochs)", e)

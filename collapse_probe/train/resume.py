@@ -20,12 +20,14 @@ and continues from the current step (as timm's train.py does on resume), recorde
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import BadArgumentError, CollapseProbeError, MalformedFileError, UnsupportedLayoutError, first_line
 from .config import TrainConfig, changed_on_resume, resolve_config
@@ -34,6 +36,7 @@ from .state import load_training_state, rng_state, set_rng_state
 
 STATE_ENTRIES = ("model", "optimizer", "scheduler", "scaler", "epoch", "num_updates", "rng")
 MAX_UPDATES = 1 << 48
+MAX_PROCESSES = 4096  # RNG states a last.pt may hold (one per rank of the job that wrote it)
 _SCALAR = (int, float, str, bool, type(None))
 
 
@@ -95,7 +98,7 @@ def plan_resume(state: Any, cfg: TrainConfig, path: Path, epochs_from_checkpoint
             raise _bad(path, f"its config is not valid ({first_line(e, 120)})") from e
         if epochs_from_checkpoint:
             cfg = dataclasses.replace(cfg, epochs=saved_cfg.epochs)
-        diff = changed_on_resume(saved_cfg.to_dict(), cfg)
+        diff = [k for k in changed_on_resume(saved_cfg.to_dict(), cfg) if k in saved]  # keys of earlier versions
         if diff:
             old, now = saved_cfg.to_dict(), cfg.to_dict()
             shown = "; ".join(f"{k}: {old[k]!r} -> {now[k]!r}" for k in diff[:4])
@@ -109,7 +112,7 @@ def plan_resume(state: Any, cfg: TrainConfig, path: Path, epochs_from_checkpoint
         raise _bad(path, f"num_updates {str(updates)[:40]!r} is not a step count")
     history = _history(state.get("history", []), path, legacy=state.get("epoch_base") != 1)
     ranks = state["rng"]
-    if not isinstance(ranks, list) or not 1 <= len(ranks) <= 65536:
+    if not isinstance(ranks, list) or not 1 <= len(ranks) <= MAX_PROCESSES:
         raise _bad(path, "its rng entry is not a list of per-process RNG states")
     for r in ranks:
         check_rng(r, path)
@@ -232,9 +235,12 @@ def check_optimizer(saved: dict[str, Any], optimizer: torch.optim.Optimizer, pat
     entries = saved["state"]
     if not isinstance(entries, dict):
         raise bad("has no per-parameter state mapping")
+    keys = _state_keys(optimizer)
     for j, entry in entries.items():
         if not _is_int(j) or j not in params or not isinstance(entry, dict):
             raise bad(f"has an entry {str(j)[:20]!r} for no parameter of this model")
+        if keys is not None and set(entry) != keys:
+            raise bad(f"has entries {sorted(map(str, entry))[:4]} where this optimizer keeps {sorted(keys)}")
         for name, v in entry.items():
             if isinstance(v, torch.Tensor):
                 if v.ndim and v.shape != params[j].shape:
@@ -245,6 +251,20 @@ def check_optimizer(saved: dict[str, Any], optimizer: torch.optim.Optimizer, pat
                     raise bad("has a negative or non-scalar step")
             elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise bad(f"has {name} = {str(v)[:20]}")
+
+
+def _state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
+    """The per-parameter entries this optimizer keeps (e.g. step, exp_avg, exp_avg_sq), from one step of the same
+    class and settings on a one-element parameter; None when that cannot be built (then only shapes are checked)."""
+    try:
+        p = nn.Parameter(torch.zeros(1))
+        p.grad = torch.zeros(1)
+        accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold more than it takes
+        probe = type(optimizer)([p], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+        probe.step()
+        return set(probe.state[p])
+    except Exception:  # an optimizer that needs more than its defaults (a closure, a wrapped base optimizer)
+        return None
 
 
 def check_scaler(saved: dict[str, Any], scaler: Any, path: Path) -> None:
