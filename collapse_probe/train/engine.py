@@ -173,7 +173,7 @@ def _run(cfg: TrainConfig, info: DistInfo, folder: RunFolder, source: Path | Non
         for line in filter(None, note):
             print(line, file=sys.stderr)
         folder.commit(cfg.to_dict(), start_epoch, cut_logs=cfg.resume, logs=logs)  # the first write of the run
-        print(f"train: {cfg.model}, {need.params:,} parameters (about {size_text(need.total)} per step) on {device}"
+        print(f"train: {cfg.model}, {need.params:,} parameters (about {size_text(need.total)} of memory) on {device}"
               f"{f' with {dtype}'.replace('torch.', '') if dtype else ''}, {info.world} process(es); {cfg.dataset}: "
               f"{len(train_set)} training / {len(val_set)} validation images, {steps} steps of {cfg.batch_size} "
               f"per epoch; epochs {start_epoch + 1}..{total_epochs} into {out}", file=sys.stderr, flush=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import BadArgumentError
-from ..outputs import write_file
+from ..outputs import committed, write_file
 
 RUN_MANIFEST = ".collapse-probe-run.json"
 RUN_FILES = ("last.pt", "log.csv", "collapse.csv", "config.json", "final.safetensors", "best.safetensors")
@@ -247,6 +247,8 @@ class RunFolder:
                 (self.path / name).unlink(missing_ok=True)
             except OSError:
                 pass
+        gone = {(self.path / n).absolute() for n in self._new_files}
+        committed[:] = [p for p in committed if Path(p).absolute() not in gone]  # "interrupted: no output written"
         self.release()
         for folder in reversed(self._created):
             try:
