@@ -122,7 +122,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, workers):
     for k in a["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
     rows = (out / "log.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == list(range(rcfg["epochs"]))  # no epoch logged twice
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, rcfg["epochs"] + 1))  # 1-based, none twice
 
 
 # ------------------------------------------------------------------------------------------------ DDP

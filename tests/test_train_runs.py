@@ -35,9 +35,14 @@ def _cli(*args: str):
     return CliRunner().invoke(main, ["train", *args])
 
 
-def _one_line(res, code: int, *words: str) -> None:
+def _one_line(res, code: int, *words: str, started: bool = False) -> None:
+    """Exit ``code`` with one error line naming ``words``; ``started``: after the run's start-up line (an error found
+    while training, such as an image that cannot be read)."""
     assert res.exit_code == code, res.output
     lines = res.stderr.strip().splitlines()
+    if started:
+        assert lines and lines[0].startswith("train: "), res.stderr
+        lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], res.stderr
     for w in words:
         assert w in lines[0], lines[0]
@@ -78,12 +83,15 @@ def test_resume_refuses_changed_settings_and_foreign_files(run_a, tmp_path):
     base = [*TINY, "--model", "vit_micro", "-o", str(run_a)]
     _one_line(_cli(*base, "--resume", "--lr", "0.5"), 2, "lr: 0.001 -> 0.5")
     _one_line(_cli(*TINY, "--model", "vit_micro", "--depth", "2", "-o", str(run_a), "--resume"), 2, "model_args")
-    res = _cli(*base, "--resume")  # same settings: continues (nothing left to train after its one epoch)
-    assert res.exit_code == 0 and "resumed from" in res.stderr and "at epoch 1" in res.stderr, res.output
+    res = _cli(*base, "--resume")  # same settings: nothing left to train after its one epoch, and it says so
+    assert res.exit_code == 0 and "already finished 1 epochs; nothing to do" in res.stderr, res.output
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    _one_line(_cli(*base, "--resume", str(foreign)), 4, "no 'model'")
+    elsewhere = [*TINY, "--model", "vit_micro", "-o", str(tmp_path / "new")]
+    _one_line(_cli(*elsewhere, "--resume", str(foreign)), 4, "no 'model'")
+    _one_line(_cli(*base, "--resume", str(foreign)), 2, "holds another run")  # never into another run's folder
     _one_line(_cli(*base, "--resume", str(tmp_path / "missing.pt")), 2, "does not exist")
+    assert not (tmp_path / "new").exists()
     state = load_training_state(run_a / "last.pt")  # a last.pt without its config: the shapes decide, exit 5
     del state["config"]
     torch.save(state, tmp_path / "noconfig.pt")
@@ -164,7 +172,8 @@ def test_data_dir_problems_are_one_line(tmp_path, bad, workers, code, word):
     res = _cli("--preset", "smoke", "--device", "cpu", "--model", "vit_micro", "--depth", "1", "--data-dir",
                str(tmp_path / "data"), "--batch-size", "4", "--workers", str(workers), "-o", str(tmp_path / "run"),
                "--set", "model_args={\"img_size\": 32, \"depth\": 1}")
-    _one_line(res, code, word)
+    _one_line(res, code, word, started=bad == "corrupt")
+    assert not (tmp_path / "run").exists()  # no empty or half-made run folder after a data error
 
 
 # ------------------------------------------------------------------------------------------------ logs, checkpoints

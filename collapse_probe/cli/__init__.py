@@ -213,13 +213,17 @@ def train(config_file, preset, model, depth, data_dir, epochs, batch_size, lr, o
     """Train ViT / DeepViT (timm recipe, bf16, torch.compile, DDP via torchrun, exact --resume, collapse tracking).
 
     Each run writes config.json, last.pt, best.safetensors, final.safetensors, log.csv, collapse.csv and, when the
-    tensorboard package is installed, TensorBoard events (tensorboard --logdir runs/train).
+    tensorboard package is installed, TensorBoard events (tensorboard --logdir runs/train). Epochs are numbered from
+    1 everywhere (the epoch column of log.csv and collapse.csv is the epoch just finished). A folder that is not new,
+    empty or a run of ours is refused untouched; nothing is written before settings, data and --resume's last.pt
+    have been checked.
 
     \b
     Examples:
       collapse-probe train --preset digits --model deepvit_micro --depth 16 -o runs/deepvit16
       collapse-probe train -c recipe.yaml --lr 5e-4 -o runs/recipe           # the file, then the options
       collapse-probe train -o runs/deepvit16 --resume                       # continue runs/deepvit16/last.pt
+      collapse-probe train -o runs/deepvit16 --resume --epochs 80           # train a finished run longer
       collapse-probe train --initial-checkpoint runs/deepvit16/final.safetensors --epochs 5 -o runs/ft
       torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --model deepvit_32b \\
           --data-dir /data/imagenet --compile -o runs/d32

@@ -129,17 +129,19 @@ def _train_command(f):
 
     options = [
         click.option("--config", "-c", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                     metavar="FILE.yaml", help="TrainConfig keys in YAML (see --print-config); options override it; "
-                     "unknown keys fail."),
+                     metavar="FILE.yaml", help="TrainConfig keys in YAML (see --print-config); options override it, "
+                     "model_args merge key by key; unknown keys and out-of-range values fail."),
         click.option("--preset", type=click.Choice(list(PRESETS)), help=_preset_help()),
         click.option("--model", metavar="NAME", help="Architecture (e.g. deepvit_32b, vit_micro)."),
         click.option("--depth", type=click.IntRange(min=1), help="Override the model's number of blocks."),
         click.option("--data-dir", type=click.Path(path_type=Path), help="ImageNet-style folder with train/ and val/."),
-        click.option("--epochs", type=click.IntRange(min=1)),
+        click.option("--epochs", type=click.IntRange(min=1), help="Epochs to train. With --resume, left out: "
+                     "the run's own length; given: the run's new length (schedule stretched from the current step)."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Per process."),
         click.option("--lr", type=float),
         click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Run folder (default: "
-                     "a new runs/train/version_N). An existing run is continued only with --resume."),
+                     "a new runs/train/version_N): new, empty, or a run of ours (any other folder is refused, "
+                     "untouched). An existing run is continued only with --resume."),
         click.option("--device", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)."),
         click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]),
                      help="Autocast (auto: bf16 on CUDA)."),
@@ -148,13 +150,14 @@ def _train_command(f):
         click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[PATH]",
                      help="Continue a run: alone, from OUTPUT/last.pt (a fresh start if there is none yet; without "
                      "-o, the latest runs/train/version_N); with PATH, from that last.pt. Settings that change "
-                     "the numbers must match the checkpoint's (the differing keys are named)."),
+                     "the numbers must match the checkpoint's (the differing keys are named); --epochs may change "
+                     "the length. A finished run does nothing."),
         click.option("--initial-checkpoint", type=click.Path(path_type=Path), metavar="PATH",
                      help="Start from these weights (safetensors or a last.pt; every loading check applies), with a "
                      "fresh optimiser and schedule: fine-tuning."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                     help="Override any config key (JSON values, checked against the key's type), e.g. --set "
-                     "mixup=0.1 --set attn_reuse_from=7."),
+                     help="Override any config key (JSON values, checked against the key's type and range), e.g. "
+                     "--set mixup=0.1 --set attn_reuse_from=7 --set model_args.depth=12 (null removes a key)."),
         click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress on stderr: bars on a terminal, one line per phase otherwise."),

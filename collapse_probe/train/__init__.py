@@ -3,10 +3,12 @@
     python -m collapse_probe train --preset digits --model deepvit_micro --depth 8 --output runs/deepvit8
     torchrun --nproc-per-node 8 -m collapse_probe train --preset paper --model deepvit_16b --data-dir /data/imagenet
 
-Modules: config (dataclass + presets), data (datasets, loaders), engine (the loop), evaluation (BatchNorm
-re-calibration, evaluation, collapse tracking), runs (run folders, resume, progress), artifacts (logs, checkpoints),
-state (atomic training state, RNG), baselines (attention reuse / temperature / dropping, cosine regulariser). What a
-checkpoint was trained on is read by ``loading.provenance`` (the probe's default images need it).
+Modules: config (dataclass, presets, merging), limits (value ranges), recipe (YAML files and --set, bounded), data
+(datasets, loaders), setup (model, transforms, loss, optimizer, schedule), sizing (memory estimate on the meta
+device), engine (the loop), evaluation (BatchNorm re-calibration, evaluation, collapse tracking), folder (which folders
+a run may write, its manifest, logs), runs (choosing the folder, fine-tuning, TensorBoard, progress), resume (checking
+and loading a last.pt), artifacts (logs, checkpoints), state (atomic training state, RNG), baselines (attention reuse / temperature /
+dropping, cosine regulariser). What a checkpoint was trained on is read by ``loading.provenance``.
 """
 from typing import Any
 

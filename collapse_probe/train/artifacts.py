@@ -1,53 +1,67 @@
 """What a run writes besides the loop's own state: config.json, log.csv / collapse.csv rows, TensorBoard scalars,
-last.pt (``_save``), best.safetensors and final.safetensors (``_export``), every file through ``outputs.write_file``
-except the append-only CSV logs and TensorBoard events.
+last.pt (``save_state``), best.safetensors and final.safetensors (``export``), every file through
+``outputs.write_file`` except the append-only CSV logs and TensorBoard events.
+
+Epochs are numbered from 1 everywhere a user sees them: the ``epoch`` column of log.csv and collapse.csv is the epoch
+just finished (1 = after the first pass over the data), the same number as the console's ``epoch=`` and TensorBoard's
+step. A write that fails (full disk, read-only folder) is one line, exit 2.
 """
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from ..distributed import DistInfo
+from ..errors import BadArgumentError, CollapseProbeError, first_line
 from ..loading.save import save_checkpoint
 from ..outputs import write_file
 from .config import TrainConfig
+from .folder import LOG_FIELDS  # noqa: F401  (re-exported: the log's columns)
 from .state import rng_state, save_training_state
 
-LOG_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "ema_top1", "ema_top5", "lr", "images_per_s",
-              "epoch_seconds", "similar_blocks"]
+_WRITE_WORDS = ("space", "write", "disk", "i/o", "ioerror", "read-only", "serializ", "file")
 
 
 def write_json(path: Path, obj: Any) -> None:
     write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def truncate_csv(path: Path, start_epoch: int) -> None:
-    """Drop rows of epochs >= start_epoch (written before a crash, after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start_epoch]
+def _write_failed(path: Path, e: BaseException) -> BadArgumentError:
+    reason = getattr(e, "strerror", None) or first_line(e, 120)
+    return BadArgumentError(f"cannot write {path}: {reason}; free disk space or choose another --output, then "
+                            "--resume")
 
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-    write_file(path, write)
+
+def guarded(path: Path, write: Callable[[], object]) -> None:
+    """``write()``; a failure to write ``path`` that a library raises as something else than OSError (safetensors'
+    own error) becomes the same one line as an OSError."""
+    try:
+        write()
+    except CollapseProbeError:
+        raise
+    except OSError as e:
+        raise _write_failed(path, e) from e
+    except Exception as e:
+        if any(w in str(e).lower() for w in _WRITE_WORDS):
+            raise _write_failed(path, e) from e
+        raise
 
 
 def append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    try:
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+    except OSError as e:
+        raise _write_failed(path, e) from e
 
 
 def fmt(v: Any) -> Any:
@@ -78,7 +92,8 @@ def save_best(path: Path, cfg: TrainConfig, model, ema, metrics, epoch: int) -> 
     which = "ema" if "ema" in metrics and metrics["ema"]["top1"] > metrics["raw"]["top1"] else "raw"
     ev = {"top1": metrics[which]["top1"], "top5": metrics[which]["top5"], "loss": metrics[which]["loss"],
           "epoch": epoch, "dataset": cfg.dataset, "weights": which, "val_images": metrics[which]["images"]}
-    save_checkpoint(ema.module if which == "ema" else model, path, extra={"eval": ev, "train_config": cfg.to_dict()})
+    guarded(path, lambda: save_checkpoint(ema.module if which == "ema" else model, path,
+                                          extra={"eval": ev, "train_config": cfg.to_dict()}))
 
 
 def save_state(path: Path, cfg: TrainConfig, info: DistInfo, model, ema, optimizer, scheduler, scaler, epoch: int,
@@ -96,6 +111,7 @@ def save_state(path: Path, cfg: TrainConfig, info: DistInfo, model, ema, optimiz
         "model": model.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "epoch": epoch, "num_updates": num_updates, "rng": rng, "config": cfg.to_dict(),
+        "epoch_base": 1,  # history rows number epochs from 1 (absent: an earlier version's 0-based rows)
         "history": [{k: v for k, v in r.items()} for r in history],
         META_KEY: {**model_metadata(model), "train_config": cfg.to_dict()},  # what it was trained on, for the probe
     }
@@ -121,5 +137,5 @@ def export(out: Path, cfg: TrainConfig, model, ema, metrics, epochs: int, track_
                              "images": int(track_batch.shape[0])}
         ev["similar_blocks"] = tracked["similar_blocks"]
     path = out / "final.safetensors"
-    save_checkpoint(chosen, path, extra=extra)
+    guarded(path, lambda: save_checkpoint(chosen, path, extra=extra))
     return path, ev

@@ -4,6 +4,10 @@
     cfg = resolve_config("digits", model="vit_micro", model_args={"depth": 16}, epochs=30)
     cfg.to_dict()  # JSON-able; saved as config.json beside every checkpoint and inside it
 
+Overrides replace the preset's values, except mappings (``model_args``), which are merged key by key as a JSON merge
+patch (RFC 7386): ``model_args={"mlp_ratio": 1}`` keeps the preset's other model arguments, ``{"depth": None}``
+removes one. Types are checked in ``_coerce``, ranges in ``limits``.
+
 Presets:
     paper   the official DeepViT ImageNet recipe (DeiT-style): AdamW lr 5e-4 (batch 256 = 32 x 8 GPUs), weight decay
             0.05, cosine with 5 warmup epochs from 1e-6 to a minimum of 1e-5, 300 epochs + 10 cooldown,
@@ -26,10 +30,10 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import BadArgumentError
+from .limits import check_ranges
 
 
 @dataclass
@@ -102,13 +106,16 @@ class TrainConfig:
     progress: bool = True
     max_steps_per_epoch: int | None = None  # cap (smoke tests)
     preset: str | None = None
+    # each ``--resume --epochs N`` that changed the length: {"at_epoch": epochs done, "from": old, "to": new epochs}
+    extended: list[dict[str, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return resolve_config(None, **d)
+        cfg = resolve_config(None, **{k: v for k, v in d.items() if k != "preset"})  # every value is in d already
+        return dataclasses.replace(cfg, preset=d.get("preset"))
 
 
 _PAPER: dict[str, Any] = dict(dataset="folder", batch_size=32, model_ema_decay=0.99996, amp="auto")
@@ -132,12 +139,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_HELP = {
     "paper": "official DeepViT ImageNet recipe (DeiT-style, 300 epochs, batch 256 over 8 GPUs); needs --data-dir",
     "paper32": "the 32-block variant: mixup 0.1, no cutmix, cosine regulariser 0.1; needs --data-dir",
-    "digits": "scikit-learn digits at 32 px, patch 4, on a CPU, 40 epochs, light augmentation (the bundled checkpoints)",
+    "digits": "scikit-learn digits at 32 px, patch 4, on a CPU, 40 epochs, light augmentation (the bundled "
+              "checkpoints)",
     "smoke": "synthetic images, 2 epochs of a 2-block model, for tests",
 }
 # keys that change how a run is executed or logged, not what it computes: they may differ on --resume
 RESUME_FREE = frozenset({"output", "resume", "resume_from", "initial_checkpoint", "progress", "device", "workers",
-                         "pin_memory", "compile", "save_every", "preset"})
+                         "pin_memory", "compile", "save_every", "preset", "extended"})
+# keys a resume may change on purpose (the schedule is stretched to the new length): see ``resume.plan_epochs``
+RESUME_EXTENDS = frozenset({"epochs"})
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -164,7 +174,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise bad("a finite number") from None
     if origin is str:
         if not isinstance(value, str):
             raise bad("a string")
@@ -174,14 +187,46 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise bad(f"a list of {len(args)} numbers, e.g. [0.08, 1.0]")
         return tuple(_coerce(key, v, a) for v, a in zip(value, args))
     if origin is dict:
-        if not isinstance(value, dict):
-            raise bad("a mapping, e.g. {\"depth\": 16}")
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping with string keys, e.g. {\"depth\": 16}")
+        if args and args[1] is not Any:
+            return {k: _coerce(key, v, args[1]) for k, v in value.items()}
         return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad("a list")
+        return [_coerce(key, v, args[0]) for v in value]
     return value
 
 
+def merge_patch(base: Any, patch: Any) -> Any:
+    """``patch`` applied to ``base`` as a JSON merge patch (RFC 7386): mappings merge key by key (recursively), a None
+    value inside a mapping removes that key, anything else replaces."""
+    if not isinstance(patch, dict) or not isinstance(base, dict):
+        return patch
+    out = dict(base)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v) if isinstance(v, dict) else v
+    return out
+
+
+def merge_layers(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Config layers, lowest precedence first, into one: top-level keys replace (a None is kept: ``auto_augment:
+    null`` switches it off), mapping values merge (``merge_patch``)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in layer.items():
+            both = isinstance(v, dict) and isinstance(out.get(k), dict)
+            out[k] = merge_patch(out[k], v) if both else v
+    return out
+
+
 def resolve_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then ``PRESETS[preset]``, then ``overrides`` (unknown keys are a ``BadArgumentError``)."""
+    """Defaults, then ``PRESETS[preset]``, then ``overrides`` (unknown keys are a ``BadArgumentError``); mappings
+    (``model_args``) merge key by key (``merge_layers``)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}
     if preset is not None:
@@ -192,7 +237,7 @@ def resolve_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise BadArgumentError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
-    values.update(overrides)
+    values = merge_layers(values, overrides)
     values = {k: _coerce(k, v, _HINTS[k]) for k, v in values.items()}
     values["model_args"] = dict(values.get("model_args") or {})
     cfg = TrainConfig(**values)
@@ -207,49 +252,13 @@ def _check(cfg: TrainConfig) -> None:
         raise BadArgumentError("dataset 'folder' needs data_dir (a folder with train/ and val/ class sub-folders)")
     if cfg.amp not in ("auto", "bf16", "fp16", "none"):
         raise BadArgumentError(f"amp must be auto, bf16, fp16 or none, got '{cfg.amp}'")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise BadArgumentError("epochs and batch_size must be at least 1")
+    check_ranges(cfg)
     if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise BadArgumentError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Keys of TrainConfig from a YAML (or JSON) file; unknown keys and bad types fail in ``resolve_config``."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise BadArgumentError(f"cannot read --config {path}: {e.strerror or type(e).__name__}") from e
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" (line {where.line + 1})" if where is not None else ""
-        raise BadArgumentError(f"--config {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise BadArgumentError(f"--config {path} must be a mapping of config keys, got {type(data).__name__}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise BadArgumentError(f"--config {path}: unknown key(s) {', '.join(unknown)} (see --print-config for the "
-                               "valid keys)")
-    return data
-
-
 def changed_on_resume(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """Keys whose value differs between a checkpoint's config and ``cfg`` (ignoring ``RESUME_FREE``)."""
+    """Keys whose value differs between a checkpoint's config and ``cfg`` (ignoring ``RESUME_FREE`` and the
+    ``RESUME_EXTENDS`` keys a resume may change on purpose)."""
     now = cfg.to_dict()
-    return sorted(k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k])
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` from the command line; VALUE is parsed as JSON when it can be (numbers, lists, null, true)."""
-    if "=" not in text:
-        raise BadArgumentError(f"--set expects KEY=VALUE, got '{text}'")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip().replace("-", "_"), value
+    return sorted(k for k in now if k not in RESUME_FREE | RESUME_EXTENDS and k in saved and saved[k] != now[k])

@@ -4,11 +4,17 @@
     loader = train_loader(train_set, cfg, rank, world, epoch)           # DistributedSampler, reseeded each epoch
 
 Transforms are timm's ``create_transform`` (RandAugment, random erasing, ...); images reach them as PIL images, so the
-three datasets share one pipeline. Digits: 8x8 grey levels 0..16 -> 0..255, replicated to RGB and upscaled by the
-transform to the model's input size; the validation split is fixed (stratified, seed 0) whatever the training seed.
+three datasets share one pipeline. Folder images get the checks of the probing commands: only regular files are
+listed (a FIFO or device named ``x.png`` is skipped, so it can never block a read), each is opened without blocking
+and checked to be a regular file, and Pillow's decompression-bomb limit refuses oversized images (one line, exit 4).
+Digits: 8x8 grey levels 0..16 -> 0..255, replicated to RGB and upscaled by the transform to the model's input
+size; the validation split is fixed (stratified, seed 0) whatever the training seed.
 """
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,11 +86,24 @@ class ImageReadError(MalformedFileError):
         super().__init__(message)
 
 
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _load_image(path: str) -> Image.Image:
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        # O_NONBLOCK: were the file swapped for a FIFO after listing, open() returns instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            with warnings.catch_warnings():  # Pillow warns below its bomb limit: refuse instead, as the probe does
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return Image.open(f).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageReadError(f"cannot read image {path} ({first_line(e, 120)}); remove or replace it") from None
 
 
@@ -93,8 +112,11 @@ def _image_folder(folder: Path, transform: Callable) -> Dataset:
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
+    def valid(path: str) -> bool:  # the default test is the extension alone: a FIFO named x.png would hang a worker
+        return path.lower().endswith(IMG_EXTENSIONS) and _regular(path)
+
     try:
-        return ImageFolder(str(folder), transform, loader=_load_image)
+        return ImageFolder(str(folder), transform, loader=_load_image, is_valid_file=valid)
     except (FileNotFoundError, RuntimeError) as e:
         empty = [d for d in sorted(folder.iterdir()) if d.is_dir() and not any(
             p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS) for p in d.rglob("*"))]

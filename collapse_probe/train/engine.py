@@ -36,26 +36,26 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from ..errors import BadArgumentError
-from ..loading.build import create_model
-from .artifacts import (
-    LOG_FIELDS,
-    append_csv,
-    export,
-    fmt,
-    log_scalars,
-    save_best,
-    save_state,
-    top1,
-    truncate_csv,
-    write_json,
-)
-from .baselines import CosineRegularizer, baseline_model_args
+from .artifacts import LOG_FIELDS, append_csv, export, fmt, save_best, save_state, top1
+from .baselines import CosineRegularizer
 from .config import TrainConfig
 from .data import build_datasets, eval_loader, fixed_batch, train_loader
 from .evaluation import bn_modules, evaluate, recalibrate_bn, track_collapse
-from .runs import bar, load_initial, load_resume, load_state, resume_path, run_folder, summary_writer
-from .state import seed_everything, set_rng_state
+from .folder import CSV_FIELDS, RunFolder
+from .resume import apply_state, plan_resume, read_state
+from .runs import Scalars, bar, load_initial, plan_output
+from .setup import (  # noqa: F401  (build_model, build_transforms, build_loss: re-exported for tests and scripts)
+    amp_dtype,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_transforms,
+    model_kwargs,
+    num_classes_of,
+)
+from .sizing import check_fits, estimate, size_text
+from .state import seed_everything
 
 
 @dataclass
@@ -67,99 +67,63 @@ class TrainResult:
     final_path: Path | None = None
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA for "auto" (no loss scaling needed); fp16 uses a GradScaler; None = full precision."""
-    amp = cfg.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    if amp == "fp16" and device.type != "cuda":
-        raise BadArgumentError("amp fp16 needs a CUDA device; use bf16 or none on the CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def _num_classes(cfg: TrainConfig) -> int:
-    if cfg.dataset in ("digits", "synthetic"):
-        return 10
-    root = Path(cfg.data_dir or "") / "train"
-    if not root.is_dir():
-        raise BadArgumentError(f"{root} is not a folder; data_dir needs train/ and val/ (ImageNet layout)")
-    return sum(1 for p in root.iterdir() if p.is_dir())
-
-
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    args = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path, "drop_rate": cfg.drop,
-            **baseline_model_args(cfg), **cfg.model_args}
-    return create_model(cfg.model, **args)
-
-
-def build_transforms(cfg: TrainConfig, model: nn.Module):
-    from timm.data import create_transform, resolve_data_config
-
-    dc = resolve_data_config({}, model=model)
-    train_tf = create_transform(
-        dc["input_size"], is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter if cfg.color_jitter else None, auto_augment=cfg.auto_augment,
-        interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"], re_prob=cfg.reprob, re_mode=cfg.remode,
-        re_count=cfg.recount)
-    val_tf = create_transform(dc["input_size"], is_training=False, interpolation=dc["interpolation"],
-                              mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"])
-    return train_tf, val_tf
-
-
-def build_loss(cfg: TrainConfig, num_classes: int):
-    """(mixup_fn or None, training criterion): timm's Mixup / SoftTargetCrossEntropy / LabelSmoothingCrossEntropy."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                      switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
-                      num_classes=num_classes)
-        return mixup, SoftTargetCrossEntropy()
-    if cfg.smoothing > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    return None, nn.CrossEntropyLoss()
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
 
 
-def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.dataset``; one process, or one rank of a torchrun job (DDP)."""
+def train(cfg: TrainConfig, info: DistInfo | None = None, *, epochs_from_checkpoint: bool = False) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.dataset``; one process, or one rank of a torchrun job (DDP).
+
+    ``epochs_from_checkpoint``: on resume, keep the checkpoint's length whatever ``cfg.epochs`` says (the CLI sets it
+    when no epochs were given); otherwise a different ``cfg.epochs`` changes the run's length from the current step.
+    """
     own_group = info is None
     info = info or init_distributed(cfg.device)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, epochs_from_checkpoint)
     finally:
         if own_group:
             cleanup()
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
-    device = info.device
-    out = run_folder(cfg)  # every rank checks (same files, same errors); rank 0's choice of version_N wins
+def _train(cfg: TrainConfig, info: DistInfo, epochs_from_checkpoint: bool) -> TrainResult:
+    folder, source = plan_output(cfg)  # every rank checks (same files, same errors); rank 0's choice of version_N wins
     if info.distributed:
-        box = [str(out)]
+        box = [str(folder.path)]
         dist.broadcast_object_list(box, src=0)
-        out = Path(box[0])
-    cfg = dataclasses.replace(cfg, output=str(out), model_args=dict(cfg.model_args))
+        if Path(box[0]) != folder.path:
+            folder = RunFolder(Path(box[0]), "new")
+    cfg = dataclasses.replace(cfg, output=str(folder.path), model_args=dict(cfg.model_args))
     if info.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadArgumentError(f"cannot create --output {out}: {e.strerror or type(e).__name__}") from e
+        folder.lock()  # an existing folder: before any of it is read; a new one once it is made
+    try:
+        return _run(cfg, info, folder, source, epochs_from_checkpoint)
+    except BaseException:
+        if info.main:
+            folder.discard()  # a run that never finished an epoch leaves no folder (nor files in a given empty one)
+        raise
+    finally:
+        folder.release()
+
+
+def _run(cfg: TrainConfig, info: DistInfo, folder: RunFolder, source: Path | None,
+         epochs_from_checkpoint: bool) -> TrainResult:
+    device, out = info.device, folder.path
     show = cfg.progress and info.main
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
+    # everything is built and checked before the first file is written: a bad setting leaves no folder behind
+    num_classes = num_classes_of(cfg)
+    dtype = amp_dtype(cfg, device)
+    need = estimate(lambda: build_model(cfg, num_classes), cfg.batch_size, cfg.model_ema)
+    check_fits(need, cfg.model, cfg.model_args, cfg.batch_size, device, dtype is not None)
     # same initial weights on every rank; then a per-rank stream for augmentation and drop path
     seed_everything(cfg.seed)
-    num_classes = _num_classes(cfg)
     model = build_model(cfg, num_classes)
     if cfg.initial_checkpoint:  # before the EMA copy, so both start from these weights
         for k in load_initial(model, cfg.initial_checkpoint):
@@ -174,52 +138,53 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    # AdamW; timm skips weight decay for 1-d parameters (norms, biases) and model.no_weight_decay() (tokens, pos_embed)
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
+    optimizer = build_optimizer(cfg, model)
     steps = len(train_loader(train_set, cfg, info.rank, info.world, 0))
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    scheduler, total_epochs = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=False, updates_per_epoch=steps)
-    dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    start_epoch, num_updates, history = 0, 0, []
+    if source is not None:  # every entry checked before anything of it is used, and before any file is written
+        state = read_state(source, max_bytes=2 * need.state_bytes + (256 << 20))
+        plan = plan_resume(state, cfg, source, epochs_from_checkpoint)
+        cfg = plan.cfg
+        scheduler, total_epochs = build_scheduler(cfg, optimizer, cfg.epochs, steps)
+        reference = scheduler if plan.saved_epochs == cfg.epochs else \
+            build_scheduler(cfg, optimizer, plan.saved_epochs, steps)[0]
+        apply_state(state, plan, model, ema, optimizer, scaler, reference, info.rank, source)
+        scheduler.step_update(num_updates=plan.num_updates)  # the lr of this step (on a stretched schedule too)
+        start_epoch, num_updates, history = plan.start_epoch, plan.num_updates, plan.history
+        del state
+        if start_epoch >= total_epochs and (out / "final.safetensors").is_file():
+            if info.main:
+                print(f"run {out} already finished {start_epoch} epochs; nothing to do; use --resume --epochs M with "
+                      f"M > {cfg.epochs} to train longer", file=sys.stderr)
+            return TrainResult(_unwrap(model), ema.module if ema is not None else None, history)
+        note = [plan.note, f"resumed from {source} at epoch {start_epoch}"]
+    else:
+        scheduler, total_epochs = build_scheduler(cfg, optimizer, cfg.epochs, steps)
+        note = [f"--resume: no {out / 'last.pt'} yet, starting from scratch" if cfg.resume else None]
+    if info.main:
+        logs = {name: folder.read_log(name) for name in CSV_FIELDS} if cfg.resume else {}  # ours, or refused now
+        for line in filter(None, note):
+            print(line, file=sys.stderr)
+        folder.commit(cfg.to_dict(), start_epoch, cut_logs=cfg.resume, logs=logs)  # the first write of the run
+        print(f"train: {cfg.model}, {need.params:,} parameters (about {size_text(need.total)} of memory) on {device}"
+              f"{f' with {dtype}'.replace('torch.', '') if dtype else ''}, {info.world} process(es); {cfg.dataset}: "
+              f"{len(train_set)} training / {len(val_set)} validation images, {steps} steps of {cfg.batch_size} "
+              f"per epoch; epochs {start_epoch + 1}..{total_epochs} into {out}", file=sys.stderr, flush=True)
+    scalars = Scalars(folder) if info.main else None
+    best = max([top1(r) for r in history] + [-1.0])
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     mixup_fn, criterion = build_loss(cfg, num_classes)
     regularizer = CosineRegularizer(model, cfg.cosine_reg, cfg.cosine_reg_pairs) if cfg.cosine_reg > 0 else None
-
-    start_epoch, num_updates, history = 0, 0, []
-    ckpt_path, source = out / "last.pt", resume_path(cfg, out)
-    if source is not None:
-        state = load_resume(source, cfg)
-        load_state(model, state["model"], "model", source)
-        if ema is not None and state.get("model_ema") is not None:
-            load_state(ema.module, state["model_ema"], "model_ema", source)
-        load_state(optimizer, state["optimizer"], "optimizer", source)
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, num_updates, history = state["epoch"], state["num_updates"], list(state.get("history", []))
-        ranks = state["rng"]
-        set_rng_state(ranks[info.rank] if info.rank < len(ranks) else ranks[0])
-        if info.main:
-            print(f"resumed from {source} at epoch {start_epoch}", file=sys.stderr)
-    elif cfg.resume and info.main:
-        print(f"--resume: no {ckpt_path} yet, starting from scratch", file=sys.stderr)
-    if info.main:
-        if cfg.resume:  # rows written after the checkpoint we continue from (a crash), or by a run never saved
-            truncate_csv(out / "log.csv", start_epoch)
-            truncate_csv(out / "collapse.csv", start_epoch)
-        write_json(out / "config.json", cfg.to_dict())
-    writer = summary_writer(out) if info.main else None
-    best = max([top1(r) for r in history] + [-1.0])
 
     train_model: nn.Module = model
     if info.distributed:
@@ -232,6 +197,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
 
     val = eval_loader(val_set, cfg, info.rank, info.world)
     metrics: dict[str, Any] = {}
+
+    def evaluate_both(when: str) -> dict[str, Any]:
+        with bar(val, len(val), f"{when}: evaluation (raw)", show) as batches:
+            found = {"raw": evaluate(model, batches, device, info, autocast)}
+        if ema is not None:
+            with bar(val, len(val), f"{when}: evaluation (ema)", show) as batches:
+                found["ema"] = evaluate(ema.module, batches, device, info, autocast)
+        return found
+
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
         loader = train_loader(train_set, cfg, info.rank, info.world, epoch)
@@ -273,7 +247,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         scheduler.step(epoch + 1)
         tot = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]),
                              info).cpu()
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(tot[0] / max(float(tot[1]), 1.0)),
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(tot[0] / max(float(tot[1]), 1.0)),
                                "lr": optimizer.param_groups[0]["lr"],
                                "images_per_s": float(tot[1]) / max(train_seconds, 1e-9)}
         last = epoch == total_epochs - 1
@@ -283,12 +257,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                          f"epoch {epoch + 1}: BatchNorm re-calibration ({name})", show) as batches:
                     recalibrate_bn(m, batches, device, cfg.bn_recalib_batches, info, autocast)
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            with bar(val, len(val), f"epoch {epoch + 1}: evaluation (raw)", show) as batches:
-                metrics = {"raw": evaluate(model, batches, device, info, autocast)}
+            metrics = evaluate_both(f"epoch {epoch + 1}")
             row.update(val_loss=metrics["raw"]["loss"], top1=metrics["raw"]["top1"], top5=metrics["raw"]["top5"])
             if ema is not None:
-                with bar(val, len(val), f"epoch {epoch + 1}: evaluation (ema)", show) as batches:
-                    metrics["ema"] = evaluate(ema.module, batches, device, info, autocast)
                 row.update(ema_top1=metrics["ema"]["top1"], ema_top5=metrics["ema"]["top5"])
             if info.main and top1(row) > best:
                 best = top1(row)
@@ -301,7 +272,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             kind = tracked["kind"]
             for b, nb in zip(tracked[kind]["blocks"], tracked[kind]["neighbor"]):
                 append_csv(out / "collapse.csv", ["epoch", "kind", "block", "neighbor_similarity", "similar"],
-                            {"epoch": epoch, "kind": kind, "block": b,
+                            {"epoch": epoch + 1, "kind": kind, "block": b,
                              "neighbor_similarity": "" if nb is None else fmt(nb),
                              "similar": int(b in tracked[kind]["similar_blocks"])})
         row["epoch_seconds"] = time.perf_counter() - t0
@@ -310,16 +281,19 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             append_csv(out / "log.csv", LOG_FIELDS, {k: fmt(v) for k, v in row.items()})
             msg = " ".join(f"{k}={fmt(v)}" for k, v in row.items())
             print(msg, file=sys.stderr, flush=True)
-            if writer is not None:
-                log_scalars(writer, row, epoch + 1)
+            scalars.log(row, epoch + 1)
         if last or (epoch + 1) % max(cfg.save_every, 1) == 0:
-            save_state(ckpt_path, cfg, info, model, ema, optimizer, scheduler, scaler, epoch + 1, num_updates, history)
+            save_state(out / "last.pt", cfg, info, model, ema, optimizer, scheduler, scaler, epoch + 1, num_updates,
+                       history)
+            folder.saved = True
 
+    if not metrics and start_epoch >= total_epochs:  # finished earlier, stopped before final.safetensors was written
+        metrics = evaluate_both(f"epoch {total_epochs}")
     result = TrainResult(_unwrap(model), ema.module if ema is not None else None, history)
     if info.main and metrics:
         result.final_path, result.final = export(out, cfg, model, ema, metrics, total_epochs, track_batch)
     if regularizer is not None:
         regularizer.remove()
-    if writer is not None:
-        writer.close()
+    if scalars is not None:
+        scalars.close()
     return result

@@ -1,17 +1,18 @@
-"""Run folders, resuming, fine-tuning, TensorBoard and progress: the parts of a training run around the loop.
+"""Run folders, fine-tuning, TensorBoard and progress: the parts of a training run around the loop.
 
-    out = run_folder(cfg)                 # -o, or a fresh runs/train/version_N (N = next free, as Lightning)
-    state = load_resume(path, cfg)        # a last.pt whose settings match cfg (else a one-line error)
+    folder, source = plan_output(cfg)     # -o, or a fresh runs/train/version_N; the last.pt to continue (or None)
     load_initial(model, path)             # --initial-checkpoint: weights only, through read_checkpoint
+    scalars = Scalars(folder); scalars.log(row, epoch)   # TensorBoard, its event file made with the first row
 
-Rules, so a second run never mixes with the first: a folder that already holds a run (``RUN_FILES``) is written only
-with ``resume``; ``--resume`` alone continues OUTPUT/last.pt (a fresh start if there is none yet; without ``-o`` the
-latest version_N), ``--resume PATH`` that file (its folder unless ``-o`` says otherwise). On resume, settings that
-change what is computed must equal the checkpoint's (``config.RESUME_FREE`` lists the ones that may differ): we refuse
-rather than silently mix two recipes in one run, and say which keys differ.
+Rules, so a second run never mixes with the first and no user folder is written: which folders a run may write is
+``folder.RunFolder.inspect`` (new, empty, or holding a run of ours); a folder that already holds a run is written
+only with ``resume``; ``--resume`` alone continues OUTPUT/last.pt (a fresh start if there is none yet; without ``-o``
+the latest version_N), ``--resume PATH`` that file (its folder unless ``-o`` says otherwise, and never into a folder
+that holds another run's last.pt). What a resume checks is ``resume``; nothing is written before it has passed.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -21,13 +22,12 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import BadArgumentError, MalformedFileError, UnsupportedLayoutError, first_line
-from .config import TrainConfig, changed_on_resume
-from .state import load_training_state
+from ..errors import BadArgumentError, UnsupportedLayoutError, first_line
+from .artifacts import log_scalars
+from .config import TrainConfig
+from .folder import RunFolder
 
 DEFAULT_ROOT = Path("runs/train")
-RUN_FILES = ("last.pt", "log.csv", "collapse.csv", "config.json", "final.safetensors", "best.safetensors")
-STATE_ENTRIES = ("model", "optimizer", "scheduler", "scaler", "epoch", "num_updates", "rng")
 _VERSION = re.compile(r"^version_(\d+)$")
 
 
@@ -43,61 +43,32 @@ def next_version(root: Path = DEFAULT_ROOT) -> Path:
     return root / f"version_{found[-1][0] + 1 if found else 0}"
 
 
-def run_folder(cfg: TrainConfig) -> Path:
-    """The folder this run writes; raises BadArgumentError where that would overwrite another run."""
-    if cfg.output is None:
-        if cfg.resume_from:
-            return Path(cfg.resume_from).parent
-        if cfg.resume:
-            runs = [p for _, p in _versions(DEFAULT_ROOT) if (p / "last.pt").exists()]
-            if runs:
-                return runs[-1]
-        return next_version()
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise BadArgumentError(f"--output {out} is a file; give a folder for the run")
-    held = [f for f in RUN_FILES if (out / f).exists()]
+def plan_output(cfg: TrainConfig) -> tuple[RunFolder, Path | None]:
+    """The run folder (inspected, nothing written) and the last.pt to continue from (None: a fresh start)."""
+    if cfg.output is not None:
+        out = Path(cfg.output)
+    elif cfg.resume_from:
+        out = Path(cfg.resume_from).parent
+    else:
+        runs = [p for _, p in _versions(DEFAULT_ROOT) if (p / "last.pt").exists()] if cfg.resume else []
+        out = runs[-1] if runs else next_version()
+    folder = RunFolder.inspect(out)
+    own = folder.path / "last.pt"
+    if cfg.resume_from:
+        source = Path(cfg.resume_from)
+        if not source.is_file():
+            raise BadArgumentError(f"--resume {source} does not exist (or is not a file); give a last.pt")
+        if own.exists() and not os.path.samefile(own, source):
+            raise BadArgumentError(f"--output {out} holds another run (its own last.pt); continue {source} into a "
+                                   "new folder")
+        return folder, source
+    held = folder.run_files()
     if held and not cfg.resume:
         raise BadArgumentError(f"--output {out} already holds a training run ({', '.join(held[:3])}); pass --resume "
                                "to continue it, or choose a new folder (default: a fresh runs/train/version_N)")
-    return out
-
-
-def resume_path(cfg: TrainConfig, out: Path) -> Path | None:
-    """The last.pt to continue from, or None for a fresh start."""
-    if cfg.resume_from:
-        path = Path(cfg.resume_from)
-        if not path.is_file():
-            raise BadArgumentError(f"--resume {path} does not exist (or is not a file); give a last.pt")
-        return path
-    return out / "last.pt" if cfg.resume and (out / "last.pt").exists() else None
-
-
-def load_resume(path: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """The training state in ``path``, checked to be ours and to match ``cfg``."""
-    state = load_training_state(path)
-    missing = [k for k in STATE_ENTRIES if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise MalformedFileError(f"{path} has no {', '.join(repr(k) for k in missing[:3])} entry: not a last.pt of "
-                                 "collapse-probe train; start from its weights with --initial-checkpoint instead")
-    saved = state.get("config")
-    if isinstance(saved, dict):
-        now = cfg.to_dict()
-        diff = changed_on_resume(saved, cfg)
-        if diff:
-            shown = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff[:4])
-            raise BadArgumentError(f"--resume {path}: settings differ from the checkpoint's ({shown}); resume with "
-                                   "its settings, or start a new run with --initial-checkpoint")
-    return state
-
-
-def load_state(module: Any, state: Any, what: str, path: Path) -> None:
-    """``module.load_state_dict(state)`` with a mismatch as one line (exit 5), not an internal error."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise UnsupportedLayoutError(f"{path}: its {what} does not fit this run ({first_line(e, 160)}); use the "
-                                     "--model/--depth it was trained with") from e
+    if cfg.resume and folder.holds_run and own.is_file():
+        return folder, own
+    return folder, None
 
 
 def load_initial(model: nn.Module, path: str | Path) -> list[str]:
@@ -135,6 +106,30 @@ def summary_writer(out: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(out))
+
+
+class Scalars:
+    """TensorBoard scalars of a run; the event file is created with the first row, so a run that logs nothing (a
+    finished run resumed, an error before the first epoch ends) leaves none."""
+
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder, self.writer, self.off = folder, None, False
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        if self.off:
+            return
+        if self.writer is None:
+            before = set(os.listdir(self.folder.path))
+            self.writer = summary_writer(self.folder.path)
+            self.off = self.writer is None
+            self.folder.note_new(set(os.listdir(self.folder.path)) - before)
+            if self.off:
+                return
+        log_scalars(self.writer, row, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def bar(iterable: Iterable, total: int | None, desc: str, show: bool) -> tqdm:
