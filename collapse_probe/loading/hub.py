@@ -8,8 +8,9 @@ Only what the folder readers use is fetched: config.json, model.safetensors (pre
 ``weights_only``, only when the repository has no safetensors) and preprocessor_config.json. With ``HF_HUB_OFFLINE=1``
 only the local cache is looked at (``local_files_only``); an id that is not there is one line (exit 2), as is any
 failure to reach the Hub: metadata requests time out after ``ETAG_TIMEOUT`` seconds instead of hanging. The cache is
-huggingface_hub's (``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ~/.cache/huggingface/hub), read from the environment
-at each call. A local path that exists always wins: ``read_checkpoint`` asks here only for paths that do not exist.
+huggingface_hub's (``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ~/.cache/huggingface/hub) and so is the endpoint
+(``HF_ENDPOINT``), both read from the environment at each call. A local path that exists always wins:
+``read_checkpoint`` asks here only for paths that do not exist.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _download(repo: str, files: list[str], local_only: bool) -> Path:
     disable_progress_bars()  # their stderr lines would break our one-line output
     try:
         return Path(snapshot_download(repo, allow_patterns=files, cache_dir=cache_dir(), local_files_only=local_only,
-                                      etag_timeout=ETAG_TIMEOUT))
+                                      etag_timeout=ETAG_TIMEOUT, endpoint=os.environ.get("HF_ENDPOINT") or None))
     finally:
         if bars:
             enable_progress_bars()
