@@ -241,6 +241,18 @@ def test_cli_similarity_json_and_audit_with_model_code(tmp_path):
     assert "own initialisation" in metrics["baseline"]["settings"]["twin"]["init"]
 
 
+def test_intervene_and_compare_take_model_code(tmp_path):
+    a, b = save(trained(MhaViT), tmp_path / "a.pt"), save(trained(MhaViT, seed=1), tmp_path / "b.pt", wrapped=True)
+    res = cli("intervene", a, *code_args("MhaViT"), "--mode", "skip", "--blocks", "2", "--format", "json", *FAST)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["outcomes"][0]["images"] == 4
+    res = cli("compare", a, b, *code_args("MhaViT"), "--no-baseline", "--format", "json", *FAST)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    rows = doc["summary"]
+    assert len(rows) == 2 and all(r["architecture"].endswith(":MhaViT") and r["depth"] == 3 for r in rows)
+
+
 def test_probe_api_with_model_code_and_the_twin_from_the_factory(tmp_path):
     import collapse_probe as cp
     from collapse_probe.probing.baseline import untrained_twin

@@ -250,6 +250,16 @@ def test_one_channel_timm_model_runs_on_builtin_sets(tmp_path, grey_timm, images
         assert res.returncode == 2 and "model takes 1 channels" in res.stderr
 
 
+def test_a_timm_name_with_model_args(grey_timm):
+    from collapse_probe.errors import BadArgumentError
+
+    args = {"in_chans": 1, "img_size": 28, "patch_size": 4, "depth": 3, "num_classes": 10}
+    loaded = load_model(grey_timm, "vit_tiny_patch16_224", model_args=json.dumps(args))
+    assert loaded.info.input_size == [1, 28, 28] and loaded.info.model_args == args
+    with pytest.raises(BadArgumentError, match="--model-args needs --model"):
+        load_model(grey_timm, model_args=args)
+
+
 def test_images_are_converted_to_the_models_channels(tmp_path):
     rgb = Image.new("RGB", (8, 8), (200, 100, 50))
     grey = Image.new("L", (8, 8), 90)
