@@ -150,9 +150,9 @@ def _entry(obj: Any, key: str) -> Any:
     return obj
 
 
-def weight_entries(obj: Any, path: str = "", depth: int = 0) -> list[str]:
-    """Dotted paths of the entries, at any nesting, that hold a model's weights: a dict of tensors with module-path
-    keys (``blocks.0.attn...``; an optimizer's per-parameter state ``exp_avg`` ... has none)."""
+def weight_entries(obj: Any, path: str = "", depth: int = 0) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """(dotted path, entry) of every entry, at any nesting, that holds a model's weights: a dict of tensors with
+    module-path keys (``blocks.0.attn...``; an optimizer's per-parameter state ``exp_avg`` ... has none)."""
     if not isinstance(obj, dict) or depth > 8:  # a few levels suffice for any training dict; bounded for hostile ones
         return []
     found = []
@@ -161,7 +161,7 @@ def weight_entries(obj: Any, path: str = "", depth: int = 0) -> list[str]:
             continue
         here = f"{path}.{k}" if path else k
         if _is_state_dict(v) and any("." in name for name in v):
-            found.append(here)
+            found.append((here, v))
         elif isinstance(v, dict):
             found += weight_entries(v, here, depth + 1)
     return found
@@ -189,9 +189,9 @@ def _raw_state_dict(obj: Any, key: str | None) -> tuple[dict[str, torch.Tensor],
                 return obj[k].state_dict(), k
         found = weight_entries(obj)
         if len(found) == 1:  # e.g. {'model_state': ..., 'config': ..., 'class_to_idx': ..., 'epoch': 3}
-            return _entry(obj, found[0]), found[0]
+            return found[0][1], found[0][0]
         if found:
-            sizes = ", ".join(f"{p} ({len(_entry(obj, p))} tensors)" for p in found[:6])
+            sizes = ", ".join(f"{p} ({len(sd)} tensors)" for p, sd in found[:6])
             raise BadArgumentError(f"several entries hold weights: {sizes}{', ...' if len(found) > 6 else ''}; pass "
                                    "--key NAME to choose one")
         raise UnsupportedLayoutError(
