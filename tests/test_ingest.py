@@ -167,7 +167,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
 
 
 def test_unknown_layout_and_hf_state_dict_errors():
-    with pytest.raises(UnsupportedLayoutError, match="--model NAME"):
+    with pytest.raises(UnsupportedLayoutError, match="--model-code my_vit.py --model MyViT"):  # not a timm name
         infer_architecture({"encoder.weight": torch.zeros(2, 2)})
     hf_sd = {k: v for k, v in make("hf-vit").state_dict().items()}
     with pytest.raises(UnsupportedLayoutError, match="model folder"):

@@ -100,8 +100,10 @@ def main() -> None:
 def similarity(checkpoint, fmt, output, **kwargs):
     """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
 
-    CHECKPOINT is a safetensors or torch file, or a HuggingFace / timm model folder. Under
-    `torchrun --nproc-per-node N -m collapse_probe similarity ...` the images are sharded across ranks.
+    CHECKPOINT is a safetensors or torch file, a HuggingFace / timm model folder, or a Hub id (timm/NAME, org/name;
+    read from huggingface_hub's cache, nothing downloaded with HF_HUB_OFFLINE=1). A model of your own: pass its code
+    with --model-code. Under `torchrun --nproc-per-node N -m collapse_probe similarity ...` the images are sharded
+    across ranks.
 
     \b
     Examples:
@@ -109,6 +111,8 @@ def similarity(checkpoint, fmt, output, **kwargs):
       collapse-probe similarity vit_s.pt --model vit_small_patch16_224 --threshold 0.9
       collapse-probe similarity ckpt.pt --images ~/val_subset --num-images 256 -o sim.json   # format from .json
       collapse-probe similarity ckpt.pt --reduction ratio --entry-threshold 0.9 --block-threshold 0.5
+      collapse-probe similarity my_vit.pt --model-code my_vit.py --model MyViT --model-args '{"depth": 6}'
+      collapse-probe similarity timm/vit_small_patch16_224.augreg_in21k_ft_in1k --num-images 64
     """
     from ..distributed import is_main
     from ..outputs import file_target, is_stdout
@@ -139,7 +143,7 @@ def similarity(checkpoint, fmt, output, **kwargs):
 def audit(checkpoint, output, **kwargs):
     """Run every collapse metric on CHECKPOINT and write a self-contained report with a verdict.
 
-    CHECKPOINT is a safetensors or torch file, or a HuggingFace / timm model folder.
+    CHECKPOINT is a safetensors or torch file, a HuggingFace / timm model folder, or a Hub id (timm/NAME, org/name).
 
     \b
     Examples:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+
 def emit(text: str, output: Path | None) -> None:
     """Write ``text`` to stdout (no ``output``, or ``-``), or atomically to ``output`` (never a half-written file)."""
     from ..outputs import is_stdout, write_file
@@ -66,14 +67,24 @@ def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
 
 
 def _probe_options(f):
-    """Options shared by ``similarity``, ``audit`` and ``compare``: how to read checkpoints and what to run them on."""
+    """Options shared by ``similarity``, ``audit``, ``compare``, ``figures`` and ``intervene``: how to read checkpoints
+    and what to run them on."""
     options = [
-        click.option("--model", "model_name", metavar="NAME", help="timm architecture name; wins over anything in "
-                     "the file. Default: the file's metadata, else inferred from the weight shapes."),
+        click.option("--model", "model_name", metavar="NAME", help="timm architecture name, or with --model-code "
+                     "the class or function in your code that builds the model; wins over anything in the file. "
+                     "Default: the file's metadata, else inferred from the weight shapes."),
+        click.option("--model-code", metavar="FILE.py|MODULE", help="Your own model's code, imported before the "
+                     "model is built so that --model names a class or function in it (or a timm name it registers). "
+                     "This RUNS that code: only code you trust (your own). The checkpoint is still read with every "
+                     "safety check and loaded strictly."),
+        click.option("--model-args", metavar="JSON", help="Keyword arguments for --model, as a JSON object, e.g. "
+                     "'{\"depth\": 6, \"heads\": 8}'."),
         click.option("--num-heads", type=click.IntRange(min=1), metavar="N",
                      help="Heads, when the file cannot show them (see the heads rule in the README)."),
-        click.option("--mean", callback=_floats, metavar="M,M,M", help="Input normalisation mean (with --std)."),
-        click.option("--std", callback=_floats, metavar="S,S,S", help="Input normalisation std (with --mean)."),
+        click.option("--mean", callback=_floats, metavar="M,M,M", help="Input normalisation mean (with --std), one "
+                     "value per model channel (one for a grey model)."),
+        click.option("--std", callback=_floats, metavar="S,S,S", help="Input normalisation std (with --mean), one "
+                     "value per model channel."),
         click.option("--key", help="Entry of a training checkpoint that holds the weights (default: the first of "
                      "state_dict, model, module, state_dict_ema, model_ema, teacher, student)."),
         click.option("--prefix", metavar="PREFIX", help="Only keys under PREFIX are the model's (e.g. model or net "

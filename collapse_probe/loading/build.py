@@ -26,6 +26,7 @@ from .hf import build_transformers, hf_data_config
 from .infer import ArchSpec, infer_architecture
 from .info import LoadedModel, ModelInfo
 from .read import Checkpoint, num_classes, read_checkpoint, timm_folder_args
+from .usercode import UserModel, check_runs, fit_wrapper, guess_input, parse_model_args, user_model
 from .vitpytorch import build_vit_pytorch
 from .weights import compare, real_elements, within_weights  # noqa: F401  (re-exported)
 
@@ -48,7 +49,13 @@ def instantiate(spec: ArchSpec) -> nn.Module:
     if spec.family == "torchvision":
         from torchvision.models import VisionTransformer
 
-        return VisionTransformer(**spec.kwargs)
+        kw = dict(spec.kwargs)
+        chans = kw.pop("in_channels", 3)
+        model = VisionTransformer(**kw)
+        if chans != 3:  # torchvision has no channel argument: its conv_proj always takes RGB
+            p = kw["patch_size"]
+            model.conv_proj = nn.Conv2d(chans, kw["hidden_dim"], kernel_size=p, stride=p)
+        return model
     if spec.family == "vit-pytorch":
         return build_vit_pytorch(spec)
     raise ValueError(f"unknown family {spec.family!r}")
@@ -65,6 +72,8 @@ def load_model(
     trust_pickle: bool = False,
     allow_nonfinite: bool = False,
     prefix: str | None = None,
+    model_code: str | Path | None = None,
+    model_args: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
     """The one safe entry point from a file or folder to a model: ``read_checkpoint`` (every check) + ``build_model``.
 
@@ -73,11 +82,18 @@ def load_model(
     ('vit_micro', 4, 4)
 
     ``trust_pickle`` allows full unpickling for this call (it can execute code: only for files you trust);
-    ``prefix``: only the keys under it are the model's (``loading.prefixes``).
+    ``prefix``: only the keys under it are the model's (``loading.prefixes``). ``model_code``: your own model's .py
+    file or module name, imported (it runs: your choice) so that ``model_name`` names a class or function in it, called
+    with ``model_args`` (a dict or JSON object; also passed to a timm name); the weights are still read with every check
+    and loaded strictly (``loading.usercode``). ``path`` may be a Hugging Face Hub id (``loading.hub``).
     """
+    user = user_model(model_code, model_name, model_args) if model_code is not None else None
+    args = user.args if user is not None else parse_model_args(model_args)
+    if args and model_name is None:
+        raise BadArgumentError("--model-args needs --model NAME (a timm name, or a class or function in --model-code)")
     ckpt = read_checkpoint(path, trust_pickle=trust_pickle, key=key, allow_nonfinite=allow_nonfinite, prefix=prefix)
-    model, info = build_model(ckpt, model_name, num_heads=num_heads, mean=mean, std=std)
-    return LoadedModel(model, info, ckpt)
+    model, info = build_model(ckpt, model_name, num_heads=num_heads, mean=mean, std=std, user=user, model_args=args)
+    return LoadedModel(model, info, ckpt, factory=user.build if user is not None else None)
 
 
 def build_model(
@@ -86,10 +102,13 @@ def build_model(
     num_heads: int | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    user: UserModel | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
     """Instantiate the checkpoint's architecture and load its weights (strict, with a readable mismatch error).
 
-    Architecture, first that applies: ``model_name`` (any timm name, or an official DeepViT name); our config in the
+    Architecture, first that applies: ``user`` (the user's own code, ``loading.usercode``); ``model_name`` (any timm
+    name, built with ``model_args``, or an official DeepViT name); our config in the
     file; a timm folder's config.json; a HuggingFace folder's config.json; a timm training checkpoint's ``arch`` (or
     ``args.model``); else inferred from the weight shapes (``loading.infer``; ``num_heads`` feeds the heads rule
     there). Official DeepViT files (``loading.official``) are renamed to our keys first; an official name takes the
@@ -101,12 +120,22 @@ def build_model(
     sd = official.to_ours(ckpt.state_dict)  # an official DeepViT file loads into our modules under our names
     heads_source, data, loaded, spec = None, {}, False, None
     notes, adjustments = [ckpt.selection.note()] if ckpt.selection else [], []
+    notes += ckpt.notes
     arch_entry = _arch_entry(ckpt)
-    if model_name is not None and official.official_variant(model_name) is not None:
+    if user is not None:
+        arch, source = user.shown, f"--model-code {user.code} (your code, run at your request)"
+        heads_source = f"model definition (your code, {user.shown})"
+        model = user.build()
+        sd = fit_wrapper(model, sd)
+        size, where = guess_input(model, user.args)
+        data = {"input_size": size} if size is not None else {}
+        notes.append(f"input size {list(size)} from {where}" if size is not None else
+                     "input size not found in --model-args or the model: 3x224x224 assumed")
+    elif model_name is not None and official.official_variant(model_name) is not None:
         spec, source = official.infer_deepvit(sd, num_heads, model_name), f"--model {model_name} (official DeepViT)"
     elif model_name is not None:
         arch, source = model_name, "--model"
-        model = _named(model_name, sd, adjustments)
+        model = _named(model_name, sd, adjustments, model_args)
     elif ckpt.metadata.get("architecture"):
         arch, source = ckpt.metadata["architecture"], "checkpoint metadata"
         model = within_weights(lambda: create_model(arch, **ckpt.metadata.get("model_args", {})), sd, arch)
@@ -140,7 +169,7 @@ def build_model(
     described = describe(model)
     adjustments += described.adjustments
     info = dataclasses.replace(described, architecture=arch, architecture_source="; ".join([source, *adjustments]),
-                               checkpoint=str(ckpt.path), format=ckpt.format, key=ckpt.key, notes=notes,
+                               checkpoint=ckpt.hub_id or str(ckpt.path), format=ckpt.format, key=ckpt.key, notes=notes,
                                layout=official.LAYOUT if official.is_official(ckpt.state_dict) else None,
                                adjustments=adjustments, prefix=ckpt.selection.prefix if ckpt.selection else None)
     if num_heads is not None and info.num_heads not in (None, num_heads):
@@ -148,6 +177,11 @@ def build_model(
                                f"({info.num_heads} heads)")
     info.heads_source = heads_source or f"model definition ({source})"
     info.input_size, info.mean, info.std, info.data_source = _set_data_config(model, data, mean, std)
+    if user is not None:
+        info.model_args = dict(user.args)
+        check_runs(model, info.input_size, user.shown, user.origin)
+    elif model_args:
+        info.model_args = dict(model_args)
     if spec is not None:
         info.model_args = {"built_from": spec.name, **spec.kwargs}
         if info.data_source != "--mean/--std" and source == "inferred from weight shapes":
@@ -156,14 +190,17 @@ def build_model(
     return model, info
 
 
-def _named(name: str, sd: dict[str, torch.Tensor], adjustments: list[str]) -> nn.Module:
+def _named(name: str, sd: dict[str, torch.Tensor], adjustments: list[str],
+           model_args: dict[str, Any] | None = None) -> nn.Module:
     """The timm model ``name`` for a file without a stored config (``--model``, a training file's ``arch``), built at
-    the file's patch grid when the name's default differs (``loading.grid``; the note joins ``adjustments``)."""
-    n_classes = num_classes(sd)
-    extra, note = fit_grid(name, sd, lambda **kw: create_model(name, num_classes=n_classes, **kw))
-    if note:
+    the file's patch grid when the name's default differs (``loading.grid``; the note joins ``adjustments``);
+    ``model_args`` (--model-args) win over both."""
+    base = {"num_classes": num_classes(sd), **(model_args or {})}
+    extra, note = fit_grid(name, sd, lambda **kw: create_model(name, **{**base, **kw}))
+    extra = {k: v for k, v in extra.items() if k not in (model_args or {})}
+    if note and extra:
         adjustments.append(note)
-    return within_weights(lambda: create_model(name, num_classes=n_classes, **extra), sd, name)
+    return within_weights(lambda: create_model(name, **base, **extra), sd, name)
 
 
 def _arch_entry(ckpt: Checkpoint) -> tuple[str, str] | None:
@@ -186,8 +223,9 @@ def _model_input_size(model: nn.Module) -> tuple[int, int, int] | None:
         proj = getattr(pe, "proj", None)
         chans = int(proj.weight.shape[1]) if isinstance(getattr(proj, "weight", None), torch.Tensor) else 3
         return (chans, int(img[0]), int(img[1]))
-    if isinstance(getattr(model, "image_size", None), int):  # torchvision
-        return (3, model.image_size, model.image_size)
+    conv = getattr(model, "conv_proj", None)
+    if isinstance(getattr(model, "image_size", None), int) and isinstance(conv, nn.Conv2d):  # torchvision
+        return (conv.in_channels, model.image_size, model.image_size)
     return None
 
 
@@ -219,6 +257,12 @@ def _set_data_config(model: nn.Module, data: dict[str, Any], mean, std) -> tuple
         cfg.update(mean=tuple(mean), std=tuple(std))
         source = "--mean/--std"
     cfg.setdefault("input_size", (3, 224, 224))
+    channels = int(cfg["input_size"][0])
+    if len(cfg["mean"]) != channels and len(cfg["mean"]) == len(cfg["std"]):  # e.g. ImageNet's 3 for a grey model
+        n = len(cfg["mean"])
+        cfg.update(mean=(sum(cfg["mean"]) / n,) * channels, std=(sum(cfg["std"]) / n,) * channels)
+        source += (f" averaged over its {n} channels for this {channels}-channel model (a guess; set --mean/--std, "
+                   "e.g. 0.1307 / 0.3081 for MNIST)")
     model.pretrained_cfg = cfg
     return list(cfg["input_size"]), list(cfg["mean"]), list(cfg["std"]), source
 

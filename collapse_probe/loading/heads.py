@@ -93,8 +93,30 @@ def decide_heads(dim: int, evidence: tuple[int, str] | None, num_heads: int | No
     if dim in STANDARD_HEADS:
         return STANDARD_HEADS[dim], f"standard width->heads table (width {dim}); {GUESS}"
     # no guess beyond the table: a wrong head count still loads (fused qkv fits any) and silently skews every map
-    raise UnsupportedLayoutError(f"cannot tell the number of heads of width {dim} (not a standard ViT width); pass "
-                                 "--num-heads N, or --model NAME")
+    raise UnsupportedLayoutError(f"cannot tell the number of heads of width {dim} (not a standard ViT width, and the "
+                                 f"file has no per-head weights); pass --num-heads N (N one of {head_choices(dim)}), "
+                                 "or --model NAME")
+
+
+def head_choices(dim: int) -> str:
+    """The head counts that divide an attention width, for error messages (head size at least 8 when possible).
+
+    >>> head_choices(200)
+    '1, 2, 4, 5, 8, 10, 20, 25'
+    """
+    divisors = [h for h in range(1, dim + 1) if dim % h == 0]
+    usual = [h for h in divisors if dim // h >= 8] or divisors
+    return ", ".join(map(str, usual))
+
+
+DEFAULT_HEAD = 64  # vit-pytorch's default dim_head
+
+
+def vit_pytorch_heads(inner: int, evidence: tuple[int, str] | None, num_heads: int | None) -> tuple[int, str]:
+    """The heads rule for vit-pytorch files: evidence, then --num-heads, then its default head size 64 (a guess)."""
+    if evidence is None and num_heads is None and inner % DEFAULT_HEAD == 0:
+        return inner // DEFAULT_HEAD, f"vit-pytorch default head size {DEFAULT_HEAD} (dim_head); {GUESS}"
+    return decide_heads(inner, evidence, num_heads)
 
 
 _SQUARE_MIX = re.compile(r"(?:^|\.)attn\.(theta|reatten_matrix|proj_l|proj_w)\.weight$")

@@ -9,6 +9,10 @@ Built-in sets, none of which downloads anything:
     builtin:digits  the validation split (360 images) of scikit-learn's digits, the split the bundled checkpoints were
                     validated on (8x8 grey levels scaled to 0..255, RGB).
 The default is builtin:photos. ``image_labels`` gives the digits' classes (the other sets have none).
+
+Every image is converted to the model's channel count (``input_size[0]`` of its data config) before the transform:
+RGB to grey by luminance (PIL's ITU-R 601-2 weights) for a 1-channel model, grey to RGB by repetition for a
+3-channel one; any other count gets the grey channel repeated. ``--mean/--std`` give one value per model channel.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ SAMPLE_PHOTOS = (
 
 
 def batch_images(batch: object) -> torch.Tensor:
-    """The image tensor [B, 3, H, W] of a batch that is either that tensor or an (x, y) pair from a labelled loader."""
+    """The image tensor [B, C, H, W] of a batch that is either that tensor or an (x, y) pair from a labelled loader."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
@@ -97,12 +101,35 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-class ProbeImages(Dataset):
-    """Images (PIL objects or file paths) through ``transform``; index i >= len(images) is a seeded random crop."""
+class _Repeat:
+    """[1, H, W] -> [C, H, W]: the grey channel repeated, for models of neither 1 nor 3 channels."""
 
-    def __init__(self, images: Sequence[Image.Image | Path], transform: Callable, total: int | None = None) -> None:
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(self.channels, *x.shape[1:]).clone()
+
+
+def for_channels(transform: Callable, channels: int) -> Callable:
+    """``transform`` (a Compose ending in Normalize) made to give ``channels`` channels from a grey image."""
+    if channels in (1, 3) or not hasattr(transform, "transforms"):
+        return transform
+    steps = list(transform.transforms)
+    at = next((i for i, t in enumerate(steps) if type(t).__name__ == "Normalize"), len(steps))
+    steps.insert(at, _Repeat(channels))
+    return type(transform)(steps)
+
+
+class ProbeImages(Dataset):
+    """Images (PIL objects or file paths) through ``transform``; index i >= len(images) is a seeded random crop.
+    ``channels``: the model's; images are converted to RGB for 3, to grey (luminance) otherwise."""
+
+    def __init__(self, images: Sequence[Image.Image | Path], transform: Callable, total: int | None = None,
+                 channels: int = 3) -> None:
         self.images, self.transform = list(images), transform
         self.total = len(self.images) if total is None else total
+        self.mode = "RGB" if channels == 3 else "L"
 
     def __len__(self) -> int:
         return self.total
@@ -114,7 +141,7 @@ class ProbeImages(Dataset):
             with warnings.catch_warnings():  # PIL warns (one stderr line each) before its bomb limit: refuse instead
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(item) as im:
-                    return im.convert("RGB")
+                    return im.convert(self.mode)
         except Image.DecompressionBombWarning as e:
             raise BadArgumentError(f"image {item} is suspiciously large ({one_line(e)}); remove or shrink it") from e
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
@@ -122,6 +149,7 @@ class ProbeImages(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         img = self._open(self.images[i % len(self.images)])
+        img = img if img.mode == self.mode else img.convert(self.mode)
         if i >= len(self.images):  # deterministic crop covering 30-90% of each side
             rng = np.random.default_rng(i)
             w, h = img.size
@@ -147,7 +175,8 @@ def image_loader(
     if batch_size < 1:
         raise BadArgumentError(f"--batch-size must be at least 1, got {batch_size}")
     cfg = resolve_model_data_config(model)
-    transform = create_transform(**cfg, is_training=False)
+    channels = int(cfg["input_size"][0])
+    transform = for_channels(create_transform(**cfg, is_training=False), channels)
     if folder is None or str(folder) == "builtin:photos":
         items: list = [img for _, img in sample_photographs()]
         total = num_images or len(items)
@@ -162,6 +191,6 @@ def image_loader(
         items = list_images(folder)
         total = min(num_images, len(items)) if num_images else len(items)
         items, source = items[:total], str(folder)
-    ds = ProbeImages(items, transform, total)
+    ds = ProbeImages(items, transform, total, channels)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     return loader, ImageInfo(source, total, list(cfg["input_size"]), list(cfg["mean"]), list(cfg["std"]))

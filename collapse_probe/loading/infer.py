@@ -7,8 +7,10 @@
 Recognised layouts: timm VisionTransformer / DeiT (incl. distilled) / BEiT / CaiT, torchvision VisionTransformer and
 vit-pytorch ViT, DeepViT, CaiT, SimpleViT, T2TViT, CrossViT (``loading.vitpytorch``). Depth, width, patch size,
 channels, MLP ratio, class / distillation / register tokens, layer scale and class count are read from shapes.
-Recognised and refused with the reason (exit 5): timm EVA / EVA-02 (its rotary position embedding is set by the model
-name, not stored: pass --model NAME), Swin (windowed attention) and XCiT (attention over channels).
+Anything else is refused in one line naming the attention form recognised (``loading.scratch``: nn.MultiheadAttention,
+per-head q/k/v modules, ...) and pointing to ``--model-code``. Recognised and refused with the reason (exit 5): timm
+EVA / EVA-02 (its rotary position embedding is set by the model name, not stored: pass --model NAME), Swin (windowed
+attention) and XCiT (attention over channels).
 
 Heads rule: the number of heads is not visible in fused qkv weights, so it is decided, in order, by
   1. a per-head shape anywhere in the file (``head_evidence``): per-head q/k-norm weights ([head_dim]),
@@ -32,6 +34,7 @@ from . import official
 from .heads import GUESS, SD, ArchSpec, decide_heads, head_evidence  # noqa: F401  (re-exported: the heads rule)
 from .heads import layer_count as _depth
 from .heads import square_side as _square
+from .scratch import EXAMPLE, scratch_refusal
 from .vitpytorch import infer_vit_pytorch
 
 
@@ -152,8 +155,6 @@ def _torchvision(sd: SD, num_heads: int | None) -> ArchSpec:
     depth = _depth(sd, r"encoder\.layers\.encoder_layer_(\d+)\.")
     l0 = "encoder.layers.encoder_layer_0."
     fc1 = sd.get(f"{l0}mlp.0.weight", sd.get(f"{l0}mlp.linear_1.weight"))
-    if chans != 3:
-        raise UnsupportedLayoutError(f"torchvision ViT with {chans} input channels is not supported (3 expected)")
     grid = _square(int(sd["encoder.pos_embedding"].shape[1]) - 1)
     if grid is None or fc1 is None:
         raise UnsupportedLayoutError("torchvision ViT with an unreadable grid or MLP; pass --model NAME")
@@ -162,7 +163,12 @@ def _torchvision(sd: SD, num_heads: int | None) -> ArchSpec:
     kw = dict(image_size=grid * p, patch_size=p, num_layers=depth, num_heads=heads, hidden_dim=dim,
               mlp_dim=int(fc1.shape[0]), num_classes=int(sd["heads.head.weight"].shape[0]),
               representation_size=int(rep.shape[0]) if rep is not None else None)
-    return ArchSpec("torchvision", "VisionTransformer", kw, heads, source, (3, grid * p, grid * p))
+    notes = []
+    if chans != 3:  # torchvision builds conv_proj for 3 channels; ``build.instantiate`` swaps in a chans-channel one
+        kw["in_channels"] = chans
+        notes.append(f"{chans} input channel(s) (conv_proj {tuple(sd['conv_proj.weight'].shape)}): torchvision's "
+                     "patch convolution rebuilt for them")
+    return ArchSpec("torchvision", "VisionTransformer", kw, heads, source, (chans, grid * p, grid * p), notes)
 
 
 def infer_architecture(sd: SD, num_heads: int | None = None) -> ArchSpec:
@@ -188,10 +194,9 @@ def infer_architecture(sd: SD, num_heads: int | None = None) -> ArchSpec:
         if spec is not None:
             return spec
     except KeyError as e:
-        raise UnsupportedLayoutError(f"partly recognised layout, but key {e} is missing; pass --model NAME") from e
+        raise UnsupportedLayoutError(f"partly recognised layout, but key {e} is missing; pass --model NAME (a timm "
+                                     f"name), or your model's code: {EXAMPLE}") from e
     if any(k.startswith(("embeddings.patch_embeddings", "vit.", "deit.", "dinov2.")) for k in sd):
         raise UnsupportedLayoutError("this looks like a HuggingFace transformers state dict: pass the model folder "
                                      "(config.json + model.safetensors) instead of the weights file")
-    some = ", ".join(list(sd)[:4])
-    raise UnsupportedLayoutError(f"cannot infer the architecture from the weights (keys like {some}); pass "
-                                 "--model NAME (a timm name, e.g. vit_small_patch16_224)")
+    raise scratch_refusal(sd)

@@ -9,6 +9,7 @@ ignored, missing ones take the defaults below).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -77,3 +78,5 @@ class LoadedModel:
     model: nn.Module
     info: ModelInfo
     checkpoint: Any = field(repr=False, default=None)  # loading.read.Checkpoint
+    # the user's own factory (--model-code): ``factory(seed)`` builds the same model again, e.g. the untrained twin
+    factory: Callable[..., nn.Module] | None = field(repr=False, default=None)

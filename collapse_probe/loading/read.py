@@ -38,6 +38,8 @@ from ..errors import (
     first_line,
     one_line,
 )
+from .hub import hub_id
+from .hub import resolve as resolve_hub
 from .prefixes import WRAPPER_PREFIXES, KeySelection, model_keys, strip_prefixes  # noqa: F401  (re-exported)
 from .safety import check_finite, check_model_args, check_safetensors, check_torch_file, plain_data_classes
 
@@ -60,6 +62,8 @@ class Checkpoint:
     args_model: str | None = None  # ... and in args.model (an argparse.Namespace of train.py's options)
     preprocessor: dict[str, Any] = field(default_factory=dict)  # HF preprocessor_config.json (mean, std, size)
     selection: KeySelection | None = None  # only the keys under a prefix were the model's (--prefix, Lightning)
+    notes: list[str] = field(default_factory=list)  # what reading decided (the entry found, a Hub id's folder)
+    hub_id: str | None = None  # the Hugging Face Hub id ``path`` was resolved from (``loading.hub``)
 
 
 def sniff_format(path: Path) -> str:
@@ -135,15 +139,44 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def _entry(obj: Any, key: str) -> Any:
+    """``obj[key]``, else the nested entry a dotted ``key`` names (``train.model``); None when there is none."""
+    if isinstance(obj, dict) and key in obj:
+        return obj[key]
+    for part in key.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def weight_entries(obj: Any, path: str = "", depth: int = 0) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """(dotted path, entry) of every entry, at any nesting, that holds a model's weights: a dict of tensors with
+    module-path keys (``blocks.0.attn...``; an optimizer's per-parameter state ``exp_avg`` ... has none)."""
+    if not isinstance(obj, dict) or depth > 8:  # a few levels suffice for any training dict; bounded for hostile ones
+        return []
+    found = []
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            continue
+        here = f"{path}.{k}" if path else k
+        if _is_state_dict(v) and any("." in name for name in v):
+            found.append((here, v))
+        elif isinstance(v, dict):
+            found += weight_entries(v, here, depth + 1)
+    return found
+
+
 def _raw_state_dict(obj: Any, key: str | None) -> tuple[dict[str, torch.Tensor], str | None]:
     """The dict of tensors inside a loaded object, keys as stored, and which entry held it."""
     if key is not None:
-        if not isinstance(obj, dict) or key not in obj:
+        entry = _entry(obj, key)
+        if entry is None:
             keys = list(obj)[:8] if isinstance(obj, dict) else []
             raise UnsupportedLayoutError(f"no entry '{key}' in the checkpoint (top-level keys: {keys})")
-        if not _is_state_dict(obj[key]):
+        if not _is_state_dict(entry):
             raise UnsupportedLayoutError(f"entry '{key}' is not a dict of tensors")
-        return obj[key], key
+        return entry, key
     if isinstance(obj, nn.Module):  # only reachable with --trust-pickle: a whole pickled model
         return obj.state_dict(), None
     if _is_state_dict(obj):
@@ -154,9 +187,22 @@ def _raw_state_dict(obj: Any, key: str | None) -> tuple[dict[str, torch.Tensor],
                 return obj[k], k
             if isinstance(obj.get(k), nn.Module):
                 return obj[k].state_dict(), k
+        found = weight_entries(obj)
+        if len(found) == 1:  # e.g. {'model_state': ..., 'config': ..., 'class_to_idx': ..., 'epoch': 3}
+            return found[0][1], found[0][0]
+        if found:
+            sizes = ", ".join(f"{p} ({len(sd)} tensors)" for p, sd in found[:6])
+            raise BadArgumentError(f"several entries hold weights: {sizes}{', ...' if len(found) > 6 else ''}; pass "
+                                   "--key NAME to choose one")
         raise UnsupportedLayoutError(
             f"no state dict found: top-level keys are {list(obj)[:8]}; pass --key to say which holds the weights")
     raise UnsupportedLayoutError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+
+
+def _found_note(obj: dict, used: str) -> str:
+    others = [repr(k) for k in obj if k != used.split(".")[0]]
+    beside = f" (beside {', '.join(others[:6])}{', ...' if len(others) > 6 else ''})" if others else ""
+    return f"weights from entry '{used}', the only entry holding a model's weights{beside}; --key {used} to be explicit"
 
 
 def extract_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -175,6 +221,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, key: str | Non
                     allow_nonfinite: bool = False, prefix: str | None = None) -> Checkpoint:
     """Open ``path`` safely; raises a ``CollapseProbeError`` subclass with a one-line message on any problem.
 
+    A ``path`` that does not exist but reads as a Hugging Face Hub id (``hf-hub:org/name``, ``org/name``) is the
+    cached snapshot folder of that repository (``loading.hub``; ``HF_HUB_OFFLINE=1``: the cache only).
+
     ``prefix``: only the keys under it are the model's (``loading.prefixes``).
 
     Stored configs are checked against the weights (no factory options, no sizes beyond what the weights hold), and
@@ -187,9 +236,12 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, key: str | Non
     with warnings.catch_warnings():  # e.g. torch's complex-to-real cast warning: bad tensors get our own error
         warnings.simplefilter("ignore")
         try:
-            ckpt = _read(path, trust_pickle, key, prefix)
+            hub = resolve_hub(str(path)) if not path.exists() else None  # a local path that exists always wins
+            ckpt = _read(hub[0] if hub else path, trust_pickle, key, prefix)
         except OSError as e:  # unreadable disk sector, permissions, a file that vanished mid-read
             raise BadArgumentError(f"cannot read {path}: {e.strerror or one_line(e)}") from e
+    if hub:
+        ckpt.hub_id, ckpt.notes = hub_id(str(path)), [hub[1], *ckpt.notes]
     check_backed(ckpt.state_dict, ckpt.path)
     if ckpt.metadata.get("architecture"):
         check_model_args(ckpt.metadata, ckpt.state_dict, ckpt.path)
@@ -241,8 +293,9 @@ def _read(path: Path, trust_pickle: bool, key: str | None, prefix: str | None) -
     meta = obj.get(META_KEY, {}) if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict) else {}
     arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
     args_model = getattr(obj.get("args"), "model", None) if isinstance(obj, dict) else None
+    notes = [_found_note(obj, used)] if key is None and used is not None and used not in STATE_KEYS else []
     return Checkpoint(path, fmt, sd, meta, used, arch=arch,
-                      args_model=args_model if isinstance(args_model, str) else None, selection=kept)
+                      args_model=args_model if isinstance(args_model, str) else None, selection=kept, notes=notes)
 
 
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -278,5 +331,5 @@ def _read_folder(path: Path, trust_pickle: bool, key: str | None, prefix: str | 
                                      else f"{path} has no {' or '.join(FOLDER_WEIGHTS)}")
     inner = _read(weights, trust_pickle, key, prefix)
     pre = path / "preprocessor_config.json"
-    return Checkpoint(path, fmt, inner.state_dict, inner.metadata, inner.key, config=cfg,
+    return Checkpoint(path, fmt, inner.state_dict, inner.metadata, inner.key, config=cfg, notes=inner.notes,
                       preprocessor=_read_json(pre) if pre.is_file() else {}, selection=inner.selection)

@@ -1,4 +1,5 @@
-"""vit-pytorch models from the shapes of their state dicts: ViT, DeepViT, CaiT, SimpleViT, T2TViT and CrossViT.
+"""vit-pytorch models from the shapes of their state dicts: ViT, DeepViT, CaiT, SimpleViT, T2TViT and CrossViT (and
+the ViT of the library's 2020 / early-2021 code, ``loading.vitpytorch_legacy``).
 
     spec = infer_vit_pytorch(state_dict, num_heads=None)   # ArchSpec, or None when the keys are not vit-pytorch's
     model = build_vit_pytorch(spec)                        # random init; the weights are loaded afterwards
@@ -25,17 +26,12 @@ from typing import Any
 from torch import nn
 
 from ..errors import BadArgumentError, UnsupportedLayoutError
-from .heads import GUESS, SD, ArchSpec, decide_heads, layer_count, square_side
+from .heads import DEFAULT_HEAD, SD, ArchSpec, layer_count, square_side, vit_pytorch_heads  # noqa: F401
+from .vitpytorch_legacy import build_legacy_vit, infer_legacy_vit
 
-DEFAULT_HEAD = 64  # vit-pytorch's default dim_head
 T2T_DEFAULT = ((7, 4), (3, 2), (3, 2))  # vit-pytorch T2TViT's default t2t_layers: (kernel, stride)
 _POOL_NOTE = "vit-pytorch pooling cannot be read from weights: 'cls' assumed"
-
-
-def _heads(inner: int, evidence: tuple[int, str] | None, num_heads: int | None) -> tuple[int, str]:
-    if evidence is None and num_heads is None and inner % DEFAULT_HEAD == 0:
-        return inner // DEFAULT_HEAD, f"vit-pytorch default head size {DEFAULT_HEAD} (dim_head); {GUESS}"
-    return decide_heads(inner, evidence, num_heads)
+_heads = vit_pytorch_heads
 
 
 def _patch(patch_dim: int) -> tuple[int, int]:
@@ -186,7 +182,11 @@ def _cross_vit(sd: SD, num_heads: int | None) -> ArchSpec:
 
 
 def infer_vit_pytorch(sd: SD, num_heads: int | None = None) -> ArchSpec | None:
-    """The vit-pytorch model ``sd`` was saved from, or None when its keys are no vit-pytorch layout we know."""
+    """The vit-pytorch model ``sd`` was saved from, or None when its keys are no vit-pytorch layout we know (the
+    library's 2020 / early-2021 ViT layouts: ``loading.vitpytorch_legacy``)."""
+    legacy = infer_legacy_vit(sd, num_heads)
+    if legacy is not None:
+        return legacy
     if "to_patch_embedding.2.weight" in sd and "pos_embedding" in sd:
         return _vit(sd, num_heads)
     if "to_patch_embedding.2.weight" in sd and "linear_head.weight" in sd:
@@ -200,6 +200,8 @@ def infer_vit_pytorch(sd: SD, num_heads: int | None = None) -> ArchSpec | None:
 
 def build_vit_pytorch(spec: ArchSpec) -> nn.Module:
     """A randomly initialised vit-pytorch model of ``spec.name`` with ``spec.kwargs``."""
+    if spec.name in ("ViT-2020", "ViT-2021"):
+        return build_legacy_vit(spec)
     import vit_pytorch
     from vit_pytorch.cait import CaiT
     from vit_pytorch.cross_vit import CrossViT

@@ -26,14 +26,19 @@ def compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in sd and sd[k].shape != v.shape]
     problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if missing:  # with their shapes: a missing block and a different width read differently
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(_shaped(k, expected) for k in missing[:3])})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(_shaped(k, sd) for k in unexpected[:3])})")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
     if problems:
         raise UnsupportedLayoutError(f"checkpoint does not fit {what}: " + "; ".join(problems))
+
+
+def _shaped(key: str, tensors: dict[str, torch.Tensor]) -> str:
+    t = tensors.get(key)
+    return f"{key} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else key
 
 
 def real_elements(sd: dict[str, torch.Tensor]) -> int:

@@ -13,12 +13,13 @@ MultiheadAttention); then the library's model-level init where there is one — 
 timm models), HuggingFace's ``_init_weights`` per module; then any parameter that still holds its trained value (a bare
 ``nn.Parameter`` such as a class token in a family without either) is drawn from N(0, 0.02²), timm's choice for tokens.
 All under ``torch.manual_seed(seed)`` inside a forked RNG, so the caller's random state is untouched and the same seed
-gives the same twin.
+gives the same twin. A model built from the user's own code (``--model-code``) is instead built again by that code
+under the seed (``untrained_twin(model, seed, factory)``): its own initialisation, whatever it is.
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -53,8 +54,17 @@ def _reinit(model: nn.Module, original: nn.Module) -> str:
     return how + (f"; {len(kept)} parameter(s) drawn from N(0, 0.02^2)" if kept else "")
 
 
-def untrained_twin(model: nn.Module, seed: int = 0) -> tuple[nn.Module, str]:
-    """A re-initialised copy of ``model`` (same class, config and device; eval mode) and how it was initialised."""
+def untrained_twin(model: nn.Module, seed: int = 0, factory: Callable[..., nn.Module] | None = None
+                   ) -> tuple[nn.Module, str]:
+    """A re-initialised copy of ``model`` (same class, config and device; eval mode) and how it was initialised.
+
+    ``factory`` (the user's own code, ``--model-code``): ``factory(seed=seed)`` builds the twin instead, so it gets
+    exactly the initialisation the user's code gives a fresh model.
+    """
+    if factory is not None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        twin = factory(seed=seed).to(device)
+        return twin.eval(), f"your model's own initialisation (its factory called again), seed {seed}"
     twin = copy.deepcopy(model)
     devices = [p.device for p in twin.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=devices):
@@ -66,7 +76,7 @@ def untrained_twin(model: nn.Module, seed: int = 0) -> tuple[nn.Module, str]:
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, device: torch.device, num_batches: int | None = None,
                    all_reduce: bool = False, autocast: Any = None) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (tensors [B, 3, H, W] or (x, y) pairs), as the
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (tensors [B, C, H, W] or (x, y) pairs), as the
     official DeepViT trainer does before evaluating: statistics reset, cumulative average (momentum None), only the
     BatchNorm layers in train mode. ``all_reduce`` averages the estimates over torchrun ranks. Returns the batches used
     (0 when the model has no BatchNorm)."""

@@ -2,7 +2,7 @@
 
     import collapse_probe as cp
     result = cp.probe("checkpoints/vit_micro_d32.safetensors", "builtin:digits")   # every loading check applies
-    result = cp.probe(model, loader, threshold=0.9)           # a model in memory, batches [B, 3, H, W] (or (x, y))
+    result = cp.probe(model, loader, threshold=0.9)           # a model in memory, batches [B, C, H, W] (or (x, y))
     result = cp.probe(model, images, max_memory="2GiB", storage="float16")   # split batches to fit
 
 Every command (``similarity``, ``audit``, ``compare``, ``figures``, the trainer's collapse tracking) calls ``probe``
@@ -38,7 +38,8 @@ from .memory import fit_batch, parse_bytes
 from .result import REDUCTIONS, ProbeResult
 
 Observer = Callable[[Site, torch.Tensor], None]
-LOAD_OPTIONS = ("model_name", "num_heads", "mean", "std", "key", "trust_pickle", "prefix")  # how a path is read
+# how a path is read (``load_model``)
+LOAD_OPTIONS = ("model_name", "num_heads", "mean", "std", "key", "trust_pickle", "prefix", "model_code", "model_args")
 
 
 def _storage(storage: str | torch.dtype) -> tuple[torch.dtype, str]:
@@ -67,8 +68,8 @@ def open_model(model_or_path: nn.Module | LoadedModel | str | Path, device: str 
                **load: Any) -> tuple[LoadedModel, torch.device, int]:
     """(the model and what it is, the device it now lives on, the torchrun world size) for any accepted model.
 
-    A path is read with every safety check (``load_model``; ``load``: model_name, num_heads, mean, std, key,
-    trust_pickle, prefix) onto ``device`` (default "auto"); a model in memory goes to ``device`` (default: where it is).
+    A path is read with every safety check (``load_model``; ``load``: ``LOAD_OPTIONS``) onto ``device`` (default
+    "auto"); a model in memory goes to ``device`` (default: where it is).
     """
     from_file = isinstance(model_or_path, (str, Path))
     given = {k: v for k, v in load.items() if v is not None and v is not False}
@@ -154,6 +155,8 @@ def probe(
     key: str | None = None,
     trust_pickle: bool = False,
     prefix: str | None = None,
+    model_code: str | Path | None = None,
+    model_args: str | dict[str, Any] | None = None,
     num_images: int | None = None,
     batch_size: int = 16,
     workers: int = 0,
@@ -179,10 +182,13 @@ def probe(
         model_or_path: a checkpoint file or model folder (read with every safety check, see ``load_model``), a
             ``LoadedModel``, or an ``nn.Module`` of a supported family.
         images: a folder, ``builtin:photos`` or ``builtin:digits`` (preprocessed with the model's own eval
-            transform), a tensor [B, 3, H, W] already preprocessed, an iterable of such batches / (x, y), or pictures
-            (numpy arrays, PIL images: ``loading.pictures``). Default: as the commands choose (``default_images``):
+            transform, converted to its channels), a tensor [B, C, H, W] already preprocessed, an iterable of such
+            batches / (x, y), or pictures (numpy arrays, PIL images: ``loading.pictures``). Default: as the commands choose (``default_images``):
             the set the checkpoint was trained on when our trainer recorded one (digits), else builtin:photos.
         model_name, num_heads, mean, std, key, trust_pickle, prefix: how to read a path (``load_model``).
+        model_code, model_args: your own model's code (a .py file or module name, imported: it runs) and the
+            keyword arguments for ``model_name``, the class or function in it that builds the model; the untrained
+            twin is that factory called again under ``baseline_seed``.
         num_images, batch_size, workers: how many images of a folder / built-in set, in batches of this size.
         threshold: the block criterion: a block is similar when its similarity with the previous block(s) exceeds it.
         entry_threshold: the per-entry cut of the ratio reduction (fraction of column cosines above it; default
@@ -213,7 +219,8 @@ def probe(
     from_file = isinstance(model_or_path, (str, Path))
     all_reduce = from_file if all_reduce is None else all_reduce
     loaded, dev, world = open_model(model_or_path, device, model_name=model_name, num_heads=num_heads, mean=mean,
-                                    std=std, key=key, trust_pickle=trust_pickle, prefix=prefix)
+                                    std=std, key=key, trust_pickle=trust_pickle, prefix=prefix,
+                                    model_code=model_code, model_args=model_args)
     model, model_info = loaded.model, loaded.info
     if images is None:
         images = default_images(model_or_path)
@@ -245,16 +252,17 @@ def probe(
                        "world_size": world}
     if baseline:
         result.baseline = _twin_result(model, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory,
-                                       dev, show, all_reduce, baseline_seed, result, prefix)
+                                       dev, show, all_reduce, baseline_seed, result, prefix, loaded.factory)
     return result
 
 
 def _twin_result(model: nn.Module, batches: Iterable, kinds: Sequence[str], entry_threshold: float,
                  rank_images: int | None, storage_dtype: torch.dtype, max_memory: int | str | None,
                  dev: torch.device, show: bool, all_reduce: bool, seed: int, trained: ProbeResult,
-                 prefix: int | None) -> ProbeResult:
-    """The untrained twin measured on the same batches with the same settings (``probing.baseline``)."""
-    twin, how = untrained_twin(model, seed)
+                 prefix: int | None, factory: Callable[..., nn.Module] | None = None) -> ProbeResult:
+    """The untrained twin measured on the same batches with the same settings (``probing.baseline``; ``factory``:
+    the user's own, called again under ``seed``)."""
+    twin, how = untrained_twin(model, seed, factory)
     bn_batches = recalibrate_bn(twin, tqdm(batches, desc="twin: BatchNorm statistics", unit="batch", leave=False,
                                            disable=not show), dev, all_reduce=all_reduce)
     result, _ = _measure(twin, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory, dev, show,
