@@ -47,3 +47,9 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """The first non-empty line of a foreign exception's message (its type name if it has none)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0][:limit] if lines else type(e).__name__
+
+
+def printable(text: object) -> str:
+    """``str(text)`` with bytes that are not UTF-8 (a file name the OS allows, carried as surrogates) shown as U+FFFD,
+    so it can be printed, written into a report or a CSV file."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -22,25 +22,12 @@ from ..probing import outcome
 from ..probing.intervene import check_flagged, measure
 from ..probing.outcome import COLUMNS, Intervention, InterventionReport, wilson
 from ..probing.run import LOAD_OPTIONS, open_model
+from .intervene_options import check_request
 
 MEASURE_OPTIONS = ("images", "num_images", "batch_size", "device", "progress", "workers")
 PROBE_OPTIONS = ("threshold", "entry_threshold", "neighbors", "reduction", "rank_images", "max_memory", "storage",
                  "baseline_seed")
 FILES = ("intervention.csv", "intervention.json", "intervention.png")
-
-
-def check_request(from_block: int | None, blocks: list[int] | None, sweep: bool, source: int | None) -> None:
-    """Exactly one of --from-block, --blocks, --sweep; --source only with --blocks (checked before loading)."""
-    given = [n for n, v in (("--from-block", from_block is not None), ("--blocks", bool(blocks)), ("--sweep", sweep))
-             if v]
-    if len(given) != 1:
-        raise BadArgumentError("choose exactly one of --from-block K, --blocks B,B,... and --sweep" +
-                               (f" (got {', '.join(given)})" if given else ""))
-    if source is not None and not blocks:
-        raise BadArgumentError("--source applies to --blocks (with --from-block K the source is block K)")
-    for b in [*(blocks or []), *([from_block] if from_block is not None else []), source]:
-        if b is not None and b < 1:
-            raise BadArgumentError(f"block numbers start at 1, got {b}")
 
 
 def plan(mode: str, depth: int, from_block: int | None = None, blocks: list[int] | None = None,
