@@ -84,8 +84,7 @@ def _figures(tmp: Path) -> tuple[list[str], list[Path]]:
     for name, depth in (("vit_micro", 2), ("deepvit_micro", 3)):
         save_checkpoint(create_model(name, depth=depth), ckpts / f"{name}_d{depth}.safetensors")
     out = tmp / "figs"
-    return ["figures", "-c", str(ckpts), "--num-images", "5000", "--batch-size", "8", "--no-pdf", "-o", str(out)], \
-        [out]
+    return ["figures", str(ckpts), "--num-images", "5000", "--batch-size", "8", "--no-pdf", "-o", str(out)], [out]
 
 
 def _figures_ok(path: Path) -> bool:

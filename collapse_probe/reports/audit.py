@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..errors import BadArgumentError
@@ -28,6 +29,7 @@ from ..probing.result import ProbeResult, finite
 from ..probing.run import LOAD_OPTIONS, probe
 from ..probing.blocks import Criterion, block_rows
 from ..probing.verdict import judge, spans
+from .labels import unique_labels
 from .text import _SPECS, _missing, aligned, cell, csv_text
 
 FIGURES = ("similarity_heatmap", "block_curves", "rank", "cross_head")
@@ -230,14 +232,6 @@ def write_audit(result: ProbeResult, output: str | Path, threshold: float, neigh
     return metrics
 
 
-def _names(paths: Sequence[str | Path]) -> list[str]:
-    names: list[str] = []
-    for p in paths:
-        n = Path(p).name or str(p)
-        names.append(n if n not in names else f"{n} ({len(names) + 1})")
-    return names
-
-
 SUMMARY_COLUMNS = ("checkpoint", "architecture", "kind", "depth", "num_heads", "heads_source", "similar_blocks",
                    "similar_count", "count_low", "count_high", "twin_similar_count", "collapsed_beyond_twin",
                    "similar_ratio", "onset", "regimes", "cross_head_mean", "effective_rank_min")
@@ -337,9 +331,13 @@ def compare(
         raise BadArgumentError("compare needs at least two checkpoints")
     if output is not None:
         check_replaceable(output)
-    results = {n: probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
-                        **probe_kwargs)
-               for n, c in zip(_names(checkpoints), checkpoints)}
+    results: dict[str, ProbeResult] = {}
+    names = unique_labels(checkpoints)  # r1/m.pt and r2/m.pt: two labels, never one result replacing the other
+    show = probe_kwargs.pop("progress", True)
+    with tqdm(list(zip(names, checkpoints)), desc="checkpoints", unit="ckpt", disable=not show) as bar:
+        for i, (n, c) in enumerate(bar, 1):  # closed on any exit, so an interrupt's one line stays the last
+            results[n] = probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
+                               progress=show and f"checkpoint {i} of {len(names)} ({n})", **probe_kwargs)
     verdicts = _verdicts(results, threshold, neighbors, reduction)
     table = render_compare(results, fmt, threshold, neighbors, reduction, verdicts)
     if output is not None:

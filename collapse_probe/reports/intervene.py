@@ -59,8 +59,9 @@ def run_intervene(checkpoint: Any, mode: str = "reuse", from_block: int | None =
     loaded, dev, _ = open_model(checkpoint, options.get("device"), **load)
     ivs = plan(mode, len(intervention_blocks(loaded.model)), from_block, blocks, source, sweep)
     kw = {k: v for k, v in options.items() if k in MEASURE_OPTIONS and k != "device"}
-    return measure(loaded, interventions=ivs, device=dev, similarity=similarity,
-                   probe_options={k: v for k, v in options.items() if k in PROBE_OPTIONS}, **kw)
+    # the report shows no rank: one image's rank (not every image's SVD) unless a caller asks
+    probe_options = {"rank_images": 1, **{k: v for k, v in options.items() if k in PROBE_OPTIONS}}
+    return measure(loaded, interventions=ivs, device=dev, similarity=similarity, probe_options=probe_options, **kw)
 
 
 def _num(v: float, spec: str) -> str:
