@@ -7,6 +7,10 @@
 | 3    | RefusedContentError    | the file would execute code or is a decompression bomb: refused          |
 | 4    | MalformedFileError     | corrupt, truncated or not a checkpoint at all                            |
 | 5    | UnsupportedLayoutError | readable, but not a layout/architecture we can map onto a model          |
+
+The command line adds: 2 when an output cannot be written (disk full, read-only folder, no permission: the
+``OSError``'s reason and path in one line), 130 / 143 for SIGINT / SIGTERM, and 141 when standard output was closed
+before everything was written (``... | head``: a broken pipe, 128 + SIGPIPE as a shell reports it).
 """
 from __future__ import annotations
 

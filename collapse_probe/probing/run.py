@@ -77,7 +77,7 @@ def open_model(model_or_path: nn.Module | LoadedModel | str | Path, device: str 
         raise BadArgumentError(f"{', '.join(given)} apply to checkpoint paths, not to a model already built")
     world = 1
     if from_file:
-        info = distributed.init_distributed(device or "auto")
+        info = distributed.init_distributed("auto" if device is None else device)  # "" is a mistake, not auto
         dev, world = info.device, info.world
         model_or_path = load_model(model_or_path, **given)
     loaded = model_or_path if isinstance(model_or_path, LoadedModel) else \

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,8 +34,11 @@ def unique_labels(paths: Sequence[str | Path], sep: str = "/", stem: bool = Fals
     depth = [1] * len(parts)
     while True:
         labels = [sep.join(ps[-k:]) for ps, k in zip(parts, depth)]
-        counts = Counter(labels)
-        grow = [i for i, lab in enumerate(labels) if counts[lab] > 1 and depth[i] < len(parts[i])]
+        paths_of: dict[str, set[tuple[str, ...]]] = {}
+        for ps, lab in zip(parts, labels):
+            paths_of.setdefault(lab, set()).add(tuple(ps))
+        # a label shared by different paths grows by a folder; one path given twice is numbered below instead
+        grow = [i for i, lab in enumerate(labels) if len(paths_of[lab]) > 1 and depth[i] < len(parts[i])]
         if not grow:
             break
         for i in grow:
