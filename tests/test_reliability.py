@@ -96,8 +96,8 @@ def test_hostile_sizes_are_one_line_within_the_memory_of_a_normal_run(tmp_path: 
 def test_map_bound_leaves_real_vits_far_below_it() -> None:
     import timm
 
-    from collapse_probe.loading.bounds import check_map_size, max_map_values, tokens_of
     from collapse_probe.hooks.capture import attention_plans
+    from collapse_probe.loading.bounds import check_map_size, max_map_values, tokens_of
 
     for name in ("vit_base_patch16_384", "vit_base_patch8_224", "vit_large_patch16_384", "deit_tiny_patch16_224",
                  "vit_small_patch14_dinov2"):
