@@ -58,6 +58,9 @@ def resolve_device(device: str | None = "auto", local_rank: int | None = None) -
         raise BadArgumentError(f"device '{device}' cannot run a probe; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadArgumentError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BadArgumentError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                               f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if dev.type == "cuda" and dev.index is None and local_rank is not None:
         dev = torch.device("cuda", local_rank)
     return dev

@@ -7,6 +7,10 @@
 | 3    | RefusedContentError    | the file would execute code or is a decompression bomb: refused          |
 | 4    | MalformedFileError     | corrupt, truncated or not a checkpoint at all                            |
 | 5    | UnsupportedLayoutError | readable, but not a layout/architecture we can map onto a model          |
+
+The command line adds: 2 when an output cannot be written (disk full, read-only folder, no permission: the
+``OSError``'s reason and path in one line), 130 / 143 for SIGINT / SIGTERM, and 141 when standard output was closed
+before everything was written (``... | head``: a broken pipe, 128 + SIGPIPE as a shell reports it).
 """
 from __future__ import annotations
 
@@ -47,3 +51,9 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """The first non-empty line of a foreign exception's message (its type name if it has none)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0][:limit] if lines else type(e).__name__
+
+
+def printable(text: object) -> str:
+    """``str(text)`` with bytes that are not UTF-8 (a file name the OS allows, carried as surrogates) shown as U+FFFD,
+    so it can be printed, written into a report or a CSV file."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -16,7 +16,12 @@ Rules (why: a report folder given to ``-o`` may be a user's project folder, a sy
 - SIGINT / SIGTERM are held back during the swap and the clean-up, so an interrupt sees the old folder or the new
   one. After SIGKILL, the next run removes the stale staging folder (or, on systems without an atomic exchange, puts
   the earlier folder back) before it writes.
-- Every ``OSError`` while writing becomes one ``BadArgumentError`` line (exit 2) naming the path; nothing is left.
+- Every ``OSError`` while writing (disk full, read-only folder, no permission) becomes one ``BadArgumentError`` line
+  (exit 2) naming the path and the reason; nothing is left.
+- Temporary names are ``.<name>.collapse-probe-<pid>-<nonce><check>.tmp``: ``<name>`` shortened with a hash when long
+  or not UTF-8 (every name stays within the 255-byte limit of a file name), ``<check>`` a hash of this host, name,
+  pid and nonce. A temporary file or folder left by a killed run (its pid dead, its check ours; never anything else)
+  is removed by the next write into the same folder.
 
 ``committed`` lists what this process has finished writing, so an interrupted command can say whether it wrote.
 """
@@ -28,11 +33,11 @@ import errno
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
 import stat
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -40,6 +45,9 @@ from .errors import BadArgumentError
 
 MANIFEST = ".collapse-probe-manifest.json"
 _STAGING_MARK = ".collapse-probe-staging"
+_STEM_BYTES = 150  # of the target's name kept in a temporary name: with our 45-byte frame, well under 255
+_TEMP = re.compile(r"^\.(?P<stem>.+)\.collapse-probe-(?P<pid>\d+)-(?P<nonce>[0-9a-f]{8})(?P<check>[0-9a-f]{8})"
+                   r"\.(?P<ext>tmp|old)$", re.DOTALL)
 _STDOUT_ALIASES = {"-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"}
 _SPECIAL_ROOTS = ("/dev", "/proc", "/sys")
 committed: list[Path] = []
@@ -102,6 +110,70 @@ def _umask() -> int:
     return umask
 
 
+def _stem(name: str) -> str:
+    """``name`` as our temporary names carry it: itself when short and UTF-8, else a UTF-8 prefix and a hash."""
+    raw = os.fsencode(name)
+    try:
+        raw.decode("utf-8")
+        if len(raw) <= _STEM_BYTES:
+            return name
+    except UnicodeDecodeError:
+        pass
+    keep = raw[:_STEM_BYTES - 13].decode("utf-8", "ignore")  # a cut character or non-UTF-8 byte is dropped
+    return f"{keep}~{hashlib.sha256(raw).hexdigest()[:12]}"
+
+
+def _check_of(stem: str, pid: str, nonce: str) -> str:
+    """The hash that marks a temporary name as made by collapse-probe on this host (another host's pids mean
+    nothing here, so a shared folder's temporaries of other machines are never touched)."""
+    return hashlib.sha256(f"collapse-probe\0{platform.node()}\0{stem}\0{pid}\0{nonce}".encode(
+        "utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _temp_name(target: Path, ext: str = "tmp") -> Path:
+    stem, pid, nonce = _stem(target.name), str(os.getpid()), os.urandom(4).hex()
+    return target.with_name(f".{stem}.collapse-probe-{pid}-{nonce}{_check_of(stem, pid, nonce)}.{ext}")
+
+
+def _new_temp(target: Path, folder: bool = False) -> Path:
+    """Create a private temporary file or folder next to ``target`` under a fresh name of ours."""
+    for _ in range(100):
+        tmp = _temp_name(target)
+        try:
+            if folder:
+                os.mkdir(tmp, 0o700)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
+
+
+def _ours(name: str) -> re.Match | None:
+    """The parts of a temporary name made by collapse-probe on this host, or None."""
+    m = _TEMP.match(name)
+    return m if m and m["check"] == _check_of(m["stem"], m["pid"], m["nonce"]) else None
+
+
+def sweep_stale(folder: Path) -> None:
+    """Remove temporary files and staging folders that killed runs of ours left in ``folder`` (pid dead, name ours;
+    a folder only with our staging mark inside). Swapped-aside ``.old`` folders are ``_recover``'s to put back."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for e in entries:
+        m = _ours(e.name)
+        if not m or m["ext"] != "tmp" or _pid_alive(int(m["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            if e.is_file(follow_symlinks=False):
+                os.unlink(e.path)
+            elif e.is_dir(follow_symlinks=False) and (Path(e.path) / _STAGING_MARK).is_file():
+                shutil.rmtree(e.path)
+
+
 def file_target(path: str | Path) -> Path:
     """The regular file that writing ``path`` replaces (a symlink's target); raises BadArgumentError otherwise."""
     path = Path(path)
@@ -121,11 +193,11 @@ def write_file(path: str | Path, write: Callable[[str], object]) -> Path:
     target = file_target(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        sweep_stale(target.parent)
+        tmp = str(_new_temp(target))
     except OSError as e:
         raise _fail(Path(path), e) from e
     try:
-        os.close(fd)
         try:  # keep an existing file's permissions; else what a plain open() would give
             mode = stat.S_IMODE(os.stat(target).st_mode)
         except FileNotFoundError:
@@ -223,16 +295,16 @@ def _pid_alive(pid: int) -> bool:
 
 def _recover(output: Path) -> None:
     """Clean up after a run killed mid-write: stale staging removed, an earlier folder put back if it was moved."""
-    pattern = re.compile(rf"^\.{re.escape(output.name)}\.collapse-probe-(\d+)-\w+\.(tmp|old)$")
+    stem = _stem(output.name)
     for sib in sorted(output.parent.iterdir()) if output.parent.is_dir() else []:
-        m = pattern.match(sib.name)
-        if not m or _pid_alive(int(m.group(1))):
+        m = _ours(sib.name)
+        if not m or m["stem"] != stem or not sib.is_dir() or sib.is_symlink() or _pid_alive(int(m["pid"])):
             continue
         # ours: a staging folder (marked) or an earlier report swapped out of place (manifest, nothing foreign)
         owned = (sib / MANIFEST).is_file() and not foreign_files(sib)
         if not (sib / _STAGING_MARK).is_file() and not owned and any(sib.iterdir()):
             continue
-        if m.group(2) == "old" and not output.exists():
+        if m["ext"] == "old" and not output.exists():
             (sib / _STAGING_MARK).unlink(missing_ok=True)
             os.replace(sib, output)
         else:
@@ -274,12 +346,12 @@ def write_folder(output: str | Path, files: Mapping[str, bytes] | None = None,
         output = Path(os.path.realpath(given)) if given.is_symlink() else given.absolute()
         output.parent.mkdir(parents=True, exist_ok=True)
         _recover(output)
+        sweep_stale(output.parent)
     except OSError as e:
         raise _fail(given, e) from e
     check_replaceable(output)
     try:
-        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.collapse-probe-{os.getpid()}-",
-                                        suffix=".tmp"))
+        staging = _new_temp(output, folder=True)
     except OSError as e:
         raise _fail(given, e) from e
     try:
@@ -312,7 +384,7 @@ def _commit(staging: Path, output: Path) -> None:
     elif _exchange(staging, output):  # now output is new, staging holds the old folder (manifest, nothing foreign)
         shutil.rmtree(staging)
     else:  # no atomic exchange: the old folder goes aside under a name _recover() knows, then the new one in
-        old = staging.with_name(staging.name[: -len(".tmp")] + ".old")
+        old = staging.with_name(staging.name[: -len(".tmp")] + ".old")  # same stem, pid and check: still ours
         os.replace(output, old)
         os.replace(staging, output)
         shutil.rmtree(old)

@@ -66,12 +66,20 @@ def test_hf_timm_wrapper_may_not_name_another_file(tmp_path: Path) -> None:
     assert "checkpoint_path" in line and os.stat(bomb).st_atime_ns == before
 
 
-@pytest.mark.parametrize("edit", [{"hidden_size": 1_000_000, "intermediate_size": 1_000_000},
-                                  {"num_hidden_layers": 100_000}], ids=["width", "depth"])
-def test_hf_config_asking_for_a_huge_model_is_refused_before_allocating(edit, tmp_path: Path) -> None:
+@pytest.mark.parametrize("edit, code, says", [
+    ({"hidden_size": 1_000_000, "intermediate_size": 1_000_000}, 3, "hidden_size=1000000, far larger"),
+    ({"num_hidden_layers": 100_000}, 5, "num_hidden_layers=100000 layers but the weights hold 2"),
+    ({"mlp_ratio": 1e9}, 3, "mlp_ratio"), ({"vision_config": {"num_layers": 5000}}, 5, "num_layers=5000")],
+    ids=["width", "depth", "ratio", "nested-depth"])
+def test_hf_config_asking_for_a_huge_model_is_refused_before_allocating(edit, code, says, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    import transformers
+
     folder = _hf_folder(tmp_path, lambda c: c.update(edit))
-    line = _one_line(CliRunner().invoke(main, ["similarity", str(folder), *FAST]), 3)
-    assert "parameters" in line
+    built = []  # nothing may be built, not even on the meta device, before the config is checked
+    monkeypatch.setattr(transformers.ViTForImageClassification, "__init__",
+                        lambda *a, **k: built.append(1) or pytest.fail("built"))
+    assert says in _one_line(CliRunner().invoke(main, ["similarity", str(folder), *FAST]), code) and not built
 
 
 def test_hf_quantized_and_foreign_architecture_configs(tmp_path: Path) -> None:

@@ -84,8 +84,7 @@ def _figures(tmp: Path) -> tuple[list[str], list[Path]]:
     for name, depth in (("vit_micro", 2), ("deepvit_micro", 3)):
         save_checkpoint(create_model(name, depth=depth), ckpts / f"{name}_d{depth}.safetensors")
     out = tmp / "figs"
-    return ["figures", "-c", str(ckpts), "--num-images", "5000", "--batch-size", "8", "--no-pdf", "-o", str(out)], \
-        [out]
+    return ["figures", str(ckpts), "--num-images", "5000", "--batch-size", "8", "--no-pdf", "-o", str(out)], [out]
 
 
 def _figures_ok(path: Path) -> bool:
@@ -182,11 +181,14 @@ def test_cli_exit_codes_for_signals(monkeypatch, tmp_path: Path) -> None:
     import collapse_probe.probing.run as probe_mod
     from collapse_probe.cli import _Terminated, main
 
+    ckpt, out = tmp_path / "x.safetensors", tmp_path / "out"  # a path that exists: the CLI checks paths first
+    ckpt.write_bytes(b"never read: the probe is replaced")
+    out.mkdir()
     for exc, code in ((KeyboardInterrupt(), 130), (_Terminated(), 143)):
         def boom(*a, _e=exc, **k):
             raise _e
         monkeypatch.setattr(probe_mod, "probe", boom)
-        result = CliRunner().invoke(main, ["similarity", "x.safetensors", "-o", str(tmp_path / "o.json")])
+        result = CliRunner().invoke(main, ["similarity", str(ckpt), "-o", str(out / "o.json")])
         assert result.exit_code == code
         assert result.stderr.strip() == "interrupted: no output written"
-        assert list(tmp_path.iterdir()) == []
+        assert list(out.iterdir()) == []

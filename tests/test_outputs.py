@@ -74,7 +74,7 @@ def test_a_users_folder_is_never_replaced(command: str, project: Path) -> None:
     inner = str(project / "model.safetensors")
     args = {"audit": ["audit", inner, "-o", str(project)],
             "compare": ["compare", inner, inner, "-o", str(project)],
-            "figures": ["figures", "-c", inner, "--no-pdf", "-o", str(project)]}[command]
+            "figures": ["figures", "--checkpoints", inner, "--no-pdf", "-o", str(project)]}[command]
     res = CliRunner().invoke(main, [*args, *FAST])
     _one_line_exit(res, 2)
     assert "did not write" in res.output

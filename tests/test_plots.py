@@ -344,8 +344,8 @@ def test_figures_from_a_folder_skips_what_it_cannot_draw(tiny_checkpoints, tmp_p
     only.mkdir()
     (only / "deepvit_micro_d2.safetensors").write_bytes((tiny_checkpoints / "vit_micro_d2.safetensors").read_bytes())
     out = tmp_path / "figs"
-    res = CliRunner().invoke(main, ["figures", "-c", str(only), "-o", str(out), "--num-images", "2", "--no-pdf",
-                                    "--no-progress"])
+    res = CliRunner().invoke(main, ["figures", "--checkpoints", str(only), "-o", str(out), "--num-images", "2",
+                                    "--no-pdf", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "Fig. 1 skipped" in res.output and "ViT-vs-DeepViT similarity skipped" in res.output
     assert "Fig. 3(b) skipped" in res.output and "depth 2" in res.output  # one depth: no "vs depth" figure
@@ -358,11 +358,11 @@ def test_figures_bad_input_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "figs"
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = CliRunner().invoke(main, ["figures", "-c", str(empty), "-o", str(out)])
+    res = CliRunner().invoke(main, ["figures", "--checkpoints", str(empty), "-o", str(out)])
     assert res.exit_code == 2 and "no checkpoint files" in res.output and not out.exists()
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
-    res = CliRunner().invoke(main, ["figures", "-c", str(bad), "-o", str(out), "--no-progress"])
+    res = CliRunner().invoke(main, ["figures", "--checkpoints", str(bad), "-o", str(out), "--no-progress"])
     assert res.exit_code == 4 and res.output.startswith("error: ") and res.output.count("\n") == 1
     assert not out.exists()
     res = CliRunner().invoke(main, ["figures", "-o", str(out)])

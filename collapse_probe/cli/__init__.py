@@ -8,6 +8,7 @@ COLLAPSE_PROBE_DEBUG=1 to get tracebacks instead.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -16,11 +17,16 @@ from pathlib import Path
 import click
 
 from .._version import __version__
-from ..errors import CollapseProbeError
+from ..errors import CollapseProbeError, printable
+from ..reports.intervene_options import check_request, intervene_options
+from .checks import checkpoint_paths
+from .help import SectionedCommand, without
 from .options import _default_images, _probe_options, _train_command, emit, output_format  # noqa: F401
-from ..reports.intervene_options import intervene_options
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=120, terminal_width=120)
+
+
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class _Terminated(KeyboardInterrupt):
@@ -66,11 +72,38 @@ class _Group(click.Group):
             sys.exit(2)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except BrokenPipeError:  # stdout closed early (`... | head -1`): one line, exit 141 as a shell reports SIGPIPE
+            _quiet_stdout()
+            _say("error: standard output was closed before all output was written (broken pipe)")
+            sys.exit(141)
+        except OSError as e:  # the environment, not a bug: disk full, read-only folder, no permission, ...
+            where = f" ({printable(e.filename)})" if e.filename else ""
+            storage = e.errno in _STORAGE_ERRORS
+            _quiet_stdout()  # it may be stdout that failed (`> /full/disk/file`): no second failure at exit
+            _say(f"error: {e.strerror or type(e).__name__}{where}"
+                 f"{'; free space or choose another location' if storage else ''}")
+            sys.exit(2 if storage else 1)
         except Exception as e:  # a bug of ours: still one line, with a way to see more
             msg = " ".join(str(e).split())[:300]
             click.echo(f"error: internal error {type(e).__name__}: {msg} (COLLAPSE_PROBE_DEBUG=1 shows a traceback)",
                        err=True)
             sys.exit(1)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so Python's final flush of what is still buffered cannot fail a second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (embedded use): nothing to flush into a pipe
+        pass
+
+
+def _say(line: str) -> None:
+    """One line on stderr, unless stderr is gone too."""
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        pass
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -87,9 +120,10 @@ def main() -> None:
     """
 
 
-@main.command(context_settings=CONTEXT, short_help="Per-block attention similarity, similar blocks, cross-head "
+@main.command(cls=SectionedCommand, context_settings=CONTEXT,
+              short_help="Per-block attention similarity, similar blocks, cross-head "
               "similarity and rank of a checkpoint.")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_paths)
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               help="Default: from --output's extension (.json, .csv; .txt, .md or none: table); table on stdout.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")
@@ -127,9 +161,10 @@ def similarity(checkpoint, fmt, output, **kwargs):
         emit(render(result, fmt), output)
 
 
-@main.command(context_settings=CONTEXT, short_help="Every collapse metric and a plain-language verdict, written "
+@main.command(cls=SectionedCommand, context_settings=CONTEXT,
+              short_help="Every collapse metric and a plain-language verdict, written "
               "as a self-contained report folder.")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_paths)
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True, metavar="DIR",
               help="Report folder: report.md, report.html, metrics.json and the figures (replaced atomically).")
 @click.option("--intervene", is_flag=True, help="Also check the flagged blocks by intervention (reuse the map before "
@@ -159,9 +194,10 @@ def audit(checkpoint, output, **kwargs):
     click.echo(f"wrote {output}/report.html (heads: {metrics['heads_source']})", err=True)
 
 
-@main.command(context_settings=CONTEXT, short_help="Side-by-side collapse summary (table, markdown, JSON or CSV) "
+@main.command(cls=SectionedCommand, context_settings=CONTEXT,
+              short_help="Side-by-side collapse summary (table, markdown, JSON or CSV) "
               "of two or more checkpoints.")
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path), callback=checkpoint_paths)
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
               help="Also write compare.md, compare.html, metrics.json and curves.png into this folder.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json", "csv"]), default="table",
@@ -180,16 +216,20 @@ def compare(checkpoints, output, fmt, **kwargs):
       collapse-probe compare a.pt b.pt c.pt --num-images 64 --output out/compare
       collapse-probe compare a.pt b.pt --format csv > blocks.csv
     """
+    if len(checkpoints) < 2:
+        raise click.UsageError("compare needs at least two checkpoints")
     from ..reports.audit import compare as run_compare
 
     table, _ = run_compare(list(checkpoints), output, fmt=fmt, **_default_images(checkpoints[0], kwargs))
     click.echo(table if fmt == "markdown" else table.rstrip("\n"))
 
 
-@main.command(context_settings=CONTEXT, short_help="Check a verdict by intervention (reuse a block's map, skip "
+@main.command(cls=SectionedCommand, context_settings=CONTEXT,
+              short_help="Check a verdict by intervention (reuse a block's map, skip "
               "blocks, uniform attention): output change.")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_paths)
 @intervene_options
+@without("rank_images", "baseline_seed")  # no rank and no untrained twin in an intervention report
 @_probe_options
 def intervene(checkpoint, **kwargs):
     """Intervene on blocks of CHECKPOINT (numbered from 1); measure the top-1 agreement with the unmodified model,
@@ -201,6 +241,7 @@ def intervene(checkpoint, **kwargs):
       collapse-probe intervene ckpt.pt --mode reuse --from-block 16     # blocks 17-L reuse block 16's map
       collapse-probe intervene ckpt.pt --mode skip --blocks 30,31,32    # each block skipped alone, one row each
     """
+    check_request(kwargs["from_block"], kwargs["blocks"], kwargs["sweep"], kwargs["source"])  # before torch
     from ..reports.intervene import command
 
     text, output = command(checkpoint, **_default_images(checkpoint, kwargs))
@@ -240,15 +281,16 @@ def train(config_file, preset, model, depth, data_dir, epochs, batch_size, lr, o
               compile=compile_, workers=workers, initial_checkpoint=initial_checkpoint, progress=progress)
 
 
-@main.command(context_settings=CONTEXT, short_help="Regenerate the paper's Fig. 1, 3, 4 and 8 from checkpoints, "
+@main.command(cls=SectionedCommand, context_settings=CONTEXT,
+              short_help="Regenerate the paper's Fig. 1, 3, 4 and 8 from checkpoints, "
               "with their numbers as CSV.")
-@click.option("--checkpoints", "-c", "checkpoints", multiple=True, type=click.Path(path_type=Path),
-              metavar="DIR|CKPT", help="Checkpoint files or folders of them (repeatable; more may follow as "
+@click.option("--checkpoints", "checkpoints", multiple=True, type=click.Path(path_type=Path), metavar="DIR|CKPT",
+              callback=checkpoint_paths, help="Checkpoint files or folders of them (repeatable; more may follow as "
               "arguments).")
-@click.argument("more", nargs=-1, type=click.Path(path_type=Path), metavar="[CKPT]...")
-@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("figures"),
-              show_default=True, help="Folder for the figures (PNG + PDF) and their CSV numbers; replaced as a whole, "
-              "and only if collapse-probe wrote all of it.")
+@click.argument("more", nargs=-1, type=click.Path(path_type=Path), metavar="[CKPT]...", callback=checkpoint_paths)
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True, metavar="DIR",
+              help="Folder for the figures (PNG + PDF) and their CSV numbers; replaced as a whole, and only if "
+              "collapse-probe wrote all of it.")
 @click.option("--per-model", is_flag=True, help="Per-model figures for every checkpoint, not only the deepest ViT "
               "and DeepViT.")
 @click.option("--pdf/--no-pdf", default=True, show_default=True, help="Also write each figure as PDF.")
@@ -262,12 +304,14 @@ def figures(checkpoints, more, output, per_model, pdf, **kwargs):
     \b
     Examples:
       collapse-probe figures --checkpoints checkpoints/ --images builtin:digits --output figures/digits
-      collapse-probe figures -c vit_micro_d16.safetensors deepvit_micro_d16.safetensors -o out/figs --no-pdf
-      collapse-probe figures -c checkpoints/ --images ~/val_subset --num-images 256 --per-model
+      collapse-probe figures vit_micro_d16.safetensors deepvit_micro_d16.safetensors -o out/figs --no-pdf
+      collapse-probe figures checkpoints/ --images ~/val_subset --num-images 256 --per-model -o out/val
     """
     from ..reports.figures import make_figures, resolve_checkpoints
 
     paths = [*checkpoints, *more]
+    if not paths:
+        raise click.UsageError("no checkpoints given; pass checkpoint files or folders (or --checkpoints DIR)")
     first = resolve_checkpoints(paths)[0]  # images as similarity would choose them (the dataset it was trained on)
     report = make_figures(paths, output, per_model, ("png", "pdf") if pdf else ("png",),
                           **_default_images(first, kwargs))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from .checks import device_name, images_path
+
 
 def emit(text: str, output: Path | None) -> None:
     """Write ``text`` to stdout (no ``output``, or ``-``), or atomically to ``output`` (never a half-written file)."""
@@ -92,7 +94,7 @@ def _probe_options(f):
                      "shared by every key, and a Lightning file's model next to its loss buffers."),
         click.option("--trust-pickle", is_flag=True, help="Allow full pickle for this run. Unpickling can execute "
                      "arbitrary code: only for files you trust."),
-        click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
+        click.option("--images", type=click.Path(path_type=Path), metavar="DIR", callback=images_path,
                      help="Folder of images (recursive), builtin:photos (scikit-image's photographs) or "
                      "builtin:digits (scikit-learn digits). Default: digits for a checkpoint our trainer made on "
                      "digits (its metadata says so), else photos."),
@@ -120,7 +122,8 @@ def _probe_options(f):
         click.option("--storage", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
                      show_default=True, help="Precision of the per-batch maps kept for the all-pairs similarity "
                      "(float16: half the memory, cosine error < 1e-3)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--device", default="auto", show_default=True, callback=device_name,
+                     help="auto, cpu, cuda or cuda:N."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
     ]
     for option in reversed(options):

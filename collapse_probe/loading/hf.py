@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import RefusedContentError, UnsupportedLayoutError, first_line
+from .bounds import check_hf_config
 from .read import Checkpoint
 from .safety import steering_keys
 from .weights import within_weights
@@ -28,6 +29,7 @@ def build_transformers(ckpt: Checkpoint) -> tuple[nn.Module, str]:
     """
     import transformers
 
+    check_hf_config(ckpt.config, ckpt.state_dict, ckpt.path)  # a 256-byte config may not ask for 100 000 layers
     try:
         config = transformers.AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True,
                                                          trust_remote_code=False)

@@ -40,6 +40,7 @@ from ..errors import (
 )
 from .hub import hub_id
 from .hub import resolve as resolve_hub
+from .native import native_name
 from .prefixes import WRAPPER_PREFIXES, KeySelection, model_keys, strip_prefixes  # noqa: F401  (re-exported)
 from .safety import check_finite, check_model_args, check_safetensors, check_torch_file, plain_data_classes
 
@@ -91,9 +92,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
     check_safetensors(path)  # header, dtypes and offsets, so every defect is one clean line
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with native_name(path) as name, safe_open(name, framework="pt", device="cpu") as f:  # any name the OS allows
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except BadArgumentError:
+        raise
     except Exception as e:  # SafetensorError, or e.g. KeyError for a dtype this torch cannot hold: still one line
         raise MalformedFileError(f"{path} is a corrupt or truncated safetensors file ({first_line(e)})") from e
     ours = {}

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import RefusedContentError, UnsupportedLayoutError
+from ..errors import MalformedFileError, RefusedContentError, UnsupportedLayoutError
 from ..hooks.capture import attention_plans
+from .bounds import check_map_size
 
 
 def compare(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -41,6 +42,17 @@ def _shaped(key: str, tensors: dict[str, torch.Tensor]) -> str:
     return f"{key} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else key
 
 
+def check_dtypes(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Floating-point weights must come as floating-point tensors: integer, boolean or complex values would be cast
+    silently (a uint64 file of float bits becomes 1e9-sized weights and NaN maps), so they are the file's problem."""
+    bad = [f"{k} ({str(sd[k].dtype).removeprefix('torch.')})" for k, v in model.state_dict().items()
+           if k in sd and v.is_floating_point() and not sd[k].is_floating_point()]
+    if bad:
+        raise MalformedFileError(f"the checkpoint stores {len(bad)} floating-point weights as other types (e.g. "
+                                 f"{', '.join(bad[:3])}); it is corrupt or not a model's weights: re-save it in "
+                                 "float32, float16 or bfloat16")
+
+
 def real_elements(sd: dict[str, torch.Tensor]) -> int:
     """How many values the file's tensors really hold: each storage counted once, by its bytes."""
     storages: dict[tuple[int, int], float] = {}
@@ -60,9 +72,11 @@ def within_weights(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], w
     attention_plans(meta)  # a refused attention kind says why before any shape talk (exit 5)
     if strict:
         compare(meta, sd, what)
+    check_dtypes(meta, sd)
     need, have = sum(p.numel() for p in meta.parameters()), real_elements(sd)
     if need > have * 1.01 + 100_000:  # slack: a few buffers or tied copies a file may legitimately omit
         raise RefusedContentError(f"refused: {what} needs {need:,} parameters but the file's tensors hold only "
                                   f"{have:,} values; pass --model NAME matching the weights")
+    check_map_size(meta, have, what)  # tokens from the file (img_size, patch, pos_embed) bound the maps per image
     del meta
     return make()

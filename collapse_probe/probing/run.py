@@ -80,7 +80,7 @@ def open_model(model_or_path: nn.Module | LoadedModel | str | Path, device: str 
         raise BadArgumentError(f"{', '.join(given)} apply to checkpoint paths, not to a model already built")
     world = 1
     if from_file:
-        info = distributed.init_distributed(device or "auto")
+        info = distributed.init_distributed("auto" if device is None else device)  # "" is a mistake, not auto
         dev, world = info.device, info.world
         model_or_path = load_model(model_or_path, **given)
     loaded = model_or_path if isinstance(model_or_path, LoadedModel) else \
@@ -169,7 +169,7 @@ def probe(
     storage: str | torch.dtype = "float32",
     max_memory: int | str | None = None,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     all_reduce: bool | None = None,
     observers: Sequence[Observer] = (),
     baseline: bool = True,
@@ -198,6 +198,8 @@ def probe(
         storage: precision of the per-batch maps kept for the all-pairs similarity ("float16" halves memory).
         max_memory: split batches so the probe's tensors fit, e.g. "2GiB".
         device: "auto", "cpu", "cuda:N" (default: "auto" for a path, the model's own device otherwise).
+        progress: progress bars on stderr, labelled "probing model" and "probing untrained twin"; a string names
+            the model instead (e.g. "checkpoint 2 of 5 (a.pt)").
         all_reduce: shard the images over torchrun ranks and all-reduce the sums (default: for paths only, so a lone
             rank such as the trainer's collapse tracking can probe a model alone).
         observers: extra ``fn(site, tensor)`` callbacks that see every captured tensor in the same forward passes.
@@ -233,13 +235,14 @@ def probe(
         if not isinstance(batches, DataLoader):
             raise BadArgumentError("all_reduce shards a folder or built-in image set over the ranks; pass one")
         batches = distributed.shard_loader(batches)
-    show = progress and distributed.is_main()
+    show = bool(progress) and distributed.is_main()
+    label = progress if isinstance(progress, str) else "model"
     if baseline and iter(batches) is batches:
         raise BadArgumentError("the untrained twin (baseline=True, the default) needs images it can read twice: pass "
                                "a folder, a built-in set, a tensor or a list of batches, or baseline=False")
     prefix = prefix_tokens_of(model) if prefix_tokens is None else prefix_tokens
     result, max_batch = _measure(model, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory, dev,
-                                 show, all_reduce, observers, prefix)
+                                 show, all_reduce, observers, prefix, desc=f"probing {label}")
     if not result.attention:
         bad = sum(f["images"] for f in result.findings)
         raise BadArgumentError(f"no finite attention map: every image gave NaN/Inf maps ({bad} image-blocks); check "
@@ -252,21 +255,24 @@ def probe(
                        "world_size": world}
     if baseline:
         result.baseline = _twin_result(model, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory,
-                                       dev, show, all_reduce, baseline_seed, result, prefix, loaded.factory)
+                                       dev, show, all_reduce, baseline_seed, result, prefix,
+                                       "untrained twin" if label == "model" else f"untrained twin of {label}",
+                                       loaded.factory)
     return result
 
 
 def _twin_result(model: nn.Module, batches: Iterable, kinds: Sequence[str], entry_threshold: float,
                  rank_images: int | None, storage_dtype: torch.dtype, max_memory: int | str | None,
                  dev: torch.device, show: bool, all_reduce: bool, seed: int, trained: ProbeResult,
-                 prefix: int | None, factory: Callable[..., nn.Module] | None = None) -> ProbeResult:
+                 prefix: int | None, label: str = "untrained twin",
+                 factory: Callable[..., nn.Module] | None = None) -> ProbeResult:
     """The untrained twin measured on the same batches with the same settings (``probing.baseline``; ``factory``:
     the user's own, called again under ``seed``)."""
     twin, how = untrained_twin(model, seed, factory)
-    bn_batches = recalibrate_bn(twin, tqdm(batches, desc="twin: BatchNorm statistics", unit="batch", leave=False,
+    bn_batches = recalibrate_bn(twin, tqdm(batches, desc=f"{label}: BatchNorm statistics", unit="batch", leave=False,
                                            disable=not show), dev, all_reduce=all_reduce)
     result, _ = _measure(twin, batches, kinds, entry_threshold, rank_images, storage_dtype, max_memory, dev, show,
-                         all_reduce, (), prefix)
+                         all_reduce, (), prefix, desc=f"probing {label}")
     del twin
     result.model, result.images = trained.model, trained.images
     result.settings = {**trained.settings, "twin": {"init": how, "seed": seed, "batchnorm_batches": bn_batches}}
@@ -306,7 +312,7 @@ class _TokenCounts:
 def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshold: float, rank_images: int | None,
              storage_dtype: torch.dtype, max_memory: int | str | None, device: torch.device, progress: bool,
              all_reduce: bool, observers: Sequence[Observer],
-             prefix_tokens: int | None = None) -> tuple[ProbeResult, int | None]:
+             prefix_tokens: int | None = None, desc: str = "probing") -> tuple[ProbeResult, int | None]:
     """The probe loop: hooks planned once, every batch streamed into one collector; (result, max batch used)."""
     rank_cap = rank_images
     if rank_images is not None and all_reduce:
@@ -325,7 +331,7 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
     model.eval()
     max_batch = None
     total = len(batches) if hasattr(batches, "__len__") else None
-    bar = tqdm(batches, total=total, desc="probing", unit="batch", disable=not progress, leave=False)
+    bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
     try:
         it = iter(bar)
         first = next(it, None)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..errors import BadArgumentError
@@ -27,6 +28,7 @@ from ..probing.run import probe
 from ..probing.verdict import judge, spans
 from .audit_page import CSS, html_table, md_table
 from .audit_page import fmt as cell_text
+from .labels import unique_labels
 from .text import aligned, cell, csv_text
 
 SUMMARY_COLUMNS = ("checkpoint", "verdict", "architecture", "kind", "depth", "num_heads", "heads_source",
@@ -37,12 +39,8 @@ COMPARE_FORMATS = ("table", "markdown", "json", "csv")
 
 
 def names(paths: Sequence[str | Path]) -> list[str]:
-    """The file names, numbered where two are the same."""
-    out: list[str] = []
-    for p in paths:
-        n = Path(p).name or str(p)
-        out.append(n if n not in out else f"{n} ({len(out) + 1})")
-    return out
+    """Unique labels: the file names, with parent folders added where two are the same (``labels.unique_labels``)."""
+    return unique_labels(paths)
 
 
 def verdicts(results: dict[str, ProbeResult], threshold: float | None = None, k: int | None = None,
@@ -142,9 +140,13 @@ def compare(
         raise BadArgumentError("compare needs at least two checkpoints")
     if output is not None:
         check_replaceable(output)
-    results = {n: probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
-                        **probe_kwargs)
-               for n, c in zip(names(checkpoints), checkpoints)}
+    results: dict[str, ProbeResult] = {}
+    labels = names(checkpoints)  # r1/m.pt and r2/m.pt: two labels, never one result replacing the other
+    show = probe_kwargs.pop("progress", True)
+    with tqdm(list(zip(labels, checkpoints)), desc="checkpoints", unit="ckpt", disable=not show) as bar:
+        for i, (n, c) in enumerate(bar, 1):  # closed on any exit, so an interrupt's one line stays the last
+            results[n] = probe(c, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
+                               progress=show and f"checkpoint {i} of {len(labels)} ({n})", **probe_kwargs)
     judged = verdicts(results, threshold, neighbors, reduction)
     table = render_compare(results, fmt, threshold, neighbors, reduction, judged)
     if output is not None:

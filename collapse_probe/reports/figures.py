@@ -49,6 +49,7 @@ from .figure_inputs import (
     recorded_seed,
     validation_images,
 )
+from .labels import unique_labels
 
 log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -89,11 +90,6 @@ def measure_checkpoint(path: Path, label: str, **probe_options: Any) -> ModelRun
     return ModelRun(label, path, arch, family_of(arch), depth, result, maps.result(), theta, checkpoint_top1(meta),
                     val_images=n_val, val_images_source=n_source, seed=recorded_seed(meta), theta_init=theta0,
                     theta_init_note=theta_note, baseline=result.baseline)
-
-
-def _labels(paths: Sequence[Path]) -> list[str]:
-    stems = [p.stem for p in paths]
-    return [s if stems.count(s) == 1 else f"{p.parent.name}_{s}" for s, p in zip(stems, paths)]
 
 
 @dataclass
@@ -197,9 +193,11 @@ def make_figures(
     check_replaceable(output)  # before minutes of probing, not after
     paths = resolve_checkpoints(checkpoints)
     report = FigureReport(output)
-    with tqdm(list(zip(paths, _labels(paths))), desc="checkpoints", unit="ckpt", disable=not progress) as bar:
-        for path, label in bar:  # closed on any exit, so an interrupt's one line stays the last on stderr
-            report.runs.append(measure_checkpoint(path, label, threshold=threshold, progress=progress,
+    labels = unique_labels(paths, "_", stem=True)  # file names of the figures: unique, or one would replace another
+    with tqdm(list(zip(paths, labels)), desc="checkpoints", unit="ckpt", disable=not progress) as bar:
+        for i, (path, label) in enumerate(bar, 1):  # closed on any exit, so an interrupt's one line stays the last
+            shown = progress and f"checkpoint {i} of {len(paths)} ({label})"
+            report.runs.append(measure_checkpoint(path, label, threshold=threshold, progress=shown,
                                                   baseline=baseline, **probe_options))
     jobs, report.notes = plan_figures(report.runs, threshold, per_model)
 

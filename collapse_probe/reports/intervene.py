@@ -22,25 +22,12 @@ from ..probing import outcome
 from ..probing.intervene import check_flagged, measure
 from ..probing.outcome import COLUMNS, Intervention, InterventionReport, wilson
 from ..probing.run import LOAD_OPTIONS, open_model
+from .intervene_options import check_request
 
 MEASURE_OPTIONS = ("images", "num_images", "batch_size", "device", "progress", "workers")
 PROBE_OPTIONS = ("threshold", "entry_threshold", "neighbors", "reduction", "rank_images", "max_memory", "storage",
                  "baseline_seed")
 FILES = ("intervention.csv", "intervention.json", "intervention.png")
-
-
-def check_request(from_block: int | None, blocks: list[int] | None, sweep: bool, source: int | None) -> None:
-    """Exactly one of --from-block, --blocks, --sweep; --source only with --blocks (checked before loading)."""
-    given = [n for n, v in (("--from-block", from_block is not None), ("--blocks", bool(blocks)), ("--sweep", sweep))
-             if v]
-    if len(given) != 1:
-        raise BadArgumentError("choose exactly one of --from-block K, --blocks B,B,... and --sweep" +
-                               (f" (got {', '.join(given)})" if given else ""))
-    if source is not None and not blocks:
-        raise BadArgumentError("--source applies to --blocks (with --from-block K the source is block K)")
-    for b in [*(blocks or []), *([from_block] if from_block is not None else []), source]:
-        if b is not None and b < 1:
-            raise BadArgumentError(f"block numbers start at 1, got {b}")
 
 
 def plan(mode: str, depth: int, from_block: int | None = None, blocks: list[int] | None = None,
@@ -72,8 +59,9 @@ def run_intervene(checkpoint: Any, mode: str = "reuse", from_block: int | None =
     loaded, dev, _ = open_model(checkpoint, options.get("device"), **load)
     ivs = plan(mode, len(intervention_blocks(loaded.model)), from_block, blocks, source, sweep)
     kw = {k: v for k, v in options.items() if k in MEASURE_OPTIONS and k != "device"}
-    return measure(loaded, interventions=ivs, device=dev, similarity=similarity,
-                   probe_options={k: v for k, v in options.items() if k in PROBE_OPTIONS}, **kw)
+    # the report shows no rank: one image's rank (not every image's SVD) unless a caller asks
+    probe_options = {"rank_images": 1, **{k: v for k, v in options.items() if k in PROBE_OPTIONS}}
+    return measure(loaded, interventions=ivs, device=dev, similarity=similarity, probe_options=probe_options, **kw)
 
 
 def _num(v: float, spec: str) -> str:
