@@ -40,9 +40,10 @@ _LAZY = {
     "LoadedModel": "collapse_probe.loading.info",
     "judge": "collapse_probe.probing.verdict",
     "Criterion": "collapse_probe.probing.blocks",
+    "CollapseMonitor": "collapse_probe.probing.monitor",
 }
 
-__all__ = ["__version__", "load_model", "probe", "capture", "judge", "Criterion", "ProbeResult", "AttentionStats",
+__all__ = ["__version__", "load_model", "probe", "capture", "judge", "Criterion", "CollapseMonitor", "ProbeResult", "AttentionStats",
            "FeatureStats", "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError", "BadArgumentError",
            "RefusedContentError", "MalformedFileError", "UnsupportedLayoutError", "UnsupportedModelError"]
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below are
     from .loading.build import load_model
     from .loading.info import ImageInfo, LoadedModel, ModelInfo
     from .probing.blocks import Criterion
+    from .probing.monitor import CollapseMonitor
     from .probing.verdict import judge
     from .probing.result import AttentionStats, FeatureStats, ProbeResult
     from .probing.run import probe
