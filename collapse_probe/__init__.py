@@ -43,9 +43,10 @@ _LAZY = {
     "CollapseMonitor": "collapse_probe.probing.monitor",
 }
 
-__all__ = ["__version__", "load_model", "probe", "capture", "judge", "Criterion", "CollapseMonitor", "ProbeResult", "AttentionStats",
-           "FeatureStats", "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError", "BadArgumentError",
-           "RefusedContentError", "MalformedFileError", "UnsupportedLayoutError", "UnsupportedModelError"]
+__all__ = ["__version__", "load_model", "probe", "capture", "judge", "Criterion", "CollapseMonitor", "ProbeResult",
+           "AttentionStats", "FeatureStats", "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError",
+           "BadArgumentError", "RefusedContentError", "MalformedFileError", "UnsupportedLayoutError",
+           "UnsupportedModelError"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below are resolved lazily
     from .hooks.capture import capture
@@ -53,9 +54,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below are
     from .loading.info import ImageInfo, LoadedModel, ModelInfo
     from .probing.blocks import Criterion
     from .probing.monitor import CollapseMonitor
-    from .probing.verdict import judge
     from .probing.result import AttentionStats, FeatureStats, ProbeResult
     from .probing.run import probe
+    from .probing.verdict import judge
 
 
 def __getattr__(name: str) -> Any:

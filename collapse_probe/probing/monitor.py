@@ -5,7 +5,7 @@
     for step, (x, y) in enumerate(loader):
         ...                                                     # forward, backward, optimizer step
         monitor.maybe_measure(model, step + 1)                  # measures when (step + 1) % every == 0
-    monitor.history                  # pandas: step, kind, block (1-based), sim_prev, pearson_prev, entropy, ..., similar
+    monitor.history                  # pandas: step, kind, block (1-based), sim_prev, pearson_prev, ..., similar
     monitor.verdicts                 # pandas: step, kind, count, ratio, onset, similar_blocks, seconds
     m = monitor.measure(model)       # now: m.similar_blocks, m.count, m.headline, m.scalars(), m.similarity
 
@@ -157,7 +157,8 @@ class CollapseMonitor:
             raise BadArgumentError(f"every must be a whole number of steps >= 1, got {every!r}")
         unknown = [m for m in metrics if m not in ROW_KEYS]
         if unknown:
-            raise BadArgumentError(f"unknown metric(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ROW_KEYS)}")
+            raise BadArgumentError(f"unknown metric(s) {', '.join(map(repr, unknown))}; "
+                                   f"choose from {', '.join(ROW_KEYS)}")
         if isinstance(images, torch.Tensor) and images.ndim != 4:
             raise BadArgumentError(f"images must be a batch [B, C, H, W], got shape {tuple(images.shape)}")
         self.images, self.every, self.kinds, self.metrics = images, every, tuple(kinds), tuple(metrics)
@@ -235,7 +236,8 @@ class CollapseMonitor:
 
     @property
     def verdicts(self) -> Any:
-        """pandas DataFrame, one row per measurement: step, kind, count, ratio, onset, similar_blocks ("4-8"), seconds."""
+        """pandas DataFrame, one row per measurement: step, kind, count, ratio, onset, similar_blocks ("4-8"),
+        seconds."""
         import pandas as pd
 
         return pd.DataFrame(self._verdicts, columns=["step", "kind", "count", "ratio", "onset", "similar_blocks",
