@@ -40,20 +40,23 @@ _LAZY = {
     "LoadedModel": "collapse_probe.loading.info",
     "judge": "collapse_probe.probing.verdict",
     "Criterion": "collapse_probe.probing.blocks",
+    "CollapseMonitor": "collapse_probe.probing.monitor",
 }
 
-__all__ = ["__version__", "load_model", "probe", "capture", "judge", "Criterion", "ProbeResult", "AttentionStats",
-           "FeatureStats", "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError", "BadArgumentError",
-           "RefusedContentError", "MalformedFileError", "UnsupportedLayoutError", "UnsupportedModelError"]
+__all__ = ["__version__", "load_model", "probe", "capture", "judge", "Criterion", "CollapseMonitor", "ProbeResult",
+           "AttentionStats", "FeatureStats", "ModelInfo", "ImageInfo", "LoadedModel", "CollapseProbeError",
+           "BadArgumentError", "RefusedContentError", "MalformedFileError", "UnsupportedLayoutError",
+           "UnsupportedModelError"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below are resolved lazily
     from .hooks.capture import capture
     from .loading.build import load_model
     from .loading.info import ImageInfo, LoadedModel, ModelInfo
     from .probing.blocks import Criterion
-    from .probing.verdict import judge
+    from .probing.monitor import CollapseMonitor
     from .probing.result import AttentionStats, FeatureStats, ProbeResult
     from .probing.run import probe
+    from .probing.verdict import judge
 
 
 def __getattr__(name: str) -> Any:

@@ -58,27 +58,24 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo, aut
 def track_collapse(model: nn.Module, images: torch.Tensor, threshold: float = 0.9) -> dict[str, Any]:
     """Similar-block count and per-block neighbour similarity of ``model`` on one fixed batch [B, 3, H, W].
 
-    The same verdict engine as every command (``probing.verdict.judge``): the maps that multiply V
-    (``ProbeResult.applied_kind``), the paper's metric under the mean reduction; both kinds are returned, with 1-based
-    block numbers (``blocks``, ``similar_blocks``) as in the reports.
+    One measurement of ``probing.monitor.CollapseMonitor`` (the road the Lightning and transformers callbacks take):
+    the probe and verdict engine of every command, the model's train/eval flags and random states given back. The
+    verdict's kind is the maps that multiply V (``ProbeResult.applied_kind``), the paper's metric under the mean
+    reduction; both kinds are returned, with 1-based block numbers (``blocks``, ``similar_blocks``) as in the reports.
     """
-    from ..probing.blocks import BlockView, Criterion
-    from ..probing.run import probe
-    from ..probing.verdict import judge
+    from ..probing.monitor import CollapseMonitor
 
-    res = probe(model, [images], kinds=("probs", "mixed"), progress=False, threshold=threshold, baseline=False)
-    crit = Criterion.of(res)
+    m = CollapseMonitor(images, kinds=("probs", "mixed"), metrics=("sim_prev", "cross_head"),
+                        threshold=threshold, batch_size=max(len(images), 1)).measure(model)  # one forward, as before
     out: dict[str, Any] = {}
-    for kind in res.attention:
-        view = BlockView.of(res, kind, crit)
-        out[kind] = {"blocks": [b + 1 for b in view.blocks],
-                     "neighbor": [None if math.isnan(v) else float(v) for v in view.values["sim_prev"]],
-                     "similar_blocks": [b + 1 for b, m in zip(view.blocks, view.similar) if m],
-                     "cross_head": [float(v) for v in view.values["cross_head"]]}
-    summary = judge(res, crit, sweep_thresholds=None)
-    main_kind = summary["kind"]
-    out["kind"] = main_kind
-    out["similar_blocks"] = summary["count"]
-    out["similar_ratio"] = summary["count"] / max(len(out[main_kind]["blocks"]), 1)
+    for kind in m.result.attention:
+        rows = [r for r in m.rows if r["kind"] == kind]
+        out[kind] = {"blocks": [r["block"] for r in rows],
+                     "neighbor": [None if math.isnan(r["sim_prev"]) else float(r["sim_prev"]) for r in rows],
+                     "similar_blocks": [r["block"] for r in rows if r["similar"]],
+                     "cross_head": [float(r["cross_head"]) for r in rows]}
+    out["kind"] = m.kind
+    out["similar_blocks"] = m.count
+    out["similar_ratio"] = m.count / max(len(out[m.kind]["blocks"]), 1)
     out["similar_blocks_probs"] = len(out["probs"]["similar_blocks"])
     return out
