@@ -205,7 +205,6 @@ def test_captured_maps_equal_a_recomputation_from_q_and_k(tmp_path, cls):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.xfail(reason="needs universal capture (hooks/universal)", strict=False)
 def test_headwise_linear_qkv_model_is_probed(tmp_path):
     import collapse_probe as cp
 
