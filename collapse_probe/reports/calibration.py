@@ -47,14 +47,13 @@ def _label_rows(result: Any, kind: str, crit: Criterion, role: str) -> list[dict
     ratio_view = BlockView.of(result, kind, Criterion(**{**crit.__dict__, "reduction": "ratio"}))
     probs = result.attention.get("probs")
     ent = _arr(probs, "entropy", len(view.blocks)) if kind != "probs" and probs is not None else None
-    regimes = view.regimes(ent)
+    regimes = view.regimes()
     beyond = view.beyond_twin
     rows = []
     for i, b in enumerate(view.blocks):
         row: dict[str, Any] = {"role": role, "kind": kind, "block": b + 1, "index": b}
         row.update({p: float(view.values[p][i]) for p in PREDICTORS})
-        if ent is not None:
-            row["entropy"] = float(ent[i])  # uniformity is a property of the softmax maps
+        row["probs_entropy"] = float(ent[i]) if ent is not None else row["entropy"]  # softmax maps' uniformity
         row.update(similar=bool(view.similar[i]), similar_ratio=bool(ratio_view.similar[i]),
                    beyond_twin=None if beyond is None else bool(beyond[i]), regime=regimes[i],
                    uniform=regimes[i] == "uniform", token_uniform=regimes[i] == "token-uniform",
@@ -64,9 +63,9 @@ def _label_rows(result: Any, kind: str, crit: Criterion, role: str) -> list[dict
 
 
 def interventions(depth: int) -> list[Intervention]:
-    """Per block, alone: reuse the previous block's map (blocks 2..L), and skip it (blocks 1..L); 0-based fields."""
-    reuse = [Intervention("reuse", (b,), b - 1, b) for b in range(1, depth)]
-    return reuse + [Intervention("skip", (b,), None, b) for b in range(depth)]
+    """Per block, alone: reuse the previous block's map (blocks 2..L), and skip it (blocks 1..L); 1-based blocks."""
+    reuse = [Intervention("reuse", (b,), b - 1, b) for b in range(2, depth + 1)]
+    return reuse + [Intervention("skip", (b,), None, b) for b in range(1, depth + 1)]
 
 
 def _outcomes(report: Any) -> dict[tuple[str, int], dict[str, float]]:
@@ -74,7 +73,7 @@ def _outcomes(report: Any) -> dict[tuple[str, int], dict[str, float]]:
     for o in report.outcomes:
         iv = o.intervention
         lo, hi = o.changed_interval()
-        out[(iv.mode, iv.at)] = {"changed": (o.changed or 0) / max(o.images, 1), "changed_ci_low": lo,
+        out[(iv.mode, iv.block)] = {"changed": (o.changed or 0) / max(o.images, 1), "changed_ci_low": lo,
                                  "changed_ci_high": hi, "kl": o.kl, "images": o.images}
     return out
 
@@ -109,7 +108,7 @@ def calibrate(path: str | Path, images: Any = "builtin:digits", *, num_images: i
     for row in rows:
         row.update(model=Path(path).stem, architecture=info.architecture, depth=depth)
         for mode in ("reuse", "skip"):
-            o = measured[row["role"]].get((mode, row["index"]))
+            o = measured[row["role"]].get((mode, row["block"]))
             for key in ("changed", "changed_ci_low", "changed_ci_high", "kl"):
                 row[f"{mode}_{key}"] = math.nan if o is None else o[key]
         row["redundant"] = bool(row["reuse_changed"] < MAX_CHANGED and row["reuse_kl"] < MAX_KL) \
