@@ -8,7 +8,7 @@
     >>> with cp.capture(loaded.model) as cap:
     ...     _ = loaded.model(torch.randn(2, 3, 32, 32))
     >>> cap.maps["blocks.0.attn.probs"].shape                                  # [B, H, N, N]
-    torch.Size([2, 4, 17, 17])
+    torch.Size([2, 4, 65, 65])
 
 The public API is below; everything is imported on first use, so ``collapse-probe --help`` starts without torch.
 ``import collapse_probe.models`` registers our architectures with timm (``load_model`` and ``probe`` do it for you).

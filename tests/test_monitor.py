@@ -39,7 +39,7 @@ def _hooks(model: torch.nn.Module) -> int:
 def test_measurement_equals_the_probe_and_the_verdict():
     model, x = _model(name="deepvit_micro"), _images()
     m = CollapseMonitor(x, every=1, metrics=(*DEFAULT_METRICS, "effective_rank")).measure(model, step=7)
-    ref = cp.probe(model, x, kinds=("probs", "mixed"), progress=False)
+    ref = cp.probe(model, x, kinds=("probs", "mixed"), progress=False, baseline=False)
     verdict = cp.judge(ref, sweep_thresholds=None)
     assert m.kind == verdict["kind"] == "mixed"  # Re-attention everywhere: the maps that multiply V
     assert (m.similar_blocks, m.count, m.onset, m.headline) == (verdict["similar_blocks"], verdict["count"],
