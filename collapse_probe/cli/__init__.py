@@ -167,8 +167,10 @@ def similarity(checkpoint, fmt, output, **kwargs):
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_paths)
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True, metavar="DIR",
               help="Report folder: report.md, report.html, metrics.json and the figures (replaced atomically).")
-@click.option("--intervene", is_flag=True, help="Also check the flagged blocks by intervention (reuse the map before "
-              "them, skip them) and cite the measured change in predictions in the verdict.")
+@click.option("--intervene/--no-intervene", default=True, show_default=True,
+              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
+              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
+              "maps alone (one forward pass per block fewer).")
 @click.option("--per-image", is_flag=True, help="Keep the per-image rows in metrics.json (enough to re-bootstrap "
               "every interval; tens of MB for deep models). Default: summaries and intervals only.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
@@ -185,7 +187,7 @@ def audit(checkpoint, output, **kwargs):
       collapse-probe audit vit_s.pth --output out/vit_s
       collapse-probe audit train_ckpt.pt --key state_dict_ema --num-heads 6 -o out/ema
       collapse-probe audit hf_vit_folder/ --images ~/val_subset --num-images 64 -o out/hf
-      collapse-probe audit checkpoints/vit_micro_d32.safetensors --intervene -o out/vit32   # verdict + measured change
+      collapse-probe audit checkpoints/vit_micro_d32.safetensors -o out/vit32 --no-intervene   # maps only
     """
     from ..reports.audit import audit as run_audit
 

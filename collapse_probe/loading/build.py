@@ -169,7 +169,8 @@ def build_model(
     described = describe(model)
     adjustments += described.adjustments
     info = dataclasses.replace(described, architecture=arch, architecture_source="; ".join([source, *adjustments]),
-                               checkpoint=ckpt.hub_id or printable(ckpt.path), format=ckpt.format, key=ckpt.key, notes=notes,
+                               checkpoint=ckpt.hub_id or printable(ckpt.path), format=ckpt.format, key=ckpt.key,
+                               notes=notes,
                                layout=official.LAYOUT if official.is_official(ckpt.state_dict) else None,
                                adjustments=adjustments, prefix=ckpt.selection.prefix if ckpt.selection else None)
     if num_heads is not None and info.num_heads not in (None, num_heads):

@@ -183,8 +183,9 @@ def probe(
             ``LoadedModel``, or an ``nn.Module`` of a supported family.
         images: a folder, ``builtin:photos`` or ``builtin:digits`` (preprocessed with the model's own eval
             transform, converted to its channels), a tensor [B, C, H, W] already preprocessed, an iterable of such
-            batches / (x, y), or pictures (numpy arrays, PIL images: ``loading.pictures``). Default: as the commands choose (``default_images``):
-            the set the checkpoint was trained on when our trainer recorded one (digits), else builtin:photos.
+            batches / (x, y), or pictures (numpy arrays, PIL images: ``loading.pictures``). Default: as the commands
+            choose (``default_images``): the set the checkpoint was trained on when our trainer recorded one
+            (digits), else builtin:photos.
         model_name, num_heads, mean, std, key, trust_pickle, prefix: how to read a path (``load_model``).
         model_code, model_args: your own model's code (a .py file or module name, imported: it runs) and the
             keyword arguments for ``model_name``, the class or function in it that builds the model; the untrained

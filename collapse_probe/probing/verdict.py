@@ -34,7 +34,9 @@ import numpy as np
 
 from ..metrics import bootstrap
 from ..metrics.functional import collapse_onset
-from .blocks import TOKEN_UNIFORM_RESIDUAL, UNIFORM_ENTROPY, BlockView, Criterion, Result
+from .blocks import JSD_INTERCHANGEABLE, TOKEN_UNIFORM_RESIDUAL, UNIFORM_ENTROPY, BlockView, Criterion, Result
+from .redundancy_text import redundancy_sentences
+from .spans import blocks_text, runs, spans  # noqa: F401  (re-exported)
 
 SCHEMA = "collapse-probe/summary"
 SCHEMA_VERSION = 2
@@ -50,22 +52,9 @@ KIND_TEXT = {"probs": "softmax maps", "mixed": "maps after Re-attention (head mi
              "multiply V"}
 KIND_SHORT = {"probs": "softmax maps", "mixed": "maps after Re-attention"}
 SWEEP = tuple(round(0.80 + 0.02 * i, 2) for i in range(10))  # 0.80 ... 0.98
-
-
-def runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
-    """Consecutive runs [(first, last), ...] of sorted numbers."""
-    out: list[tuple[int, int]] = []
-    for b in numbers:
-        if out and b == out[-1][1] + 1:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((b, b))
-    return out
-
-
-def spans(numbers: Sequence[int]) -> str:
-    """"1, 4-9, 12" (or "none")."""
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs(sorted(numbers))) or "none"
+INTERCHANGEABLE_RULE = (f"mean row Jensen-Shannon divergence from the previous block's softmax map < "
+                        f"{JSD_INTERCHANGEABLE} nats (calibrated against interventions: figures/calibration)")
+TWIN_UNIFORM_ENTROPY = 0.99  # a twin whose softmax maps are at least this uniform in every block is uniform attention
 
 
 def _numbers(view: BlockView, mask: np.ndarray | None) -> list[int] | None:
@@ -116,12 +105,13 @@ def sweep(result: Result, crit: Criterion, kind: str, thresholds: Sequence[float
 
 
 def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Sequence[float] | None = SWEEP,
-          notes: Sequence[str] = ()) -> dict[str, Any]:
+          notes: Sequence[str] = (), redundancy: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary of ``result`` (schema ``SCHEMA`` version ``SCHEMA_VERSION``): the verdict line, counts with
-    intervals, the twin's, uniform attention's, collapse beyond the twin, regimes per block, a threshold sweep and the
-    sentences (``text``, the verdict line first).
+    intervals, the twin's, uniform attention's, collapse beyond the twin, the blocks predicted interchangeable from
+    their maps, regimes per block, a threshold sweep and the sentences (``text``, the verdict line first).
 
-    ``notes``: extra sentences to cite (e.g. an intervention's measured output change)."""
+    ``notes``: extra sentences to cite. ``redundancy``: ``probing.redundancy.measure_redundancy`` of the same model;
+    the verdict then rests on the measured output change rather than on the maps."""
     crit = crit or Criterion.of(result)
     kind = result.applied_kind
     view = BlockView.of(result, kind, crit)
@@ -144,14 +134,18 @@ def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Seque
         "uniform_attention": {"count": comparable, "note": "uniform maps (1/N) give column cosine 1 between any two "
                               "blocks, so every block with a previous block would count"},
         "baseline": None, "collapsed_beyond_twin": _numbers(view, beyond),
+        "interchangeable": _numbers(view, view.interchangeable), "interchangeable_rule": INTERCHANGEABLE_RULE,
+        "redundancy": _redundancy(redundancy),
         "regimes": _regime_numbers(view, regimes),
+        "near_uniform": _near_uniform(result, view),
     }
     if view.twin:
         tb = result.baseline
         twin_numbers = _numbers(view, twin_mask) or []
         out["baseline"] = {"what": "untrained twin", **(tb.settings.get("twin") or {}),
                            "similar_blocks": twin_numbers, "count": len(twin_numbers),
-                           "count_interval": _count_interval(view, view.twin_per_image_prev)}
+                           "count_interval": _count_interval(view, view.twin_per_image_prev),
+                           "uniform": _twin_uniform(result, len(twin_numbers), comparable)}
     other = [k for k in result.attention if k != kind]
     ov = None
     if other:
@@ -165,32 +159,74 @@ def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Seque
     return out
 
 
+def _redundancy(red: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The measured redundancy as the summary keeps it (None: not measured)."""
+    if red is None:
+        return None
+    keep = ("rule", "max_changed", "max_kl", "blocks", "per_block", "sharing", "refused", "images", "classifier")
+    return {k: red.get(k) for k in keep}
+
+
+def _near_uniform(result: Result, view: BlockView) -> list[int] | None:
+    """1-based blocks whose softmax maps are near-uniform (entropy / log N >= UNIFORM_ENTROPY): they attend as an
+    untrained ViT does. None when no softmax map was measured."""
+    probs = result.attention.get("probs")
+    if probs is None or getattr(probs, "entropy", None) is None:
+        return None
+    ent = np.asarray(probs.entropy, dtype=float)
+    return [b + 1 for b, e in zip(probs.blocks, ent) if np.isfinite(e) and e >= UNIFORM_ENTROPY]
+
+
+def _twin_uniform(result: Result, twin_count: int, comparable: int) -> bool:
+    """Whether the untrained twin is, for the paper's metric, uniform attention: softmax entropy >=
+    TWIN_UNIFORM_ENTROPY of log N in every block and the same similar-block count. Then the twin is no separate
+    finding (a library's init attends uniformly) and the verdict says so."""
+    probs = result.baseline.attention.get("probs") if result.baseline is not None else None
+    if probs is None or getattr(probs, "entropy", None) is None:
+        return False
+    ent = np.asarray(probs.entropy, dtype=float)
+    return bool(ent.size and np.all(ent >= TWIN_UNIFORM_ENTROPY)) and twin_count == comparable
+
+
 def _regime_numbers(view: BlockView, regimes: list[str]) -> dict[str, list[int]]:
     return {name: [b + 1 for b, r in zip(view.blocks, regimes) if r == name]
             for name in ("uniform", "token-uniform", "redundant")}
 
 
 def verdict_line(s: dict[str, Any]) -> str:
-    """The one-line answer, worded from the summary ``s`` alone (``judge``'s fields: depth, kind, count,
-    uniform_attention, baseline, collapsed_beyond_twin), e.g.
+    """The one-line answer, worded from the summary ``s`` alone (``judge``'s fields), e.g.
 
-        VERDICT: no collapse beyond initialisation (0 of 32 blocks) — softmax maps: paper's metric 25/32, untrained
-        twin 31/32, uniform attention 31/32
+        VERDICT: blocks 9-17, 19-32 redundant (23 of 32): reusing the previous block's map changes < 1% of
+        predictions (measured) — softmax maps: paper's metric 10/32, untrained twin 31/32 = uniform attention
 
-    Every command prints this line first; change the rules in ``judge``, the wording here."""
-    d, base, beyond = s["depth"], s.get("baseline"), s.get("collapsed_beyond_twin")
+    In order of evidence: redundancy measured by intervention (``audit`` by default), else the blocks predicted
+    interchangeable from their softmax maps (the calibrated rule), else, for maps after Re-attention, which no map
+    measure predicts, no answer but where to get one. The paper's count, the twin's and uniform attention's follow the
+    dash. Every command prints this line first; change the rules in ``judge``, the wording here."""
+    d, base, red = s["depth"], s.get("baseline"), s.get("redundancy")
     counts = [f"paper's metric {s['count']}/{d}"]
-    if base is not None:
-        counts.append(f"untrained twin {base['count']}/{d}")
-    counts.append(f"uniform attention {s['uniform_attention']['count']}/{d}")
-    detail = f"{KIND_SHORT.get(s['kind'], s['kind'])}: " + ", ".join(counts)
-    if base is None or beyond is None:
-        answer = "not judged, the untrained twin was not measured (--no-baseline / baseline=False)"
-    elif beyond:
-        answer = f"block{'s' if len(beyond) > 1 else ''} {spans(beyond)} collapsed beyond the untrained twin " \
-                 f"({len(beyond)} of {d} blocks)"
+    uniform = s["uniform_attention"]["count"]
+    if base is not None and base.get("uniform"):
+        counts.append(f"untrained twin {base['count']}/{d} = uniform attention")
     else:
-        answer = f"no collapse beyond initialisation (0 of {d} blocks)"
+        if base is not None:
+            counts.append(f"untrained twin {base['count']}/{d}")
+        counts.append(f"uniform attention {uniform}/{d}")
+    detail = f"{KIND_SHORT.get(s['kind'], s['kind'])}: " + ", ".join(counts)
+    if red is not None and red.get("classifier"):
+        blocks = red["blocks"]
+        answer = (f"{blocks_text(blocks)} redundant ({len(blocks)} of {d}): reusing the previous block's map "
+                  f"changes < {red['max_changed']:.0%} of predictions (measured)" if blocks else
+                  f"no redundant block (0 of {d}): reusing the previous block's map changes >= "
+                  f"{red['max_changed']:.0%} of predictions or KL >= {red['max_kl']} in every block (measured)")
+    elif s.get("interchangeable") is not None:
+        blocks = s["interchangeable"]
+        answer = (f"{blocks_text(blocks)} predicted redundant from their maps ({len(blocks)} of {d}; not measured: "
+                  "`collapse-probe audit` checks it)" if blocks else
+                  f"no block predicted redundant from its maps (0 of {d}; not measured)")
+    else:
+        answer = ("not judged from the maps: no map measure predicts redundancy after Re-attention; "
+                  "`collapse-probe audit` measures it")
     return f"VERDICT: {answer} — {detail}"
 
 
@@ -226,8 +262,14 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
              if base else f"; uniform attention {s['uniform_attention']['count']}; no untrained twin measured, so this "
              "count cannot be told apart from initialisation")
     text = [s["verdict"], *_heads_note(result), head + "."]
+    text += redundancy_sentences(s, reattn={b + 1 for b in (result.model.reattn_blocks or [])})
     text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
-    if base and s["similar_blocks"] and _not_above(s, base):
+    if base and base.get("uniform"):
+        text.append(f"The untrained twin attends uniformly (softmax entropy >= {TWIN_UNIFORM_ENTROPY} of log N in "
+                    f"every block): it scores what uniform attention scores ({base['count']}), so it is not a separate "
+                    "baseline; the blocks a trained model still attends near-uniformly are the ones training left "
+                    "as initialised.")
+    elif base and s["similar_blocks"] and _not_above(s, base):
         text.append(f"The untrained twin scores {base['count']} on the same images: the paper's count alone does "
                     "not show collapse that training produced.")
     mask = {r: [x == r for x in regimes] for r in ("uniform", "token-uniform", "redundant")}
@@ -258,13 +300,6 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
                     + (f" (margin >= {crit.margin}, paired 95% bound above 0)." if view.twin else
                        f" (> {crit.threshold}). Without the untrained twin this is no evidence that training made "
                        "them so, and nothing is recommended; measure the twin (drop --no-baseline)."))
-        last = runs(red)[-1]
-        if view.twin and last[1] == view.blocks[-1] + 1 and last[0] > view.blocks[0] + 1:
-            cure = "" if set(range(last[0], last[1] + 1)) <= reattn else \
-                ", or for Re-attention (DeepViT) when retraining a deeper model"
-            text.append(f"From block {last[0]} to the last block attention repeats: blocks {last[0]}-{last[1]} could "
-                        f"reuse block {last[0] - 1}'s attention map (attention sharing), or are candidates for "
-                        f"removal{cure}. Check it with `collapse-probe intervene`.")
     if not any(s["regimes"].values()):
         uniform_defined = bool(np.isfinite(v["entropy"]).any())  # row-stochastic maps only
         text.append(f"{where}no regime of collapse: " + ("attention is not near-uniform, " if uniform_defined else "")
@@ -289,7 +324,8 @@ def _uniform_sentence(where: str, blocks: list[int], v: dict[str, np.ndarray], m
             + _join(f"entropy >= {UNIFORM_ENTROPY} of log N", _med("median", v["entropy"], m),
                     _med("TV from uniform", v["tv_uniform"], m))
             + "): the paper's cosine sits at its floor" + (f" ({floor})" if floor else "")
-            + ", so their similarity says little about redundancy." + after)
+            + "; near-uniform maps are interchangeable with each other, so these blocks attend as an untrained model "
+            "does whatever the cosine says." + after)
 
 
 def _heads_sentences(view: BlockView, regimes: list[str], other: BlockView | None, reattn: set[int]) -> list[str]:

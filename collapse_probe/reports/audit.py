@@ -23,7 +23,7 @@ from ..probing.blocks import Criterion, block_rows
 from ..probing.result import ProbeResult, finite
 from ..probing.run import LOAD_OPTIONS, probe
 from ..probing.verdict import judge
-from .audit_page import render_html, render_markdown
+from .audit_page import render_html, render_markdown, with_redundancy
 from .compare import COMPARE_FORMATS, SUMMARY_COLUMNS, compare, compare_rows, render_compare  # noqa: F401
 from .text import csv_text
 
@@ -62,14 +62,15 @@ def audit(
     reduction: str = "mean",
     baseline: bool = True,
     notes: Sequence[str] = (),
-    intervene: bool = False,
+    intervene: bool = True,
     per_image: bool = False,
     **probe_kwargs: Any,
 ) -> dict[str, Any]:
     """Probe ``checkpoint`` (and, unless ``baseline=False``, its untrained twin) and write the report folder; returns
-    the metrics.json content. ``notes``: extra verdict sentences; ``intervene``: also run the cheap interventions
-    (reuse, skip) on the flagged blocks and cite their measured output change in the verdict; ``per_image``: keep
-    the per-image rows in metrics.json.
+    the metrics.json content. ``notes``: extra verdict sentences; ``intervene`` (default): measure every block's
+    redundancy by intervention (``probing.redundancy``: reuse the previous block's map in it alone, then the last run
+    of redundant blocks sharing one map) and rest the verdict on it; ``per_image``: keep the per-image rows in
+    metrics.json.
 
     ``probe_kwargs`` go to ``probing.run.probe`` (model_name, images, num_images, batch_size, device, trust_pickle,
     key, rank_images, num_heads, mean, std, max_memory, storage, progress, entry_threshold, baseline_seed).
@@ -77,38 +78,30 @@ def audit(
     check_replaceable(output)  # before minutes of probing, not after
     result = probe(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
                    **probe_kwargs)
-    if intervene:
-        notes = [*notes, *_intervention_notes(checkpoint, result, threshold, neighbors, reduction, probe_kwargs)]
-    return write_audit(result, output, threshold, neighbors, reduction, notes, probe_kwargs, per_image)
+    redundancy = _redundancy(checkpoint, probe_kwargs) if intervene else None
+    return write_audit(result, output, threshold, neighbors, reduction, notes, probe_kwargs, per_image, redundancy)
 
 
 _MEASURE_OPTIONS = ("images", "num_images", "batch_size", "workers", "device", *LOAD_OPTIONS)
 
 
-def _intervention_notes(checkpoint: str | Path, result: ProbeResult, threshold: float, k: int, reduction: str,
-                        probe_kwargs: dict[str, Any]) -> list[str]:
-    """``audit --intervene``: the cheap checks (reuse, skip) of the last run of blocks collapsed beyond the twin (or,
-    without a twin, of the similar blocks), as verdict sentences citing the measured output change."""
-    from ..probing.intervene import check_flagged
-    from .intervene import intervention_sentences
+def _redundancy(checkpoint: str | Path, probe_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Per-block redundancy measured on the probe's images (``probing.redundancy``), with a labelled progress bar."""
+    from ..probing.redundancy import measure_redundancy
+    from ..probing.run import default_images
 
-    vd = verdict(result, threshold, k, reduction)
-    flagged = vd["collapsed_beyond_twin"] if vd["collapsed_beyond_twin"] is not None else vd["similar_blocks"]
     opts = {key: v for key, v in probe_kwargs.items() if key in _MEASURE_OPTIONS}
-    images = opts.pop("images", None)
-    report = check_flagged(checkpoint, images, flagged, **opts)
-    if report is None:
-        return ["Intervention: no block is flagged, so nothing was checked."]
-    return ["Intervention (measured): " + t for t in intervention_sentences(report)]
+    images = opts.pop("images", None) or default_images(checkpoint)
+    return measure_redundancy(checkpoint, images, progress=probe_kwargs.get("progress", True), **opts)
 
 
 def write_audit(result: ProbeResult, output: str | Path, threshold: float, neighbors: int, reduction: str,
                 notes: Sequence[str] = (), config: dict[str, Any] | None = None,
-                per_image: bool = False) -> dict[str, Any]:
+                per_image: bool = False, redundancy: dict[str, Any] | None = None) -> dict[str, Any]:
     """Render a probed ``result`` into the report folder ``output`` (replaced atomically); returns metrics.json."""
     probe_kwargs = config or {}
     crit = Criterion.of(result, threshold=threshold, neighbors=neighbors, reduction=reduction)
-    vd = judge(result, crit, notes=notes)
+    vd = judge(result, crit, notes=notes, redundancy=redundancy)
     figures = _figures(result, threshold, neighbors, reduction)
     metrics = finite({**result.to_dict(per_image=per_image), "summary": vd,
                       "heads_source": result.model.heads_source,
@@ -118,7 +111,7 @@ def write_audit(result: ProbeResult, output: str | Path, threshold: float, neigh
     files = {"metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode(),
              "report.md": render_markdown(result, vd, figures, crit).encode(),
              "report.html": render_html(result, vd, figures, crit).encode(),
-             "per_block.csv": csv_text(block_rows(result, crit)).encode(),
+             "per_block.csv": csv_text(with_redundancy(block_rows(result, crit), vd)).encode(),
              **{f"{name}.png": png for name, png in figures.items()}}
     write_folder(output, files)
     return metrics

@@ -23,7 +23,8 @@ from ..probing.result import ProbeResult
 from .text import _missing, twin_text
 
 # what the verdict decides from, under the names of every CSV; the rest of block_rows goes to per_block.csv
-DECISION_COLUMNS = ("block", "sim_prev", "twin_sim_prev", "similar", "beyond_twin", "regime")
+DECISION_COLUMNS = ("block", "sim_prev", "twin_sim_prev", "similar", "interchangeable", "reuse_changed", "redundant",
+                    "regime")
 CAPTIONS = {"block_measures": "The evidence per block: the paper's cosine beside its floor, centred and row "
                               "similarity, entropy, rank-1 residual and token uniformity (grey dashed: untrained twin)",
             "block_curves": "Similarity with the previous block and cross-head similarity, both map kinds",
@@ -49,13 +50,35 @@ def fmt(v: Any, spec: str = ".3f") -> str:
     return str(v)
 
 
-def decision_rows(result: ProbeResult, crit: Criterion, kind: str) -> tuple[list[str], list[list[str]]]:
-    """(headings, cells) of the decision columns for the judged ``kind``; twin columns only when it was measured."""
-    rows = [r for r in block_rows(result, crit) if r["kind"] == kind]
+def with_redundancy(rows: list[dict[str, Any]], vd: dict[str, Any]) -> list[dict[str, Any]]:
+    """``rows`` with the measured redundancy (``reuse_changed`` and its Wilson bounds, ``reuse_kl``, ``redundant``)
+    on the judged kind's rows; unchanged when it was not measured."""
+    red = vd.get("redundancy")
+    if not red:
+        return rows
+    by_block = {r["block"]: r for r in red["per_block"]}
+    out = []
+    for r in rows:
+        m = by_block.get(r["block"]) if r["kind"] == vd["kind"] else None
+        extra = {} if m is None else {"reuse_changed": m["changed"], "reuse_changed_ci_low": m["changed_ci_low"],
+                                      "reuse_changed_ci_high": m["changed_ci_high"], "reuse_kl": m["kl"],
+                                      "redundant": m["redundant"]}
+        out.append({**r, **extra})
+    return out
+
+
+def decision_rows(result: ProbeResult, crit: Criterion, kind: str,
+                  vd: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(headings, cells) of the decision columns for the judged ``kind``; twin columns only when it was measured,
+    the measured redundancy when ``vd`` (the verdict) carries it."""
+    rows = [r for r in with_redundancy(block_rows(result, crit), vd or {}) if r["kind"] == kind]
     cols = [k for k in DECISION_COLUMNS if k in ("block", "similar") or any(k in r and not _missing(r[k])
                                                                           for r in rows)]
     yes_no = {True: "yes", False: "no"}  # a decision reads as one, where "" would look like a missing value
-    return cols, [[yes_no[r[k]] if isinstance(r.get(k), bool) else fmt(r.get(k)) for k in cols] for r in rows]
+    pct = {"reuse_changed"}  # a share of predictions reads as a percentage
+    return cols, [[yes_no[r[k]] if isinstance(r.get(k), bool) else
+                   (f"{100 * r[k]:.1f}%" if k in pct and not _missing(r.get(k)) else fmt(r.get(k))) for k in cols]
+                  for r in rows]
 
 
 def model_rows(result: ProbeResult) -> list[tuple[str, str]]:
@@ -74,13 +97,16 @@ def model_rows(result: ProbeResult) -> list[tuple[str, str]]:
 
 
 def table_note(vd: dict[str, Any]) -> str:
-    beyond = (f"beyond_twin: also above the twin's centred similarity by {vd['criterion']['twin_margin']} (paired 95% "
-              "bound above 0)" if vd["baseline"] else "beyond_twin: not judged (no twin measured)")
+    red = vd.get("redundancy")
+    measured = (f"reuse_changed: predictions changed by reusing the previous block's map in the block alone; "
+                f"redundant: {red['rule']}" if red else "reuse_changed, redundant: not measured (--no-intervene)")
+    inter = (f"interchangeable: predicted from the maps, {vd['interchangeable_rule']}" if vd.get("interchangeable")
+             is not None else "interchangeable: no map rule for this kind")
     return (f"Kind {vd['kind']}: {vd['kind_text']}. Block numbers start at 1. sim_prev: similarity with the previous "
             f"block by the paper's metric, {vd['metric']}; twin_sim_prev: the untrained twin's; similar: "
-            f"{vd['reduction_text']}; {beyond}. {vd['paper_reduction']}. Every other "
-            "column (intervals, centred and row similarity, entropy, ranks, both map kinds): per_block.csv; every "
-            "number: metrics.json; definitions: the README's metric section.")
+            f"{vd['reduction_text']}; {inter}; {measured}. {vd['paper_reduction']}. Every other column (intervals, "
+            "centred and row similarity, beyond_twin, entropy, ranks, both map kinds): per_block.csv; every number: "
+            "metrics.json; definitions: the README's metric section.")
 
 
 def sweep_rows(vd: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -114,7 +140,7 @@ def render_markdown(result: ProbeResult, vd: dict[str, Any], figures: dict[str, 
                     crit: Criterion | None = None) -> str:
     """report.md: the same order as the page, figures embedded as PNG data URIs, so the file stands alone."""
     crit = crit or Criterion.of(result)
-    head, rows = decision_rows(result, crit, vd["kind"])
+    head, rows = decision_rows(result, crit, vd["kind"], vd)
     parts = [f"# {_title(result)}", "", f"**{vd['verdict']}**", ""]
     parts += [f"- {t}" for t in vd["text"][1:]]
     parts += ["", f"## Per block ({vd['kind_text']})", "", md_table(head, rows), "", table_note(vd), ""]
@@ -132,7 +158,7 @@ def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, byte
                 crit: Criterion | None = None) -> str:
     """report.html: one self-contained page (inline CSS, figures as base64 PNG), about 980 px wide."""
     crit = crit or Criterion.of(result)
-    head, rows = decision_rows(result, crit, vd["kind"])
+    head, rows = decision_rows(result, crit, vd["kind"], vd)
     e = html.escape
     detail = "".join(f"<li>{e(t)}</li>" for t in vd["text"][1:])
     figs = "".join(f"<h3>{e(CAPTIONS.get(n, n))}</h3><img alt='{e(n)}' src='{_uri(p)}'>" for n, p in figures.items())

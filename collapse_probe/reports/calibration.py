@@ -4,13 +4,12 @@ labels beside what replacing that block's map actually does to the outputs.
     rows = calibrate("checkpoints/vit_micro_d32.safetensors", "builtin:digits")   # one dict per (role, block)
     table = agreement(pd.DataFrame(rows))                                         # precision / recall per label
 
-Ground truth, per block k >= 2 (1-based): *functionally redundant* when block k multiplying its V by block k-1's applied
-map, alone (every other block intact), changes fewer than ``MAX_CHANGED`` of the top-1 predictions AND the mean
-KL(p_orig || p_new) stays below ``MAX_KL`` nats. Why the KL bound: by Pinsker's inequality the total variation between
-the two output distributions is at most sqrt(KL / 2), so KL < 0.01 keeps every class probability within 7 points on
-average; the top-1 rule alone would call a block redundant whose swap moves confidence a lot without flipping the argmax,
-and would call an untrained model's blocks non-redundant for flips of near-tied logits. Skipping the block alone
-(``skip_*`` columns) is measured beside it, the evidence for removal rather than sharing.
+Ground truth, per block k >= 2 (1-based): *functionally redundant* by ``probing.redundancy``'s rule (the one ``audit``
+measures): block k multiplying its V by block k-1's applied map, alone, changes fewer than 1 % of the top-1
+predictions AND the mean KL(p_orig || p_new) stays below 0.01 nats. Why the KL bound: by Pinsker's inequality the total
+variation between the two output distributions is at most sqrt(KL / 2) = 0.07; the top-1 rule alone would call a block
+redundant whose swap moves confidence a lot without flipping the argmax. Skipping the block alone (``skip_*`` columns,
+``removable``) is measured beside it, the evidence for removal rather than sharing.
 
 Labels set beside it: the paper's criterion (``similar``, mean reduction; ``similar_ratio``, ratio reduction), collapse
 beyond the twin (``beyond_twin``; trained models only), and each regime. A twin is labelled as a model of its own (its
@@ -31,10 +30,9 @@ from ..probing.baseline import recalibrate_bn, untrained_twin
 from ..probing.blocks import BlockView, Criterion, _arr
 from ..probing.intervene import measure
 from ..probing.outcome import Intervention
+from ..probing.redundancy import MAX_CHANGED, MAX_KL, single_reuse
 from ..probing.run import image_batches, probe
 
-MAX_CHANGED = 0.01  # fewer than 1 % of top-1 predictions change
-MAX_KL = 0.01  # nats; Pinsker: total variation <= sqrt(KL / 2) = 0.071
 PREDICTORS = ("sim_prev", "ratio_prev", "floor_prev", "excess_prev", "pearson_prev", "row_cosine_prev", "jsd_prev",
               "matched_prev", "entropy", "rank1_residual", "cross_head")
 LABELS = ("similar", "similar_ratio", "beyond_twin", "uniform", "token_uniform", "redundant_regime")
@@ -64,8 +62,7 @@ def _label_rows(result: Any, kind: str, crit: Criterion, role: str) -> list[dict
 
 def interventions(depth: int) -> list[Intervention]:
     """Per block, alone: reuse the previous block's map (blocks 2..L), and skip it (blocks 1..L); 1-based blocks."""
-    reuse = [Intervention("reuse", (b,), b - 1, b) for b in range(2, depth + 1)]
-    return reuse + [Intervention("skip", (b,), None, b) for b in range(1, depth + 1)]
+    return single_reuse(depth) + [Intervention("skip", (b,), None, b) for b in range(1, depth + 1)]
 
 
 def _outcomes(report: Any) -> dict[tuple[str, int], dict[str, float]]:

@@ -7,8 +7,8 @@ Modules: config (dataclass, presets, merging), limits (value ranges), recipe (YA
 (datasets, loaders), setup (model, transforms, loss, optimizer, schedule), sizing (memory estimate on the meta
 device), engine (the loop), evaluation (BatchNorm re-calibration, evaluation, collapse tracking), folder (which folders
 a run may write, its manifest, logs), runs (choosing the folder, fine-tuning, TensorBoard, progress), resume (checking
-and loading a last.pt), artifacts (logs, checkpoints), state (atomic training state, RNG), baselines (attention reuse / temperature /
-dropping, cosine regulariser). What a checkpoint was trained on is read by ``loading.provenance``.
+and loading a last.pt), artifacts (logs, checkpoints), state (atomic training state, RNG), baselines (attention
+reuse / temperature / dropping, cosine regulariser). What a checkpoint was trained on is read by ``loading.provenance``.
 """
 from typing import Any
 

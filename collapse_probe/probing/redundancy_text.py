@@ -1,0 +1,52 @@
+"""The verdict's sentences about redundancy: measured by intervention (``redundancy``), or predicted from the maps.
+
+    text += redundancy_sentences(summary, reattn={...})    # judge() calls it; 1-based blocks
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .blocks import UNIFORM_ENTROPY
+from .spans import blocks_text, spans
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def redundancy_sentences(s: dict[str, Any], reattn: set[int]) -> list[str]:
+    """What the verdict's answer rests on: measured redundancy (and the sharing check), or the map-based prediction,
+    and which of those blocks never left near-uniform attention."""
+    red, out = s.get("redundancy"), []
+    if red is not None and not red.get("classifier"):
+        out.append("Redundancy not measured: the model has no classifier, so there are no predictions to compare.")
+    elif red is not None:
+        rows = [r for r in red["per_block"] if r["redundant"]]
+        if rows:
+            worst = max(rows, key=lambda r: r["changed"])
+            out.append(f"Measured ({red['rule']}, {red['images']} images): blocks {spans(red['blocks'])} are "
+                       f"redundant; the largest change among them is {_pct(worst['changed'])} (block {worst['block']}, "
+                       f"95% CI {_pct(worst['changed_ci_low'])}-{_pct(worst['changed_ci_high'])}).")
+        sh = red.get("sharing")
+        if sh is not None:
+            f, last = sh["blocks"]
+            ok = sh["changed"] < red["max_changed"] and sh["kl"] < red["max_kl"]
+            cure = "" if set(range(f, last + 1)) <= reattn else \
+                ", or for Re-attention (DeepViT) when retraining a deeper model"
+            out.append(f"Reusing block {sh['source']}'s map in blocks {f}-{last} at once changes {_pct(sh['changed'])} "
+                       f"of predictions (95% CI {_pct(sh['changed_ci_low'])}-{_pct(sh['changed_ci_high'])}), mean KL "
+                       f"{sh['kl']:.3g}: " + (f"blocks {f}-{last} could share block {sh['source']}'s attention map, "
+                                             f"or are candidates for removal{cure}." if ok else
+                                             "each is redundant alone, but not all of them together."))
+        out += [f"Not measured: {line}." for line in red.get("refused") or []]
+    elif s.get("interchangeable") is not None:
+        out.append(f"Predicted from the maps ({s['interchangeable_rule']}): blocks {spans(s['interchangeable'])}; "
+                   "not measured (`collapse-probe audit` checks each by intervention).")
+    answer = (red["blocks"] if red is not None and red.get("classifier") else s.get("interchangeable")) or []
+    flat = sorted(set(answer) & set(s.get("near_uniform") or []))
+    if flat:
+        one = len(flat) == 1
+        out.append(f"Of these, {blocks_text(flat)} attend{'s' if one else ''} near-uniformly (softmax entropy >= "
+                   f"{UNIFORM_ENTROPY} of log N): {'it' if one else 'they'} stayed at the uniform attention of "
+                   "initialisation rather than repeating a pattern training gave the block before.")
+    return out
