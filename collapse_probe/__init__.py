@@ -30,7 +30,7 @@ from .errors import (
 
 _LAZY = {
     "load_model": "collapse_probe.loading.build",
-    "probe": "collapse_probe.probing.run",
+    "probe": "collapse_probe.probing.checked",
     "capture": "collapse_probe.hooks.capture",
     "ProbeResult": "collapse_probe.probing.result",
     "AttentionStats": "collapse_probe.probing.result",
@@ -53,9 +53,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below are
     from .loading.build import load_model
     from .loading.info import ImageInfo, LoadedModel, ModelInfo
     from .probing.blocks import Criterion
+    from .probing.checked import probe
     from .probing.monitor import CollapseMonitor
     from .probing.result import AttentionStats, FeatureStats, ProbeResult
-    from .probing.run import probe
     from .probing.verdict import judge
 
 

@@ -130,6 +130,10 @@ def main() -> None:
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time) and the verdict then says it was not judged.")
+@click.option("--intervene/--no-intervene", default=True, show_default=True,
+              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
+              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
+              "maps alone (one forward pass per block fewer).")
 @_probe_options
 def similarity(checkpoint, fmt, output, **kwargs):
     """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
@@ -150,7 +154,7 @@ def similarity(checkpoint, fmt, output, **kwargs):
     """
     from ..distributed import is_main
     from ..outputs import file_target, is_stdout
-    from ..probing.run import probe
+    from ..probing.checked import probe
     from ..reports.text import render
 
     fmt = output_format(fmt, output)
@@ -167,15 +171,15 @@ def similarity(checkpoint, fmt, output, **kwargs):
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_paths)
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True, metavar="DIR",
               help="Report folder: report.md, report.html, metrics.json and the figures (replaced atomically).")
-@click.option("--intervene/--no-intervene", default=True, show_default=True,
-              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
-              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
-              "maps alone (one forward pass per block fewer).")
 @click.option("--per-image", is_flag=True, help="Keep the per-image rows in metrics.json (enough to re-bootstrap "
               "every interval; tens of MB for deep models). Default: summaries and intervals only.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time).")
+@click.option("--intervene/--no-intervene", default=True, show_default=True,
+              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
+              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
+              "maps alone (one forward pass per block fewer).")
 @_probe_options
 def audit(checkpoint, output, **kwargs):
     """Run every collapse metric on CHECKPOINT and write a self-contained report with a verdict.
@@ -208,6 +212,10 @@ def audit(checkpoint, output, **kwargs):
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time).")
+@click.option("--intervene/--no-intervene", default=True, show_default=True,
+              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
+              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
+              "maps alone (one forward pass per block fewer).")
 @_probe_options
 def compare(checkpoints, output, fmt, **kwargs):
     """Side-by-side collapse table (and overlaid curves with --output) of two or more CHECKPOINTS.
@@ -299,6 +307,10 @@ def train(config_file, preset, model, depth, data_dir, epochs, batch_size, lr, o
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time).")
+@click.option("--intervene/--no-intervene", default=True, show_default=True,
+              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
+              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
+              "maps alone (one forward pass per block fewer).")
 @_probe_options
 def figures(checkpoints, more, output, per_model, pdf, **kwargs):
     """Regenerate the paper's Fig. 1, 3, 4 and 8 analyses from checkpoints, with the numbers as CSV.

@@ -13,7 +13,7 @@ import click
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Checkpoint loading": ("model_name", "model_code", "model_args", "num_heads", "key", "prefix", "trust_pickle"),
     "Images": ("images", "num_images", "batch_size", "mean", "std", "workers"),
-    "Measurement": ("threshold", "entry_threshold", "neighbors", "reduction", "baseline", "baseline_seed",
+    "Measurement": ("threshold", "entry_threshold", "neighbors", "reduction", "baseline", "intervene", "baseline_seed",
                     "rank_images", "max_memory", "storage", "device"),
     "Output": ("fmt", "output", "per_model", "pdf", "progress"),
 }

@@ -214,7 +214,8 @@ class ProbeResult:
     ``baseline``: the untrained twin's result on the same images (``probe(..., baseline=True)``), or None.
     ``findings``: problems seen per site, e.g. ``{"name": "blocks.5.attn.probs", "kind": "probs", "block": 6,
     "index": 5, "problem": "non-finite values", "nonfinite_values": 2352, "images": 2, "action": ...}``; those images
-    are left out of that block's numbers rather than averaged in.
+    are left out of that block's numbers rather than averaged in. ``redundancy``: each block's measured redundancy
+    (``probing.redundancy``; ``cp.probe`` measures it unless ``intervene=False``), or None.
     """
 
     attention: dict[str, AttentionStats]
@@ -224,6 +225,7 @@ class ProbeResult:
     settings: dict[str, Any] = field(default_factory=dict)
     findings: list[dict[str, Any]] = field(default_factory=list)
     baseline: ProbeResult | None = None
+    redundancy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:  # plain dicts (JSON, hand-built results) become the typed records
         if isinstance(self.model, dict):
@@ -302,6 +304,7 @@ class ProbeResult:
             "per_block": per_block_rows(self),  # the rows of the text table and the CSV (NaN -> null in to_json)
             "findings": self.findings,
             "baseline": self.baseline.to_dict() if self.baseline is not None else None,
+            "redundancy": self.redundancy,
         }
 
     def to_json(self, indent: int | None = 1, per_image: bool = True) -> str:
@@ -319,6 +322,7 @@ class ProbeResult:
             settings=d.get("settings", {}),
             findings=list(d.get("findings") or []),
             baseline=cls.from_dict(d["baseline"]) if d.get("baseline") else None,
+            redundancy=d.get("redundancy"),
         )
 
     @classmethod

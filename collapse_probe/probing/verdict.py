@@ -110,9 +110,12 @@ def judge(result: Result, crit: Criterion | None = None, sweep_thresholds: Seque
     intervals, the twin's, uniform attention's, collapse beyond the twin, the blocks predicted interchangeable from
     their maps, regimes per block, a threshold sweep and the sentences (``text``, the verdict line first).
 
-    ``notes``: extra sentences to cite. ``redundancy``: ``probing.redundancy.measure_redundancy`` of the same model;
-    the verdict then rests on the measured output change rather than on the maps."""
+    ``notes``: extra sentences to cite. ``redundancy``: ``probing.redundancy.measure_redundancy`` of the same model
+    (default: ``result.redundancy``, which ``cp.probe`` measures); the verdict then rests on the measured output change
+    rather than on the maps."""
     crit = crit or Criterion.of(result)
+    if redundancy is None:
+        redundancy = getattr(result, "redundancy", None)
     kind = result.applied_kind
     view = BlockView.of(result, kind, crit)
     regimes = view.regimes()
@@ -224,9 +227,12 @@ def verdict_line(s: dict[str, Any]) -> str:
         answer = (f"{blocks_text(blocks)} predicted redundant from their maps ({len(blocks)} of {d}; not measured: "
                   "`collapse-probe audit` checks it)" if blocks else
                   f"no block predicted redundant from its maps (0 of {d}; not measured)")
-    else:
+    elif s["kind"] == "mixed":
         answer = ("not judged from the maps: no map measure predicts redundancy after Re-attention; "
                   "`collapse-probe audit` measures it")
+    else:
+        answer = ("not judged from the maps: the row divergence the rule needs was not measured; "
+                  "`collapse-probe audit` measures redundancy")
     return f"VERDICT: {answer} — {detail}"
 
 

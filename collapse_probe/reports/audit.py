@@ -20,8 +20,8 @@ from typing import Any
 
 from ..outputs import check_replaceable, write_folder
 from ..probing.blocks import Criterion, block_rows
+from ..probing.checked import probe
 from ..probing.result import ProbeResult, finite
-from ..probing.run import LOAD_OPTIONS, probe
 from ..probing.verdict import judge
 from .audit_page import render_html, render_markdown, with_redundancy
 from .compare import COMPARE_FORMATS, SUMMARY_COLUMNS, compare, compare_rows, render_compare  # noqa: F401
@@ -77,31 +77,17 @@ def audit(
     """
     check_replaceable(output)  # before minutes of probing, not after
     result = probe(checkpoint, threshold=threshold, reduction=reduction, neighbors=neighbors, baseline=baseline,
-                   **probe_kwargs)
-    redundancy = _redundancy(checkpoint, probe_kwargs) if intervene else None
-    return write_audit(result, output, threshold, neighbors, reduction, notes, probe_kwargs, per_image, redundancy)
-
-
-_MEASURE_OPTIONS = ("images", "num_images", "batch_size", "workers", "device", *LOAD_OPTIONS)
-
-
-def _redundancy(checkpoint: str | Path, probe_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Per-block redundancy measured on the probe's images (``probing.redundancy``), with a labelled progress bar."""
-    from ..probing.redundancy import measure_redundancy
-    from ..probing.run import default_images
-
-    opts = {key: v for key, v in probe_kwargs.items() if key in _MEASURE_OPTIONS}
-    images = opts.pop("images", None) or default_images(checkpoint)
-    return measure_redundancy(checkpoint, images, progress=probe_kwargs.get("progress", True), **opts)
+                   intervene=intervene, **probe_kwargs)
+    return write_audit(result, output, threshold, neighbors, reduction, notes, probe_kwargs, per_image)
 
 
 def write_audit(result: ProbeResult, output: str | Path, threshold: float, neighbors: int, reduction: str,
                 notes: Sequence[str] = (), config: dict[str, Any] | None = None,
-                per_image: bool = False, redundancy: dict[str, Any] | None = None) -> dict[str, Any]:
+                per_image: bool = False) -> dict[str, Any]:
     """Render a probed ``result`` into the report folder ``output`` (replaced atomically); returns metrics.json."""
     probe_kwargs = config or {}
     crit = Criterion.of(result, threshold=threshold, neighbors=neighbors, reduction=reduction)
-    vd = judge(result, crit, notes=notes, redundancy=redundancy)
+    vd = judge(result, crit, notes=notes)  # on result.redundancy when it was measured
     figures = _figures(result, threshold, neighbors, reduction)
     metrics = finite({**result.to_dict(per_image=per_image), "summary": vd,
                       "heads_source": result.model.heads_source,

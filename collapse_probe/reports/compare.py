@@ -23,8 +23,8 @@ from .._version import __version__
 from ..errors import BadArgumentError
 from ..outputs import check_replaceable, write_folder
 from ..probing.blocks import Criterion, block_rows
+from ..probing.checked import probe
 from ..probing.result import ProbeResult, finite
-from ..probing.run import probe
 from ..probing.verdict import judge, spans
 from .audit_page import CSS, html_table, md_table
 from .audit_page import fmt as cell_text

@@ -38,7 +38,8 @@ from ..loading.build import load_model
 from ..outputs import MANIFEST, check_replaceable, write_folder
 from ..plots.data import ThetaWeights, pick_kind
 from ..plots.style import STYLE, family_of
-from ..probing.run import LOAD_OPTIONS, probe
+from ..probing.checked import probe
+from ..probing.run import LOAD_OPTIONS
 from . import figure_jobs as fj
 from .figure_inputs import (
     MAP_KINDS,
