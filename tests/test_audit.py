@@ -101,16 +101,16 @@ def test_verdict_numbers_blocks_from_one_and_says_what_it_lacks():
     assert "3 of 6 blocks similar by the paper's metric (column cosine, uncentred (Eq. 3)" in text
     assert "no untrained twin measured" in text and "Similar blocks (paper's criterion): 3, 5-6" in text
     assert "uniform attention 5;" in vd["headline"]  # what 1/N maps would give, beside the count even without a twin
-    assert vd["text"][0] == vd["verdict"] and vd["verdict"].startswith("VERDICT: not judged, the untrained twin was "
-                                                                       "not measured")
+    assert vd["text"][0] == vd["verdict"] and vd["verdict"].startswith("VERDICT: not judged from the maps: the row "
+                                                                       "divergence the rule needs was not measured")
     assert "paper's metric 3/6" in vd["verdict"] and "uniform attention 5/6" in vd["verdict"]
     # without a twin there is no evidence that training made anything redundant: nothing is recommended, not even
     # head pruning for the blocks whose heads are alike (modules 2 and 3)
     assert "reuse" not in text and "removal" not in text and "pruning" not in text
     result.baseline = ProbeResult({"probs": _stats(np.eye(6), [0.1] * 6)}, images={"count": 3}, model={"depth": 6})
     twin = verdict(result, threshold=0.9)
-    assert twin["verdict"].startswith("VERDICT: no collapse beyond initialisation (0 of 6 blocks)")
-    assert "untrained twin 0/6" in twin["verdict"]
+    assert twin["verdict"].startswith("VERDICT: not judged from the maps") and twin["collapsed_beyond_twin"] == []
+    assert "untrained twin 0/6, uniform attention 5/6" in twin["verdict"]
     assert "in blocks 3-4 all heads attend nearly alike" in " ".join(twin["text"])  # beyond the twin's 0.1 by >= 0.1
     none = verdict(ProbeResult({"probs": _stats(np.eye(3), [0.0] * 3)}, images={}, model={"depth": 3}), 0.9)
     assert none["similar_blocks"] == [] and none["onset"] is None and "0 of 3 blocks" in none["text"][1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_similarity_audit_compare_and_judge_print_the_same_verdict_line(tmp_path
     audited = _cli("audit", BUNDLED, "-o", tmp_path / "rep", *FAST)
     assert audited.splitlines()[0] == line
     html = (tmp_path / "rep" / "report.html").read_text()
-    assert html.index(line.replace("'", "&#x27;")) < html.index("<table")  # the answer before any table
+    assert html.index(escape(line)) < html.index("<table")  # the answer before any table
     assert (tmp_path / "rep" / "report.md").read_text().splitlines()[2] == f"**{line}**"
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(BUNDLED.read_bytes())
@@ -67,17 +68,26 @@ def test_similarity_audit_compare_and_judge_print_the_same_verdict_line(tmp_path
 
 def test_the_verdict_line_says_what_it_rests_on(vit4):
     no_twin = CliRunner().invoke(main, ["similarity", str(vit4), "--no-baseline", *FAST])
-    assert no_twin.stdout.startswith("VERDICT: not judged, the untrained twin was not measured")
+    assert no_twin.stdout.startswith("VERDICT: ")
     assert "untrained twin" not in no_twin.stdout.splitlines()[0].split("—")[1]  # no twin count where none exists
     s = cp.judge(cp.probe(vit4, torch.randn(4, 3, 32, 32), progress=False))
     d = s["depth"]
+    assert s["redundancy"] is not None and "(measured)" in s["verdict"]  # cp.probe measures, as the commands do
     assert f"paper's metric {s['count']}/{d}" in s["verdict"] and f"untrained twin {s['baseline']['count']}/{d}" \
-        in s["verdict"] and f"uniform attention {s['uniform_attention']['count']}/{d}" in s["verdict"]
-    # the wording follows the summary's fields alone, so the rules under it can change
-    planted = {**s, "collapsed_beyond_twin": [3, 4]}
-    assert verdict_line(planted).startswith("VERDICT: blocks 3-4 collapsed beyond the untrained twin (2 of 4 blocks)")
-    assert verdict_line({**s, "collapsed_beyond_twin": []}).startswith(
-        "VERDICT: no collapse beyond initialisation (0 of 4 blocks) — softmax maps:")
+        in s["verdict"]
+    # the wording follows the summary's fields alone, in order of evidence: measured, predicted, not judged
+    measured = {**s, "redundancy": {**s["redundancy"], "blocks": [3, 4]}}
+    assert verdict_line(measured).startswith("VERDICT: blocks 3-4 redundant (2 of 4): reusing the previous block's")
+    assert verdict_line({**s, "redundancy": {**s["redundancy"], "blocks": []}}).startswith(
+        "VERDICT: no redundant block (0 of 4)")
+    predicted = {**s, "redundancy": None, "interchangeable": [2]}
+    assert verdict_line(predicted).startswith("VERDICT: block 2 predicted redundant from the maps (1 of 4; not "
+                                              "measured")
+    mixed = {**s, "redundancy": None, "interchangeable": None, "kind": "mixed"}
+    assert verdict_line(mixed).startswith("VERDICT: not judged from the maps: no map measure predicts redundancy "
+                                          "after Re-attention")
+    twin = {**s["baseline"], "uniform": False}
+    assert f"untrained twin {twin['count']}/{d}, uniform attention" in verdict_line({**s, "baseline": twin})
 
 
 def test_similarity_prints_a_short_table(vit4):
@@ -168,7 +178,8 @@ def test_report_is_small_has_the_evidence_and_claims_no_batchnorm_it_lacks(tmp_p
     assert html.count("data:image/png") == 5 and html.index("block_measures") < html.index("block_curves")
     header = html[html.index("<table"):html.index("</tr>")]
     assert [h.split("</th>")[0] for h in header.split("<th>")[1:]] == ["block", "sim_prev", "twin_sim_prev",
-                                                                       "similar", "beyond_twin", "regime"]
+                                                                       "similar", "interchangeable", "reuse_changed",
+                                                                       "redundant", "regime"]
     for f in ("report.html", "report.md"):
         assert "BatchNorm" not in (tmp_path / "small" / f).read_text()  # a plain ViT has none
     assert "BatchNorm" not in _cli("similarity", vit4, *FAST)

@@ -266,11 +266,27 @@ def block_rows(result: Result, crit: Criterion | None = None, checkpoint: str | 
             row["similar"] = bool(similar[i])
             row["beyond_twin"] = None if beyond is None else bool(beyond[i])
             row["interchangeable"] = None if inter is None else bool(inter[i])
+            row.update(_measured(result, kind, b + 1))
             row["regime"] = regimes[i]
             if feats:
                 row.update(feats.get(b, dict.fromkeys(FEATURE_KEYS, math.nan)))
             rows.append(row)
     return rows
+
+
+def _measured(result: Result, kind: str, block: int) -> dict[str, Any]:
+    """The measured redundancy of ``block`` (``result.redundancy``, ``probing.redundancy``) on the rows of the kind
+    the verdict judges: ``reuse_changed`` (share of predictions changed by reusing the previous block's map in it
+    alone) with its Wilson bounds, ``reuse_kl`` and ``redundant``. Empty when it was not measured."""
+    red = getattr(result, "redundancy", None)
+    if not red or kind != result.applied_kind:
+        return {}
+    m = next((r for r in red.get("per_block") or [] if r["block"] == block), None)
+    if m is None:
+        return {"reuse_changed": math.nan, "reuse_changed_ci_low": math.nan, "reuse_changed_ci_high": math.nan,
+                "reuse_kl": math.nan, "redundant": None}
+    return {"reuse_changed": m["changed"], "reuse_changed_ci_low": m["changed_ci_low"],
+            "reuse_changed_ci_high": m["changed_ci_high"], "reuse_kl": m["kl"], "redundant": m["redundant"]}
 
 
 def _feature_columns(result: Result) -> dict[int, dict[str, float]]:

@@ -49,13 +49,14 @@ def is_redundant(row: dict[str, Any]) -> bool:
 
 
 def _last_run(blocks: list[int], depth: int) -> tuple[int, int] | None:
-    """The run of consecutive redundant blocks that ends at the last block, as (first, last), or None."""
+    """The run of two or more consecutive redundant blocks that ends at the last block, as (first, last), or None (a
+    single block's sharing is its single-block reuse, already measured)."""
     if not blocks or blocks[-1] != depth:
         return None
     first = depth
     while first - 1 in blocks:
         first -= 1
-    return (first, depth) if first >= 2 else None
+    return (first, depth) if 2 <= first < depth else None
 
 
 @torch.inference_mode()

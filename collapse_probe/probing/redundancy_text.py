@@ -14,6 +14,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _sharing(red: dict[str, Any], reattn: set[int]) -> str:
+    """The sharing check: the last run of redundant blocks all reusing one map, and what it would mean."""
+    sh = red["sharing"]
+    f, last = sh["blocks"]
+    many = last > f
+    ok = sh["changed"] < red["max_changed"] and sh["kl"] < red["max_kl"]
+    cure = "" if set(range(f, last + 1)) <= reattn else ", or for Re-attention (DeepViT) when retraining"
+    meaning = ((f"{'they' if many else 'it'} could share block {sh['source']}'s attention map, or "
+                f"{'are candidates' if many else 'is a candidate'} for removal{cure}.") if ok else
+               "each is redundant alone, but not all of them together.")
+    return (f"Reusing block {sh['source']}'s map in {blocks_text(list(range(f, last + 1)))} at once changes "
+            f"{_pct(sh['changed'])} of predictions (95% CI {_pct(sh['changed_ci_low'])}-{_pct(sh['changed_ci_high'])}),"
+            f" mean KL {sh['kl']:.3g}: {meaning}")
+
+
 def redundancy_sentences(s: dict[str, Any], reattn: set[int]) -> list[str]:
     """What the verdict's answer rests on: measured redundancy (and the sharing check), or the map-based prediction,
     and which of those blocks never left near-uniform attention."""
@@ -24,24 +39,16 @@ def redundancy_sentences(s: dict[str, Any], reattn: set[int]) -> list[str]:
         rows = [r for r in red["per_block"] if r["redundant"]]
         if rows:
             worst = max(rows, key=lambda r: r["changed"])
-            out.append(f"Measured ({red['rule']}, {red['images']} images): blocks {spans(red['blocks'])} are "
-                       f"redundant; the largest change among them is {_pct(worst['changed'])} (block {worst['block']}, "
-                       f"95% CI {_pct(worst['changed_ci_low'])}-{_pct(worst['changed_ci_high'])}).")
-        sh = red.get("sharing")
-        if sh is not None:
-            f, last = sh["blocks"]
-            ok = sh["changed"] < red["max_changed"] and sh["kl"] < red["max_kl"]
-            cure = "" if set(range(f, last + 1)) <= reattn else \
-                ", or for Re-attention (DeepViT) when retraining a deeper model"
-            out.append(f"Reusing block {sh['source']}'s map in blocks {f}-{last} at once changes {_pct(sh['changed'])} "
-                       f"of predictions (95% CI {_pct(sh['changed_ci_low'])}-{_pct(sh['changed_ci_high'])}), mean KL "
-                       f"{sh['kl']:.3g}: " + (f"blocks {f}-{last} could share block {sh['source']}'s attention map, "
-                                             f"or are candidates for removal{cure}." if ok else
-                                             "each is redundant alone, but not all of them together."))
+            out.append(f"Measured ({red['rule']}, {red['images']} images): {blocks_text(red['blocks'])} "
+                       f"{'is' if len(rows) == 1 else 'are'} redundant; the largest change among them is "
+                       f"{_pct(worst['changed'])} (block {worst['block']}, 95% CI {_pct(worst['changed_ci_low'])}-"
+                       f"{_pct(worst['changed_ci_high'])}).")
+        if red.get("sharing") is not None:
+            out.append(_sharing(red, reattn))
         out += [f"Not measured: {line}." for line in red.get("refused") or []]
     elif s.get("interchangeable") is not None:
         out.append(f"Predicted from the maps ({s['interchangeable_rule']}): blocks {spans(s['interchangeable'])}; "
-                   "not measured (`collapse-probe audit` checks each by intervention).")
+                   "not measured (--no-intervene / intervene=False).")
     answer = (red["blocks"] if red is not None and red.get("classifier") else s.get("interchangeable")) or []
     flat = sorted(set(answer) & set(s.get("near_uniform") or []))
     if flat:

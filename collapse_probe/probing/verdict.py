@@ -224,15 +224,15 @@ def verdict_line(s: dict[str, Any]) -> str:
                   f"{red['max_changed']:.0%} of predictions or KL >= {red['max_kl']} in every block (measured)")
     elif s.get("interchangeable") is not None:
         blocks = s["interchangeable"]
-        answer = (f"{blocks_text(blocks)} predicted redundant from their maps ({len(blocks)} of {d}; not measured: "
-                  "`collapse-probe audit` checks it)" if blocks else
-                  f"no block predicted redundant from its maps (0 of {d}; not measured)")
+        answer = (f"{blocks_text(blocks)} predicted redundant from the maps ({len(blocks)} of {d}; not measured: "
+                  "--no-intervene)" if blocks else
+                  f"no block predicted redundant from the maps (0 of {d}; not measured: --no-intervene)")
     elif s["kind"] == "mixed":
-        answer = ("not judged from the maps: no map measure predicts redundancy after Re-attention; "
-                  "`collapse-probe audit` measures it")
+        answer = ("not judged from the maps: no map measure predicts redundancy after Re-attention; drop "
+                  "--no-intervene to measure it")
     else:
-        answer = ("not judged from the maps: the row divergence the rule needs was not measured; "
-                  "`collapse-probe audit` measures redundancy")
+        answer = ("not judged from the maps: the row divergence the rule needs was not measured; drop "
+                  "--no-intervene to measure redundancy")
     return f"VERDICT: {answer} — {detail}"
 
 
@@ -272,9 +272,7 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
     text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
     if base and base.get("uniform"):
         text.append(f"The untrained twin attends uniformly (softmax entropy >= {TWIN_UNIFORM_ENTROPY} of log N in "
-                    f"every block): it scores what uniform attention scores ({base['count']}), so it is not a separate "
-                    "baseline; the blocks a trained model still attends near-uniformly are the ones training left "
-                    "as initialised.")
+                    f"every block): its count ({base['count']}) is uniform attention's, not a separate baseline.")
     elif base and s["similar_blocks"] and _not_above(s, base):
         text.append(f"The untrained twin scores {base['count']} on the same images: the paper's count alone does "
                     "not show collapse that training produced.")
@@ -330,8 +328,7 @@ def _uniform_sentence(where: str, blocks: list[int], v: dict[str, np.ndarray], m
             + _join(f"entropy >= {UNIFORM_ENTROPY} of log N", _med("median", v["entropy"], m),
                     _med("TV from uniform", v["tv_uniform"], m))
             + "): the paper's cosine sits at its floor" + (f" ({floor})" if floor else "")
-            + "; near-uniform maps are interchangeable with each other, so these blocks attend as an untrained model "
-            "does whatever the cosine says." + after)
+            + "; they attend as an untrained model does." + after)
 
 
 def _heads_sentences(view: BlockView, regimes: list[str], other: BlockView | None, reattn: set[int]) -> list[str]:

@@ -23,7 +23,7 @@ from ..probing.blocks import Criterion, block_rows
 from ..probing.checked import probe
 from ..probing.result import ProbeResult, finite
 from ..probing.verdict import judge
-from .audit_page import render_html, render_markdown, with_redundancy
+from .audit_page import render_html, render_markdown
 from .compare import COMPARE_FORMATS, SUMMARY_COLUMNS, compare, compare_rows, render_compare  # noqa: F401
 from .text import csv_text
 
@@ -97,7 +97,7 @@ def write_audit(result: ProbeResult, output: str | Path, threshold: float, neigh
     files = {"metrics.json": json.dumps(metrics, indent=1, allow_nan=False).encode(),
              "report.md": render_markdown(result, vd, figures, crit).encode(),
              "report.html": render_html(result, vd, figures, crit).encode(),
-             "per_block.csv": csv_text(with_redundancy(block_rows(result, crit), vd)).encode(),
+             "per_block.csv": csv_text(block_rows(result, crit)).encode(),
              **{f"{name}.png": png for name, png in figures.items()}}
     write_folder(output, files)
     return metrics

@@ -50,28 +50,11 @@ def fmt(v: Any, spec: str = ".3f") -> str:
     return str(v)
 
 
-def with_redundancy(rows: list[dict[str, Any]], vd: dict[str, Any]) -> list[dict[str, Any]]:
-    """``rows`` with the measured redundancy (``reuse_changed`` and its Wilson bounds, ``reuse_kl``, ``redundant``)
-    on the judged kind's rows; unchanged when it was not measured."""
-    red = vd.get("redundancy")
-    if not red:
-        return rows
-    by_block = {r["block"]: r for r in red["per_block"]}
-    out = []
-    for r in rows:
-        m = by_block.get(r["block"]) if r["kind"] == vd["kind"] else None
-        extra = {} if m is None else {"reuse_changed": m["changed"], "reuse_changed_ci_low": m["changed_ci_low"],
-                                      "reuse_changed_ci_high": m["changed_ci_high"], "reuse_kl": m["kl"],
-                                      "redundant": m["redundant"]}
-        out.append({**r, **extra})
-    return out
-
-
 def decision_rows(result: ProbeResult, crit: Criterion, kind: str,
                   vd: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]]:
     """(headings, cells) of the decision columns for the judged ``kind``; twin columns only when it was measured,
     the measured redundancy when ``vd`` (the verdict) carries it."""
-    rows = [r for r in with_redundancy(block_rows(result, crit), vd or {}) if r["kind"] == kind]
+    rows = [r for r in block_rows(result, crit) if r["kind"] == kind]
     cols = [k for k in DECISION_COLUMNS if k in ("block", "similar") or any(k in r and not _missing(r[k])
                                                                           for r in rows)]
     yes_no = {True: "yes", False: "no"}  # a decision reads as one, where "" would look like a missing value

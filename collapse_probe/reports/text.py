@@ -36,8 +36,8 @@ from ..probing.verdict import judge
 _SPECS = {"block": "d", "index": "d", "similar": "", "beyond_twin": "", "regime": "", "kind": "",
           "effective_rank": ".1f", "energy_rank": ".1f", "attention_distance": ".2f"}
 # what the text table shows (CSV and JSON have every column); twin columns only when a twin was measured
-TABLE_COLUMNS = ("block", "sim_prev", "sim_prev_ci_low", "sim_prev_ci_high", "twin_sim_prev", "pearson_prev",
-                 "twin_pearson_prev", "entropy", "rank1_residual", "cross_head", "similar", "beyond_twin", "regime")
+TABLE_COLUMNS = ("block", "sim_prev", "twin_sim_prev", "pearson_prev", "entropy", "rank1_residual", "cross_head",
+                 "similar", "interchangeable", "reuse_changed", "redundant", "regime")
 
 
 def _missing(v: Any) -> bool:
