@@ -20,14 +20,15 @@ from safetensors import safe_open
 from collapse_probe.metrics.bootstrap import wilson
 
 HERE = Path(__file__).resolve().parent
-FIELDS = ["name", "architecture", "depth", "params", "top1", "top5", "weights", "epochs", "similar_blocks",
+FIELDS = ["name", "architecture", "depth", "seed", "params", "top1", "top5", "weights", "epochs", "similar_blocks",
           "similar_ratio", "similar_blocks_probs", "map_kind"]
+NAME = re.compile(r"(.+)_d(\d+)(?:_s(\d+))?")  # vit_micro_d16, vit_micro_d16_s1 (seed 1; no suffix: seed 42)
 
 
 def rows(folder: Path = HERE) -> list[dict]:
     out = []
     for path in sorted(folder.glob("*_d*.safetensors")):
-        m = re.fullmatch(r"(.+)_d(\d+)", path.stem)
+        m = NAME.fullmatch(path.stem)
         if not m:
             continue
         with safe_open(str(path), "pt") as f:
@@ -35,13 +36,14 @@ def rows(folder: Path = HERE) -> list[dict]:
             params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys()
                          if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
         ev, col = meta.get("eval", {}), meta.get("collapse", {})
-        out.append({"name": path.stem, "architecture": meta["architecture"], "depth": int(m.group(2)),
+        seed = meta.get("train_config", {}).get("seed", int(m.group(3) or 42))
+        out.append({"name": path.stem, "architecture": meta["architecture"], "depth": int(m.group(2)), "seed": seed,
                     "params": params, "top1": round(ev.get("top1", float("nan")), 2),
                     "top5": round(ev.get("top5", float("nan")), 2), "weights": ev.get("weights", ""),
                     "epochs": ev.get("epochs", ""), "similar_blocks": col.get("similar_blocks", ""),
                     "similar_ratio": round(col.get("similar_ratio", float("nan")), 3),
                     "similar_blocks_probs": col.get("similar_blocks_probs", ""), "map_kind": col.get("kind", "")})
-    return sorted(out, key=lambda r: (r["architecture"] != "vit_micro", r["depth"]))
+    return sorted(out, key=lambda r: (r["architecture"] != "vit_micro", r["depth"], r["seed"] != 42, r["seed"]))
 
 
 def _numel(shape) -> int:
