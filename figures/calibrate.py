@@ -78,12 +78,40 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def controls(df: pd.DataFrame) -> pd.DataFrame:
+    """Per trained model: the paper's count during training (the trainer's collapse.csv, 64 validation images) beside
+    the final count, the twin's and uniform attention's, and the measured redundant blocks split by whether their
+    softmax maps are still near-uniform (entropy >= 0.95 of log N): which control separates what training did."""
+    import csv
+
+    rows = []
+    for model, part in df.groupby("model"):
+        trained, twin = part[part.role == "trained"], part[part.role == "twin"]
+        log = CKPTS / "logs" / model / "collapse.csv"
+        early = {}
+        if log.exists():
+            for r in csv.DictReader(log.open()):
+                early[int(r["epoch"])] = early.get(int(r["epoch"]), 0) + int(r["similar"])
+        red = trained[trained.redundant == True]  # noqa: E712  (a column of True / False / NaN)
+        flat = red[red.probs_entropy >= 0.95]
+        rows.append({"model": model, "kind": trained.kind.iloc[0], "depth": int(trained.depth.iloc[0]),
+                     "paper_count_epoch5": early.get(5), "paper_count_epoch20": early.get(20),
+                     "paper_count_final_tracking": early[max(early)] if early else None,
+                     "paper_count": int(trained.similar.sum()), "twin_count": int(twin.similar.sum()),
+                     "uniform_count": int(trained.sim_prev.notna().sum()),
+                     "twin_min_entropy": float(twin.probs_entropy.min()),
+                     "redundant": len(red), "redundant_near_uniform": len(flat),
+                     "twin_redundant": int((twin.redundant == True).sum())})  # noqa: E712
+    return pd.DataFrame(rows)
+
+
 def summarize() -> None:
     from collapse_probe.reports.calibration import agreement
 
     df = pd.read_csv(OUT / "blocks.csv")
     agree = pd.DataFrame(agreement(df))
     agree.to_csv(OUT / "agreement.csv", index=False)
+    controls(df).to_csv(OUT / "controls.csv", index=False)
     plot(df, OUT / "calibration.png")
     readme = OUT / "README.md"
     text = readme.read_text()
