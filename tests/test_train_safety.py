@@ -262,6 +262,19 @@ def test_resume_with_more_epochs_extends_the_run_and_stretches_the_schedule(tmp_
     assert [ln.split()[0] for ln in res.stderr.splitlines() if ln.startswith("epoch=")] == ["epoch=3", "epoch=4"]
 
 
+def test_resume_needs_none_of_the_options_that_started_the_run(tmp_path):
+    """As in timm and Lightning: the run's own settings (config.json) are the base, the command line changes them."""
+    out = tmp_path / "run"
+    assert _cli(*TINY, "--epochs", "1", "--set", "lr=0.002", "-o", out).exit_code == 0
+    res = _cli("-o", out, "--resume", "--epochs", "2", "--device", "cpu")  # no preset, model, depth or lr
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "vit_micro" and cfg["model_args"]["depth"] == 1 and cfg["lr"] == 0.002
+    assert [r["epoch"] for r in _rows(out / "log.csv")] == ["1", "2"]
+    changed = _cli("-o", out, "--resume", "--epochs", "3", "--lr", "0.5", "--device", "cpu")  # a real change
+    assert changed.exit_code == 2 and "lr" in changed.stderr
+
+
 def test_a_finished_run_does_nothing_and_says_so(run, tmp_path):
     folder = _copy(run, tmp_path / "run")
     before = _snapshot(folder)

@@ -46,11 +46,19 @@ def _run(preset: str | None, sets: Sequence[str], print_config: bool, depth: int
         named["model_args"] = {"depth": depth}
     if "data_dir" in named and preset not in ("paper", "paper32"):
         named.setdefault("dataset", "folder")
+    base: dict[str, Any] = {}
     if resume is not None:
         named["resume"] = True
         if resume:
             named["resume_from"] = str(resume)
-    cfg = resolve_config(preset, **merge_layers(from_file, from_sets, named))
+        # as timm's and Lightning's resume: the run's own settings first, then whatever this command line changes
+        # (so `train -o RUN --resume` needs none of the options that started RUN)
+        folder = named.get("output") or from_file.get("output") or (str(Path(resume).parent) if resume else None)
+        if folder:
+            from .folder import saved_settings
+
+            base = saved_settings(Path(folder))
+    cfg = resolve_config(None if base else preset, **merge_layers(base, from_file, from_sets, named))
     if cfg.dataset != "folder" and cfg.data_dir:
         raise BadArgumentError(f"--data-dir is only used by the folder dataset, not '{cfg.dataset}'")
     if print_config:

@@ -80,6 +80,28 @@ def _read_small(path: Path, limit: int) -> bytes | None:
         return None
 
 
+def saved_settings(folder: Path) -> dict[str, Any]:
+    """The settings of the run in ``folder`` (its config.json), for ``--resume`` to start from: its TrainConfig keys
+    but where it is written and resumed from; {} when the folder holds no run of ours."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
+    try:
+        if not RunFolder.inspect(folder).holds_run:
+            return {}
+    except BadArgumentError:
+        return {}  # train() refuses such a folder with its own message
+    raw = _read_small(folder / "config.json", 1 << 20)
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        return {}
+    known = {f.name for f in fields(TrainConfig)} - {"output", "resume", "resume_from", "initial_checkpoint", "preset",
+                                                      "extended"}
+    return {k: v for k, v in data.items() if k in known} if isinstance(data, dict) else {}
+
+
 def our_config(path: Path) -> bool:
     """Whether ``path`` is a config.json our trainer wrote (a JSON object with TrainConfig's keys)."""
     from dataclasses import fields
