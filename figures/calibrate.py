@@ -28,7 +28,8 @@ CKPTS = HERE.parent / "checkpoints"
 START, END = "<!-- calibration-table:start (figures/calibrate.py --summarize) -->", "<!-- calibration-table:end -->"
 LABEL_TEXT = {"similar": "similar, paper's metric (mean reduction)", "similar_ratio": "similar, paper's metric (ratio "
               "reduction)", "beyond_twin": "collapsed beyond the twin", "uniform": "regime: uniform",
-              "token_uniform": "regime: token-uniform", "redundant_regime": "regime: redundant",
+              "token_uniform": "regime: token-uniform",
+              "repeating_regime": "regime: repeating (the centred pattern repeats beyond the twin)",
               "interchangeable": "interchangeable (the verdict's rule)"}
 
 

@@ -271,7 +271,8 @@ def test_probe_api_with_model_code_and_the_twin_from_the_factory(tmp_path):
 
 
 def test_readme_example_command(tmp_path):
-    """The README's "Your own model" example, verbatim, against a checkpoint of tests/examples/my_vit.py."""
+    """The README's "Your own model" command (tests/test_readme.py runs the README block itself), here against a
+    checkpoint of tests/examples/my_vit.py saved where this test chooses."""
     sys.path.insert(0, str(REPO / "tests" / "examples"))
     try:
         from my_vit import MyViT

@@ -107,13 +107,13 @@ def test_deepvit_regimes_come_from_the_maps_they_describe(deepvit_ckpt):
     assert s["kind"] == "mixed"
     assert not re.search(r"\bnan\b", " ".join(s["text"]), flags=re.I)
     for sentence in s["text"]:  # every regime sentence names the maps it is about
-        if "near-uniformly" in sentence or "rows alike" in sentence or "are redundant" in sentence:
+        if "near-uniformly" in sentence or "rows alike" in sentence or "centred pattern" in sentence:
             assert "softmax maps" in sentence or "maps after Re-attention" in sentence, sentence
     near_uniform = [t for t in s["text"] if "near-uniformly" in t]
     assert all("softmax maps" in t for t in near_uniform)  # only row-stochastic maps are ever called uniform
     assert s["regimes"]["uniform"] == []  # the maps after Re-attention have no entropy
     rows = result.to_pandas()
-    assert set(rows[rows.kind == "mixed"].regime) <= {"", "token-uniform", "redundant"}
+    assert set(rows[rows.kind == "mixed"].regime) <= {"", "token-uniform", "repeating"}
     assert rows[rows.kind == "mixed"].entropy.isna().all()
     assert s["other_kind"]["kind"] == "probs" and "regimes" in s["other_kind"]
 
@@ -132,7 +132,7 @@ def test_no_advice_without_the_evidence_the_rules_require():
         sim[i, i - 1] = sim[i - 1, i] = 0.99  # every block repeats the previous one, centred too
     result = ProbeResult({"probs": _stats(sim, [0.99] * 5)}, images={"count": 2}, model={"depth": 5})
     s = cp.judge(result)
-    assert s["regimes"]["redundant"] == [2, 3, 4, 5]  # described ...
+    assert s["regimes"]["repeating"] == [2, 3, 4, 5]  # described ...
     text = " ".join(s["text"])
     assert "reuse" not in text and "removal" not in text and "pruning" not in text  # ... but no twin: no advice
     assert "nothing is recommended" in text

@@ -186,7 +186,7 @@ def test_a_rank_one_maps_on_disjoint_keys_are_token_uniform_not_redundant():
         assert rows[b]["sim_prev"] == pytest.approx(1.0, abs=1e-6)  # Eq. 3's blind spot: constant columns
         assert rows[b]["row_cosine_prev"] < 0.01 and rows[b]["rank1_residual"] == pytest.approx(0.0, abs=1e-5)
     assert vd["similar_blocks"] == [2, 3, 4]  # the paper's criterion is fooled ...
-    assert vd["regimes"]["token-uniform"] == [1, 2, 3, 4] and vd["regimes"]["redundant"] == []  # ... the verdict not
+    assert vd["regimes"]["token-uniform"] == [1, 2, 3, 4] and vd["regimes"]["repeating"] == []  # ... the verdict not
     text = " ".join(vd["text"])
     assert "token-uniform" in text and "reuse" not in text
 
@@ -194,7 +194,7 @@ def test_a_rank_one_maps_on_disjoint_keys_are_token_uniform_not_redundant():
 def test_b_uniform_maps_read_as_uniform_attention():
     B, H, N = 3, 2, 17
     vd = judge(_collect([torch.full((B, H, N, N), 1.0 / N) for _ in range(3)]))
-    assert vd["regimes"]["uniform"] == [1, 2, 3] and vd["regimes"]["redundant"] == []
+    assert vd["regimes"]["uniform"] == [1, 2, 3] and vd["regimes"]["repeating"] == []
     rows = block_rows(_collect([torch.full((B, H, N, N), 1.0 / N)] * 3))
     assert all(r["entropy"] == pytest.approx(1.0, abs=1e-6) and r["tv_uniform"] == pytest.approx(0.0, abs=1e-6)
                for r in rows)
@@ -218,12 +218,12 @@ def test_d_planted_redundancy_is_collapse_beyond_the_twin_exactly_where_planted(
     for b in range(k + 1, L + 1):
         assert rows[b]["pearson_prev"] == pytest.approx(1.0, abs=1e-5)
     assert vd["collapsed_beyond_twin"] == list(range(k + 1, L + 1))
-    assert vd["regimes"]["redundant"] == list(range(k + 1, L + 1))
+    assert vd["regimes"]["repeating"] == list(range(k + 1, L + 1))
     assert vd["interchangeable"] == list(range(k + 1, L + 1))  # identical maps: row JSD 0; the sharp others far apart
     assert vd["verdict"].startswith(f"VERDICT: blocks {k + 1}-{L} predicted redundant from the maps ({L - k} of {L};")
     result.baseline = None  # the same maps without the twin: the map rule needs none
     alone = judge(result)
-    assert alone["regimes"]["redundant"] == list(range(k + 1, L + 1)) and alone["interchangeable"] == vd[
+    assert alone["regimes"]["repeating"] == list(range(k + 1, L + 1)) and alone["interchangeable"] == vd[
         "interchangeable"] and "untrained twin" not in alone["verdict"]
     assert vd["count_interval"] is not None and vd["baseline"]["count_interval"] is not None
 
@@ -234,7 +234,7 @@ def test_c_an_untrained_model_is_not_collapsed_beyond_its_twin():
     result = probe(model, torch.randn(8, 3, 32, 32), batch_size=8, progress=False, baseline=True)
     vd = judge(result)
     assert vd["count"] >= 20  # the paper's metric calls it collapsed ...
-    assert vd["collapsed_beyond_twin"] == [] and vd["regimes"]["redundant"] == []  # ... beyond its twin it is not
+    assert vd["collapsed_beyond_twin"] == [] and vd["regimes"]["repeating"] == []  # ... beyond its twin it is not
     assert vd["baseline"]["uniform"] and "not a separate baseline" in " ".join(vd["text"])  # the twin is uniform
     # near-uniform maps are interchangeable: the map rule predicts every block with a previous one redundant
     assert vd["interchangeable"] == list(range(2, 33)) and vd["near_uniform"] == list(range(1, 33))

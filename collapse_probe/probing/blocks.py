@@ -182,8 +182,8 @@ class BlockView:
         """Per block, read from this kind's own measures only (never borrowed from the other kind): "uniform" (entropy
         / log N >= 0.95; defined for row-stochastic maps only, so the softmax maps: a map after Re-attention's Θ and
         BatchNorm has no entropy and is never called uniform), "token-uniform" (rank-1 residual <= 0.1: rows alike),
-        "redundant" (collapsed beyond the twin; without a twin: centred similarity with the previous block above the
-        block threshold) or "" (none of these)."""
+        "repeating" (collapsed beyond the twin: the centred pattern repeats; without a twin: centred similarity with
+        the previous block above the block threshold) or "" (none of these)."""
         ent = self.values["entropy"]
         beyond = self.beyond_twin
         if beyond is None:
@@ -195,7 +195,7 @@ class BlockView:
             elif self.values["rank1_residual"][i] <= TOKEN_UNIFORM_RESIDUAL:
                 out.append("token-uniform")
             elif beyond[i]:
-                out.append("redundant")
+                out.append("repeating")
             else:
                 out.append("")
         return out

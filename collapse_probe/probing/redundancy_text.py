@@ -39,8 +39,10 @@ def redundancy_sentences(s: dict[str, Any], reattn: set[int]) -> list[str]:
         rows = [r for r in red["per_block"] if r["redundant"]]
         if rows:
             worst = max(rows, key=lambda r: r["changed"])
+            one = len(rows) == 1
             out.append(f"Measured ({red['rule']}, {red['images']} images): {blocks_text(red['blocks'])} "
-                       f"{'is' if len(rows) == 1 else 'are'} redundant; the largest change among them is "
+                       f"{'is' if one else 'are'} redundant; "
+                       f"{'its change' if one else 'the largest change among them'} is "
                        f"{_pct(worst['changed'])} (block {worst['block']}, 95% CI {_pct(worst['changed_ci_low'])}-"
                        f"{_pct(worst['changed_ci_high'])}).")
         if red.get("sharing") is not None:

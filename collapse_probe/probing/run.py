@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..errors import BadArgumentError, UnsupportedModelError
+from ..errors import BadArgumentError, UnsupportedModelError, first_line
 from ..hooks.capture import Site, capture
 from ..loading.build import describe, load_model
 from ..loading.images import batch_images, image_loader
@@ -310,6 +310,22 @@ class _TokenCounts:
                 "collapse compares maps block to block, so every probed block must see the same tokens")
 
 
+def _forward(model: nn.Module, x: torch.Tensor, first: bool) -> None:
+    """One forward; on the first batch a shape error of the model becomes one line: the images given (or chosen by
+    default, 224 px for a model that does not say its input size) are not what the model takes."""
+    if not first:
+        model(x)
+        return
+    try:
+        model(x)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        if isinstance(e, UnsupportedModelError):
+            raise
+        raise BadArgumentError(f"the model cannot run on the images given ([B, C, H, W] = {list(x.shape)}): "
+                               f"{first_line(e)}; pass images it takes, e.g. a tensor [B, C, H, W] of its input "
+                               "size (a model in memory does not say its input size; 224 px is assumed)") from e
+
+
 def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshold: float, rank_images: int | None,
              storage_dtype: torch.dtype, max_memory: int | str | None, device: torch.device, progress: bool,
              all_reduce: bool, observers: Sequence[Observer],
@@ -345,7 +361,7 @@ def _measure(model: nn.Module, batches: Iterable, kinds: Sequence[str], threshol
             while batch is not None:
                 x = batch_images(batch).to(device)
                 for chunk in x.split(max_batch) if max_batch else (x,):
-                    model(chunk)
+                    _forward(model, chunk, batch is first)
                     collector.end_batch()
                 batch = next(it, None)
     finally:  # the bar is cleared before anything else reaches stderr (an interrupt's one line stays last)

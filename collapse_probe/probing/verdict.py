@@ -193,7 +193,7 @@ def _twin_uniform(result: Result, twin_count: int, comparable: int) -> bool:
 
 def _regime_numbers(view: BlockView, regimes: list[str]) -> dict[str, list[int]]:
     return {name: [b + 1 for b, r in zip(view.blocks, regimes) if r == name]
-            for name in ("uniform", "token-uniform", "redundant")}
+            for name in ("uniform", "token-uniform", "repeating")}
 
 
 def verdict_line(s: dict[str, Any]) -> str:
@@ -276,7 +276,7 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
     elif base and s["similar_blocks"] and _not_above(s, base):
         text.append(f"The untrained twin scores {base['count']} on the same images: the paper's count alone does "
                     "not show collapse that training produced.")
-    mask = {r: [x == r for x in regimes] for r in ("uniform", "token-uniform", "redundant")}
+    mask = {r: [x == r for x in regimes] for r in ("uniform", "token-uniform", "repeating")}
     reattn = {b + 1 for b in (result.model.reattn_blocks or [])}
     if s["regimes"]["uniform"]:
         text.append(_uniform_sentence(where, s["regimes"]["uniform"], v, mask["uniform"]))
@@ -291,16 +291,17 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
     if s["regimes"]["token-uniform"]:
         m = mask["token-uniform"]
         rows = _med("median", v["row_cosine_prev"], m)
-        text.append(f"{where}blocks {spans(s['regimes']['token-uniform'])} have rows alike ("
+        tu = s["regimes"]["token-uniform"]
+        text.append(f"{where}{blocks_text(tu)} ha{'s' if len(tu) == 1 else 've'} rows alike ("
                     + _join(f"rank-1 residual <= {TOKEN_UNIFORM_RESIDUAL}", _med("median", v["rank1_residual"], m))
                     + "): every query attends the same way (token-uniform maps). Eq. 3 scores such maps 1 even on "
                     "disjoint keys" + (f"; row cosine with the previous block, {rows}" if rows else "") + ".")
-    red = s["regimes"]["redundant"]
+    red = s["regimes"]["repeating"]
     if red:
-        m = mask["redundant"]
+        m = mask["repeating"]
         tw = _med("vs the twin's", view.twin["pearson_prev"], m) if view.twin else ""
-        text.append(f"{where}blocks {spans(red)} are redundant: centred similarity (column Pearson) with the previous "
-                    f"block, {_join(_med('median', v['pearson_prev'], m), tw)}"
+        text.append(f"{where}{blocks_text(red)} repeat{'s' if len(red) == 1 else ''} the previous block's centred "
+                    f"pattern: centred similarity (column Pearson), {_join(_med('median', v['pearson_prev'], m), tw)}"
                     + (f" (margin >= {crit.margin}, paired 95% bound above 0)." if view.twin else
                        f" (> {crit.threshold}). Without the untrained twin this is no evidence that training made "
                        "them so, and nothing is recommended; measure the twin (drop --no-baseline)."))
@@ -324,7 +325,7 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
 def _uniform_sentence(where: str, blocks: list[int], v: dict[str, np.ndarray], m: Sequence[bool],
                       after: str = "") -> str:
     floor = _med("median floor", v["floor_prev"], m)
-    return (f"{where}blocks {spans(blocks)} attend near-uniformly ("
+    return (f"{where}{blocks_text(blocks)} attend{'s' if len(blocks) == 1 else ''} near-uniformly ("
             + _join(f"entropy >= {UNIFORM_ENTROPY} of log N", _med("median", v["entropy"], m),
                     _med("TV from uniform", v["tv_uniform"], m))
             + "): the paper's cosine sits at its floor" + (f" ({floor})" if floor else "")

@@ -35,7 +35,7 @@ from ..probing.run import image_batches, probe
 
 PREDICTORS = ("sim_prev", "ratio_prev", "floor_prev", "excess_prev", "pearson_prev", "row_cosine_prev", "jsd_prev",
               "matched_prev", "entropy", "rank1_residual", "cross_head")
-LABELS = ("similar", "similar_ratio", "beyond_twin", "uniform", "token_uniform", "redundant_regime")
+LABELS = ("similar", "similar_ratio", "beyond_twin", "uniform", "token_uniform", "repeating_regime")
 
 
 def _label_rows(result: Any, kind: str, crit: Criterion, role: str) -> list[dict[str, Any]]:
@@ -55,7 +55,7 @@ def _label_rows(result: Any, kind: str, crit: Criterion, role: str) -> list[dict
         row.update(similar=bool(view.similar[i]), similar_ratio=bool(ratio_view.similar[i]),
                    beyond_twin=None if beyond is None else bool(beyond[i]), regime=regimes[i],
                    uniform=regimes[i] == "uniform", token_uniform=regimes[i] == "token-uniform",
-                   redundant_regime=regimes[i] == "redundant")
+                   repeating_regime=regimes[i] == "repeating")
         rows.append(row)
     return rows
 
