@@ -178,11 +178,11 @@ def test_cli_exit_codes_for_signals(monkeypatch, tmp_path: Path) -> None:
     """In process: a KeyboardInterrupt during the command -> 130, our SIGTERM exception -> 143, one line each."""
     from click.testing import CliRunner
 
-    import collapse_probe.probing.run as probe_mod
+    import collapse_probe.probing.checked as probe_mod
     from collapse_probe.cli import _Terminated, main
 
-    ckpt, out = tmp_path / "x.safetensors", tmp_path / "out"  # a path that exists: the CLI checks paths first
-    ckpt.write_bytes(b"never read: the probe is replaced")
+    ckpt, out = tmp_path / "x.safetensors", tmp_path / "out"  # a real file: the CLI reads its metadata for images
+    save_checkpoint(create_model("vit_micro", depth=1), ckpt)
     out.mkdir()
     for exc, code in ((KeyboardInterrupt(), 130), (_Terminated(), 143)):
         def boom(*a, _e=exc, **k):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import collapse_probe as cp
+from collapse_probe.errors import BadArgumentError
 import collapse_probe.models  # noqa: F401  (registers vit_micro with timm)
 from collapse_probe.probing import run as run_module
 from collapse_probe.probing.monitor import DEFAULT_METRICS, CollapseMonitor
@@ -99,7 +100,8 @@ def test_measure_gives_back_modes_random_states_hooks_and_gradients():
 def test_a_failing_measurement_still_gives_everything_back():
     model, wrong = _model(depth=2).train(), torch.randn(2, 3, 48, 48)
     hooks, state = _hooks(model), torch.get_rng_state()
-    with pytest.raises(AssertionError, match="doesn't match"):  # timm refuses 48 px images inside the hooked forward
+    # timm refuses 48 px images inside the hooked forward; the probe turns that into one line naming the images
+    with pytest.raises(BadArgumentError, match="cannot run on the images given"):
         CollapseMonitor(wrong, every=1).measure(model)
     assert model.training and all(m.training for m in model.modules())
     assert _hooks(model) == hooks and torch.equal(torch.get_rng_state(), state)

@@ -28,6 +28,7 @@ from ..hooks.capture import attention_plans
 MAX_DEPTH = 1024  # layers a config may ask for (the same limit as ``safety.MAX_DEPTH``)
 MAP_FLOOR_MB = 256  # float32 attention maps per image always allowed (ViT-B/8 at 224 px needs 340 MB: the ratio)
 MAPS_PER_PARAMETER = 64  # beyond the floor: map values per image per stored weight (ViT-B/16 at 384 px: 0.7)
+UNSTORED_HEAD = 8192  # sizes a config may give a head (decoder, MIM vocabulary) whose weights the file may not hold
 _DEPTH_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "num_blocks", "encoder_layers")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|blocks|block|h|resblocks)\.(\d+)\.")
 _NOT_SIZES = ("id2label", "label2id")  # names, not sizes (the classifier's size is checked against its weights)
@@ -76,10 +77,16 @@ def check_hf_config(cfg: dict[str, Any], sd: dict[str, Any], path: Path | str) -
                 raise UnsupportedLayoutError(f"{path}/config.json asks for {key}={depth} layers but {held}; the "
                                              "config does not describe these weights")
     bound = 16 * _largest_dimension(sd)
+    # an encoder-only file keeps its config's sizes of heads it does not hold (ViTMAEModel's decoder_*, defaults 512 /
+    # 2048; BEiT's masked-image-modelling vocab_size, 8192): they get a fixed bound instead; a file that stores a
+    # decoder has them checked like the rest
+    has_decoder = any("decoder" in k for k in sd)
     for key, x in _sizes(cfg):
-        if not math.isfinite(x) or abs(x) > bound:
+        unstored = (key.startswith("decoder_") and not has_decoder) or key.rsplit(".", 1)[-1] == "vocab_size"
+        limit = max(bound, UNSTORED_HEAD) if unstored else bound
+        if not math.isfinite(x) or abs(x) > limit:
             raise RefusedContentError(f"refused {path}: config.json has {key}={str(x)[:20]}, far larger than its "
-                                      f"weights could fit (limit {bound}: 16 x the largest stored dimension)")
+                                      f"weights could fit (limit {limit}: 16 x the largest stored dimension)")
 
 
 def tokens_of(model: nn.Module) -> int | None:

@@ -111,4 +111,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, device: torch.device, nu
             for buf in (bn.running_mean, bn.running_var):
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM)
                 buf /= world
+        count = torch.tensor([float(used)], device=bns[0].running_mean.device)  # batches over all ranks, as reported
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        used = int(count.item())
     return used

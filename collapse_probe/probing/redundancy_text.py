@@ -55,7 +55,7 @@ def redundancy_sentences(s: dict[str, Any], reattn: set[int]) -> list[str]:
     flat = sorted(set(answer) & set(s.get("near_uniform") or []))
     if flat:
         one = len(flat) == 1
-        out.append(f"Of these, {blocks_text(flat)} attend{'s' if one else ''} near-uniformly (softmax entropy >= "
+        out.append(f"Of these, the softmax maps of {blocks_text(flat)} attend near-uniformly (entropy >= "
                    f"{UNIFORM_ENTROPY} of log N): {'it' if one else 'they'} stayed at the uniform attention of "
                    "initialisation rather than repeating a pattern training gave the block before.")
     return out

@@ -232,6 +232,8 @@ def probe(
         first = next(iter(batches), None)
         model_info = describe(model, batch_images(first).to(dev)) if first is not None else model_info
     all_reduce = all_reduce and distributed.active()
+    # the ranks the numbers were summed over (a LoadedModel from cp.probe's single read reports 1 from open_model)
+    world = torch.distributed.get_world_size() if all_reduce else 1
     if all_reduce:
         if not isinstance(batches, DataLoader):
             raise BadArgumentError("all_reduce shards a folder or built-in image set over the ranks; pass one")
