@@ -77,7 +77,14 @@ def test_the_verdict_line_says_what_it_rests_on(vit4):
         in s["verdict"]
     # the wording follows the summary's fields alone, in order of evidence: measured, predicted, not judged
     measured = {**s, "redundancy": {**s["redundancy"], "blocks": [3, 4]}}
-    assert verdict_line(measured).startswith("VERDICT: blocks 3-4 redundant (2 of 4): reusing the previous block's")
+    assert verdict_line({**measured, "redundancy": {**measured["redundancy"], "sharing": None}}).startswith(
+        "VERDICT: blocks 3-4 redundant (2 of 4), each alone: reusing the previous block's")
+    share = {"source": 2, "blocks": [3, 4], "changed": 0.25, "kl": 0.5}
+    line = verdict_line({**measured, "redundancy": {**measured["redundancy"], "sharing": share}})
+    assert "(measured); not together: block 2's map in blocks 3-4 at once changes 25.0% — " in line
+    line = verdict_line({**measured, "redundancy": {**measured["redundancy"], "sharing": {**share, "changed": 0.0,
+                                                                                          "kl": 0.0}}})
+    assert "(measured); and together: block 2's map in blocks 3-4 at once changes 0.0% — " in line
     assert verdict_line({**s, "redundancy": {**s["redundancy"], "blocks": []}}).startswith(
         "VERDICT: no redundant block (0 of 4)")
     predicted = {**s, "redundancy": None, "interchangeable": [2]}
@@ -95,7 +102,7 @@ def test_similarity_prints_a_short_table(vit4):
     assert lines[0].startswith("VERDICT: ")
     header = next(i for i, t in enumerate(lines) if t.startswith("block"))
     assert [int(t.split()[0]) for t in lines[header + 1: header + 5]] == [1, 2, 3, 4]
-    assert len(lines) <= header + 5 + 16  # the table of the judged kind, then a few lines of detail
+    assert len(lines) <= header + 5 + 18  # the table of the judged kind, then a few lines of detail
 
 
 # ------------------------------------------------------------------------------------------------ regimes and advice

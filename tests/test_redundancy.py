@@ -7,6 +7,9 @@ with, and one whose map is the only thing that tells the classes apart changes m
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -105,3 +108,63 @@ def test_cluster_bootstrap_is_degenerate_when_every_cluster_agrees_and_wide_when
     assert ci2["precision"][0] <= 0.0 + 1e-12 and ci2["precision"][1] >= 1.0 - 1e-12
     lo, hi = wilson(20, 40)
     assert hi - lo < 0.35
+
+
+def _calibrate_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "figures" / "calibrate.py"
+    spec = importlib.util.spec_from_file_location("calibrate_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_calibration_tables_are_generated_from_the_committed_blocks():
+    """figures/calibration: agreement.csv is recomputed from blocks.csv, the README's table from agreement.csv, and
+    every precision / recall the top-level README quotes for the calibration is in agreement.csv (a stale or
+    hand-edited number fails here)."""
+    import pandas as pd
+
+    from collapse_probe.reports.calibration import agreement
+
+    cal = _calibrate_script()
+    blocks = pd.read_csv(cal.OUT / "blocks.csv")
+    assert set(blocks.model) == {p.stem for p in cal.CKPTS.glob("*_d*.safetensors")}  # every bundled model measured
+    committed = pd.read_csv(cal.OUT / "agreement.csv")
+    fresh = pd.DataFrame(agreement(blocks))
+    pd.testing.assert_frame_equal(fresh.reset_index(drop=True), committed, check_dtype=False, atol=1e-9)
+    text = (cal.OUT / "README.md").read_text()
+    assert text[text.index(cal.START) + len(cal.START):text.index(cal.END)].strip() == cal.table(committed)
+    readme = " ".join((cal.HERE.parent / "README.md").read_text().split())  # quotes may wrap across lines
+    quoted = re.findall(r"precision (\d\.\d\d), recall (\d\.\d\d)", readme)
+    assert quoted, "the README quotes the calibration's precision and recall"
+    pairs = {(f"{r.precision:.2f}", f"{r.recall:.2f}") for r in committed.itertuples()}
+    assert len(quoted) >= 3 and set(quoted) <= pairs
+
+
+def test_skip_baseline_separates_a_block_that_matters_from_one_that_does_not():
+    """Planted: in module 2 the attention branch writes nothing (its map is irrelevant) but the MLP matters; in
+    modules 3-4 the whole block writes nothing. Reuse is harmless in all three; skipping is harmless only where the
+    whole block is silent, and the verdict's baseline sentence names the block that matters."""
+    model = _model(5, zero=(2, 3, 4))
+    with torch.no_grad():
+        for b in (3, 4):
+            model.blocks[b].mlp.fc2.weight.zero_()
+            model.blocks[b].mlp.fc2.bias.zero_()
+        model.blocks[2].mlp.fc2.weight.mul_(50.0)  # module 2's MLP moves the logits: removing the block shows
+    red = measure_redundancy(model, X, batch_size=6)
+    rows = {r["block"]: r for r in red["per_block"]}
+    assert {3, 4, 5} <= set(red["blocks"])
+    assert rows[4]["removable"] and rows[5]["removable"] and rows[4]["skip_changed"] == 0
+    assert rows[3]["removable"] is False and (rows[3]["skip_changed"] >= MAX_CHANGED or rows[3]["skip_kl"] >= MAX_KL)
+    assert 3 not in red["removable"] and {4, 5} <= set(red["removable"])
+    for b, r in rows.items():  # the baseline is measured for redundant blocks only
+        assert (r["removable"] is None) == (b not in red["blocks"])
+    result = cp.probe(model, X, batch_size=6, progress=False)
+    text = " ".join(cp.judge(result)["text"])
+    assert "Baseline, skipping the block outright (alone)" in text and "the block matters but its own map" in text
+    assert "candidates for removal" not in text  # block 3 cannot go, even though blocks 2-5 may share one map
+    df = result.to_pandas()
+    applied = df[df.kind == result.applied_kind].set_index("block")
+    assert applied.loc[5, "removable"] and not applied.loc[3, "removable"]

@@ -277,16 +277,18 @@ def block_rows(result: Result, crit: Criterion | None = None, checkpoint: str | 
 def _measured(result: Result, kind: str, block: int) -> dict[str, Any]:
     """The measured redundancy of ``block`` (``result.redundancy``, ``probing.redundancy``) on the rows of the kind
     the verdict judges: ``reuse_changed`` (share of predictions changed by reusing the previous block's map in it
-    alone) with its Wilson bounds, ``reuse_kl`` and ``redundant``. Empty when it was not measured."""
+    alone) with its Wilson bounds, ``reuse_kl`` and ``redundant``; for redundant blocks the skip baseline,
+    ``skip_changed`` and ``removable`` (removing the block alone passes the same rule). Empty when not measured."""
     red = getattr(result, "redundancy", None)
     if not red or kind != result.applied_kind:
         return {}
     m = next((r for r in red.get("per_block") or [] if r["block"] == block), None)
     if m is None:
         return {"reuse_changed": math.nan, "reuse_changed_ci_low": math.nan, "reuse_changed_ci_high": math.nan,
-                "reuse_kl": math.nan, "redundant": None}
+                "reuse_kl": math.nan, "redundant": None, "skip_changed": math.nan, "removable": None}
     return {"reuse_changed": m["changed"], "reuse_changed_ci_low": m["changed_ci_low"],
-            "reuse_changed_ci_high": m["changed_ci_high"], "reuse_kl": m["kl"], "redundant": m["redundant"]}
+            "reuse_changed_ci_high": m["changed_ci_high"], "reuse_kl": m["kl"], "redundant": m["redundant"],
+            "skip_changed": m.get("skip_changed", math.nan), "removable": m.get("removable")}
 
 
 def _feature_columns(result: Result) -> dict[int, dict[str, float]]:

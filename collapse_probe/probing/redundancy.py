@@ -9,6 +9,10 @@ changes fewer than ``MAX_CHANGED`` of the top-1 predictions and the mean KL(p_or
 (Pinsker: the output distributions then differ by at most sqrt(KL / 2) = 0.07 in total variation). These are the
 numbers ``figures/calibration`` set the verdict's map-based rules against. The *sharing check* is what a user would do
 with the answer: the last run of redundant blocks f..L all reusing block f-1's map at once, with its Wilson interval.
+The *skip baseline*: each redundant block removed outright, alone. Where that changes nothing either, the block barely
+matters on its own (common in deep residual networks: figures/calibration found it for 55 of the 56 redundant ViT
+blocks), so single-block redundancy says little about the map itself; where skipping does change the outputs, the
+block matters but its own map does not.
 A model without a classifier has no predictions to compare: nothing is called redundant, and the reason is given.
 """
 from __future__ import annotations
@@ -37,6 +41,11 @@ def single_reuse(depth: int) -> list[Intervention]:
     return [Intervention("reuse", (b,), b - 1, b) for b in range(2, depth + 1)]
 
 
+def single_skip(blocks: list[int]) -> list[Intervention]:
+    """Each of ``blocks`` (1-based) removed outright, alone: the baseline of single-block reuse."""
+    return [Intervention("skip", (b,), None, b) for b in blocks]
+
+
 def _row(o: Any) -> dict[str, Any]:
     lo, hi = o.changed_interval()
     changed = math.nan if o.changed is None else o.changed / max(o.images, 1)
@@ -61,11 +70,12 @@ def _last_run(blocks: list[int], depth: int) -> tuple[int, int] | None:
 
 @torch.inference_mode()
 def measure_redundancy(model_or_path: nn.Module | LoadedModel | str | Path, images: Any = None, *,
-                       sharing: bool = True, **options: Any) -> dict[str, Any]:
+                       sharing: bool = True, skip: bool = True, **options: Any) -> dict[str, Any]:
     """Per-block redundancy of a model (``options`` as for ``intervene.measure``: num_images, batch_size, device,
     progress, load options). Returns {"rule", "blocks" (redundant, 1-based), "per_block" [{block, changed,
-    changed_ci_low, changed_ci_high, kl, redundant}], "sharing" (None or the last run's joint reuse), "refused",
-    "images", "classifier"}."""
+    changed_ci_low, changed_ci_high, kl, redundant, skip_changed, skip_kl, removable}], "removable" (redundant blocks
+    whose removal alone passes the same rule; None when ``skip`` is off), "sharing" (None or the last run's joint
+    reuse), "refused", "images", "classifier"}."""
     load = {k: options.pop(k) for k in list(options) if k in LOAD_OPTIONS}
     loaded, dev, _ = open_model(model_or_path, options.pop("device", None), **load)  # read once, for both passes
     options = {"progress": False, **options, "device": dev}
@@ -75,9 +85,21 @@ def measure_redundancy(model_or_path: nn.Module | LoadedModel | str | Path, imag
     for r in rows:
         r["redundant"] = is_redundant(r)
     blocks = [r["block"] for r in rows if r["redundant"]]
+    for r in rows:
+        r.update(skip_changed=math.nan, skip_kl=math.nan, removable=None)
+    removable = None
+    if skip and blocks:
+        skipped = {o.intervention.block: _row(o) for o in
+                   measure(loaded, images, single_skip(blocks), keep_going=True, **options).outcomes}
+        for r in rows:
+            if r["block"] in skipped:
+                k = skipped[r["block"]]
+                r.update(skip_changed=k["changed"], skip_kl=k["kl"], removable=is_redundant(k))
+        removable = [r["block"] for r in rows if r["removable"]]
     out: dict[str, Any] = {"rule": RULE, "max_changed": MAX_CHANGED, "max_kl": MAX_KL, "blocks": blocks,
-                           "per_block": rows, "sharing": None, "refused": list(report.refused),
-                           "images": report.images.count, "classifier": bool(report.settings.get("classifier"))}
+                           "per_block": rows, "removable": removable, "sharing": None,
+                           "refused": list(report.refused), "images": report.images.count,
+                           "classifier": bool(report.settings.get("classifier"))}
     run = _last_run(blocks, depth) if sharing else None
     if run is not None:
         first, last = run

@@ -21,12 +21,30 @@ def _sharing(red: dict[str, Any], reattn: set[int]) -> str:
     many = last > f
     ok = sh["changed"] < red["max_changed"] and sh["kl"] < red["max_kl"]
     cure = "" if set(range(f, last + 1)) <= reattn else ", or for Re-attention (DeepViT) when retraining"
-    meaning = ((f"{'they' if many else 'it'} could share block {sh['source']}'s attention map, or "
-                f"{'are candidates' if many else 'is a candidate'} for removal{cure}.") if ok else
-               "each is redundant alone, but not all of them together.")
+    gone = red.get("removable")
+    removal = "" if gone is not None and not set(range(f, last + 1)) <= set(gone) else \
+        f", or {'are candidates' if many else 'is a candidate'} for removal"
+    meaning = (f"{'they' if many else 'it'} could share block {sh['source']}'s attention map{removal}{cure}." if ok
+               else "each is redundant alone, but not all of them together.")
     return (f"Reusing block {sh['source']}'s map in {blocks_text(list(range(f, last + 1)))} at once changes "
             f"{_pct(sh['changed'])} of predictions (95% CI {_pct(sh['changed_ci_low'])}-{_pct(sh['changed_ci_high'])}),"
             f" mean KL {sh['kl']:.3g}: {meaning}")
+
+
+def _skip_baseline(red: dict[str, Any], blocks: list[int]) -> str:
+    """The single-block reuse beside its baseline: removing the same block outright, alone."""
+    gone, m = red["removable"], len(blocks)
+    rest = sorted(set(blocks) - set(gone))
+    head = "Baseline, skipping the block outright (alone): "
+    if len(gone) == m:
+        return (head + f"changes < {red['max_changed']:.0%} of predictions too{'' if m == 1 else f' in all {m}'}: "
+                "one block barely matters alone here, so single-block redundancy says little about the maps; the "
+                "sharing check tests them together.")
+    if not gone:
+        return (head + f"changes >= {red['max_changed']:.0%} of predictions or KL >= {red['max_kl']} in every one: "
+                "the blocks matter, their own maps do not (the previous block's serves as well).")
+    return (head + f"changes < {red['max_changed']:.0%} too in {len(gone)} of these {m}; in {blocks_text(rest)} the "
+            "block matters but its own map does not (the previous block's serves as well).")
 
 
 def redundancy_sentences(s: dict[str, Any], reattn: set[int]) -> list[str]:
@@ -45,6 +63,8 @@ def redundancy_sentences(s: dict[str, Any], reattn: set[int]) -> list[str]:
                        f"{'its change' if one else 'the largest change among them'} is "
                        f"{_pct(worst['changed'])} (block {worst['block']}, 95% CI {_pct(worst['changed_ci_low'])}-"
                        f"{_pct(worst['changed_ci_high'])}).")
+            if red.get("removable") is not None:
+                out.append(_skip_baseline(red, [r["block"] for r in rows]))
         if red.get("sharing") is not None:
             out.append(_sharing(red, reattn))
         out += [f"Not measured: {line}." for line in red.get("refused") or []]

@@ -166,7 +166,8 @@ def _redundancy(red: dict[str, Any] | None) -> dict[str, Any] | None:
     """The measured redundancy as the summary keeps it (None: not measured)."""
     if red is None:
         return None
-    keep = ("rule", "max_changed", "max_kl", "blocks", "per_block", "sharing", "refused", "images", "classifier")
+    keep = ("rule", "max_changed", "max_kl", "blocks", "per_block", "removable", "sharing", "refused", "images",
+            "classifier")
     return {k: red.get(k) for k in keep}
 
 
@@ -199,8 +200,9 @@ def _regime_numbers(view: BlockView, regimes: list[str]) -> dict[str, list[int]]
 def verdict_line(s: dict[str, Any]) -> str:
     """The one-line answer, worded from the summary ``s`` alone (``judge``'s fields), e.g.
 
-        VERDICT: blocks 9-17, 19-32 redundant (23 of 32): reusing the previous block's map changes < 1% of
-        predictions (measured) — softmax maps: paper's metric 10/32, untrained twin 31/32 = uniform attention
+        VERDICT: blocks 6-7, 9-32 redundant (26 of 32), each alone: reusing the previous block's map in the block
+        changes < 1% of predictions (measured); not together: block 8's map in blocks 9-32 at once changes 11.1%
+        — softmax maps: paper's metric 1/32, untrained twin 31/32 = uniform attention
 
     In order of evidence: redundancy measured by intervention (``audit`` by default), else the blocks predicted
     interchangeable from their softmax maps (the calibrated rule), else, for maps after Re-attention, which no map
@@ -218,8 +220,9 @@ def verdict_line(s: dict[str, Any]) -> str:
     detail = f"{KIND_SHORT.get(s['kind'], s['kind'])}: " + ", ".join(counts)
     if red is not None and red.get("classifier"):
         blocks = red["blocks"]
-        answer = (f"{blocks_text(blocks)} redundant ({len(blocks)} of {d}): reusing the previous block's map "
-                  f"changes < {red['max_changed']:.0%} of predictions (measured)" if blocks else
+        answer = (f"{blocks_text(blocks)} redundant ({len(blocks)} of {d}), each alone: reusing the previous "
+                  f"block's map in the block changes < {red['max_changed']:.0%} of predictions (measured)"
+                  + _together(red) if blocks else
                   f"no redundant block (0 of {d}): reusing the previous block's map changes >= "
                   f"{red['max_changed']:.0%} of predictions or KL >= {red['max_kl']} in every block (measured)")
     elif s.get("interchangeable") is not None:
@@ -234,6 +237,17 @@ def verdict_line(s: dict[str, Any]) -> str:
         answer = ("not judged from the maps: the row divergence the rule needs was not measured; drop "
                   "--no-intervene to measure redundancy")
     return f"VERDICT: {answer} — {detail}"
+
+
+def _together(red: dict[str, Any]) -> str:
+    """The sharing check in the verdict line: whether the last run of redundant blocks can reuse one map at once."""
+    sh = red.get("sharing")
+    if not sh:
+        return ""
+    ok = sh["changed"] < red["max_changed"] and sh["kl"] < red["max_kl"]
+    f, last = sh["blocks"]
+    return (f"; {'and' if ok else 'not'} together: block {sh['source']}'s map in blocks {f}-{last} at once changes "
+            f"{100 * sh['changed']:.1f}%")
 
 
 def _heads_note(result: Result) -> list[str]:
