@@ -56,24 +56,45 @@ def table(agree: pd.DataFrame) -> str:
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
+    from collapse_probe.probing.blocks import JSD_INTERCHANGEABLE
     from collapse_probe.reports.calibration import MAX_CHANGED
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
     groups = [("trained ViT (softmax maps)", (df.role == "trained") & (df.kind == "probs"), "C0", "o"),
               ("trained DeepViT (maps after Re-attention)", (df.role == "trained") & (df.kind == "mixed"), "C1", "s"),
               ("untrained twins", df.role == "twin", "0.6", ".")]
+    floor = 1e-3  # no change at all (0) is drawn here on the log axis
+
+    def y(v: pd.Series) -> pd.Series:
+        return v.clip(lower=floor)
     for ax, (x, xlabel) in zip(axes, (("sim_prev", "paper's similarity with the previous block (Eq. 3, mean)"),
                                       ("jsd_prev", "row Jensen-Shannon divergence from the previous block's map"))):
         for label, mask, colour, marker in groups:
             part = df[mask & df.reuse_changed.notna()]
-            ax.scatter(part[x], part.reuse_changed.clip(lower=1e-3), s=14, c=colour, marker=marker, label=label,
-                       alpha=0.8, linewidths=0)
+            ax.scatter(part[x], y(part.reuse_changed), s=14, c=colour, marker=marker, label=label, alpha=0.8,
+                       linewidths=0)
         ax.axhline(MAX_CHANGED, color="k", lw=0.8, ls="--")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("predictions changed by reusing the previous block's map")
+        ax.set_ylabel("predictions changed by reuse (0 at 1e-3)")
     axes[0].axvline(0.9, color="C3", lw=0.8, ls=":")
+    axes[0].set_title("the paper's criterion: similar if > 0.9 (dotted)", fontsize=10)
+    axes[1].axvline(JSD_INTERCHANGEABLE, color="C3", lw=0.8, ls=":")
     axes[1].set_xscale("log")
+    axes[1].set_title(f"the verdict's map rule: interchangeable if < {JSD_INTERCHANGEABLE} (dotted)", fontsize=10)
+    ax = axes[2]  # the intervention beside its own baseline: removing the block outright
+    for label, mask, colour, marker in groups[:2]:
+        part = df[mask & df.reuse_changed.notna() & df.skip_changed.notna()]
+        ax.scatter(y(part.skip_changed), y(part.reuse_changed), s=14, c=colour, marker=marker, alpha=0.8,
+                   linewidths=0)
+    ax.plot([floor, 1], [floor, 1], color="0.5", lw=0.8)
+    ax.axhline(MAX_CHANGED, color="k", lw=0.8, ls="--")
+    ax.axvline(MAX_CHANGED, color="k", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("predictions changed by skipping the block alone (0 at 1e-3)")
+    ax.set_ylabel("predictions changed by reuse (0 at 1e-3)")
+    ax.set_title("reuse beside its baseline, trained models (grey: equal)", fontsize=10)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -115,7 +136,7 @@ def summarize() -> None:
     controls(df).to_csv(OUT / "controls.csv", index=False)
     plot(df, OUT / "calibration.png")
     readme = OUT / "README.md"
-    text = readme.read_text()
+    text = readme.read_text() if readme.exists() else f"# Calibration\n\n{START}\n{END}\n"
     i, j = text.index(START) + len(START), text.index(END)
     readme.write_text(text[:i] + "\n" + table(agree) + "\n" + text[j:])
 

@@ -35,7 +35,7 @@ from ..probing.run import image_batches, probe
 
 PREDICTORS = ("sim_prev", "ratio_prev", "floor_prev", "excess_prev", "pearson_prev", "row_cosine_prev", "jsd_prev",
               "matched_prev", "entropy", "rank1_residual", "cross_head")
-LABELS = ("similar", "similar_ratio", "beyond_twin", "uniform", "token_uniform", "repeating_regime")
+LABELS = ("interchangeable", "similar", "similar_ratio", "beyond_twin", "uniform", "token_uniform", "repeating_regime")
 
 
 def _label_rows(result: Any, kind: str, crit: Criterion, role: str) -> list[dict[str, Any]]:
@@ -46,13 +46,14 @@ def _label_rows(result: Any, kind: str, crit: Criterion, role: str) -> list[dict
     probs = result.attention.get("probs")
     ent = _arr(probs, "entropy", len(view.blocks)) if kind != "probs" and probs is not None else None
     regimes = view.regimes()
-    beyond = view.beyond_twin
+    beyond, inter = view.beyond_twin, view.interchangeable
     rows = []
     for i, b in enumerate(view.blocks):
         row: dict[str, Any] = {"role": role, "kind": kind, "block": b + 1, "index": b}
         row.update({p: float(view.values[p][i]) for p in PREDICTORS})
         row["probs_entropy"] = float(ent[i]) if ent is not None else row["entropy"]  # softmax maps' uniformity
-        row.update(similar=bool(view.similar[i]), similar_ratio=bool(ratio_view.similar[i]),
+        row.update(interchangeable=None if inter is None else bool(inter[i]), similar=bool(view.similar[i]),
+                   similar_ratio=bool(ratio_view.similar[i]),
                    beyond_twin=None if beyond is None else bool(beyond[i]), regime=regimes[i],
                    uniform=regimes[i] == "uniform", token_uniform=regimes[i] == "token-uniform",
                    repeating_regime=regimes[i] == "repeating")
