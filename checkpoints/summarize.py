@@ -55,15 +55,30 @@ def _numel(shape) -> int:
 
 START, END = "<!-- digits-table:start (checkpoints/summarize.py --readme) -->", "<!-- digits-table:end -->"
 FIGURES_SUMMARY = HERE.parent / "figures" / "digits" / "summary.csv"
+CALIBRATION_BLOCKS = HERE.parent / "figures" / "calibration" / "blocks.csv"
 
 
-def readme_table(folder: Path = HERE, measured: Path = FIGURES_SUMMARY) -> str:
+def redundant_counts(blocks: Path = CALIBRATION_BLOCKS) -> dict[tuple[str, str], int]:
+    """(model, role) -> blocks measured redundant (figures/calibration/blocks.csv: reusing the previous block's map in
+    the block alone changes < 1 % of predictions and KL < 0.01, the verdict's rule, on the same 360 images)."""
+    counts: dict[tuple[str, str], int] = {}
+    with open(blocks, newline="") as f:
+        for r in csv.DictReader(f):
+            key = (r["model"], r["role"])
+            counts[key] = counts.get(key, 0) + (r["redundant"] == "True")
+    return counts
+
+
+def readme_table(folder: Path = HERE, measured: Path = FIGURES_SUMMARY, blocks: Path = CALIBRATION_BLOCKS) -> str:
     """The README's digits table: accuracy (metadata, Wilson 95 % interval over the validation images) beside the
-    similar-block counts of the model and its untrained twin (figures/digits/summary.csv, bootstrap 95 % intervals)."""
+    similar-block counts of the model and its untrained twin (figures/digits/summary.csv, bootstrap 95 % intervals)
+    and the blocks measured redundant (figures/calibration/blocks.csv)."""
     with open(measured, newline="") as f:
         runs = {r["model"]: r for r in csv.DictReader(f)}
-    lines = ["| model | depth | params | epochs | top-1 % (95 % CI) | map kind | similar blocks (95 % CI) | "
-             "untrained twin (95 % CI) | collapsed beyond the twin | regimes |", "|---" * 10 + "|"]
+    redundant = redundant_counts(blocks)
+    lines = ["| model | depth | seed | params | epochs | top-1 % (95 % CI) | map kind | redundant, measured (twin) | "
+             "similar blocks (95 % CI) | untrained twin (95 % CI) | collapsed beyond the twin | regimes |",
+             "|---" * 12 + "|"]
     for r in rows(folder):
         with safe_open(str(folder / f"{r['name']}.safetensors"), "pt") as f:
             ev = json.loads(f.metadata()["collapse_probe"]).get("eval", {})
@@ -74,8 +89,10 @@ def readme_table(folder: Path = HERE, measured: Path = FIGURES_SUMMARY) -> str:
         def ci(row: dict) -> str:
             return f"{row['similar_blocks']} ({float(row['count_ci_low']):.0f}-{float(row['count_ci_high']):.0f})" \
                 if row.get("count_ci_low") not in (None, "") else str(row.get("similar_blocks", "-"))
-        lines.append(f"| {'ViT' if r['architecture'] == 'vit_micro' else 'DeepViT'} | {r['depth']} | {r['params']:,} | "
-                     f"{r['epochs']} | {ev['top1']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) | {m['kind']} | {ci(m)} / "
+        lines.append(f"| {'ViT' if r['architecture'] == 'vit_micro' else 'DeepViT'} | {r['depth']} | {r['seed']} | "
+                     f"{r['params']:,} | "
+                     f"{r['epochs']} | {ev['top1']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) | {m['kind']} | "
+                     f"{redundant[(r['name'], 'trained')]} / {r['depth']} ({redundant[(r['name'], 'twin')]}) | {ci(m)} / "
                      f"{r['depth']} | {ci(t) if t else '-'} | {m['collapsed_beyond_twin'] or 'none'} | "
                      f"{m['regimes'] or 'none'} |")
     return "\n".join(lines)

@@ -158,7 +158,38 @@ def test_readme_digits_table_is_generated_from_the_committed_files():
     block = text[text.index(summarize.START) + len(summarize.START):text.index(summarize.END)].strip()
     assert block == summarize.readme_table()
     for row in summarize.rows():  # the metadata itself: top-1 as recorded by the trainer
-        assert f"| {row['depth']} | {row['params']:,} | {row['epochs']} | {row['top1']:.1f} (" in block
+        assert f"| {row['depth']} | {row['seed']} | {row['params']:,} | {row['epochs']} | {row['top1']:.1f} (" in block
     text = (root / "figures" / "README.md").read_text()
     block = text[text.index(summarize.START) + len(summarize.START):text.index(summarize.END)].strip()
     assert block == summarize.figures_table()
+
+
+def test_figures_verdicts_and_the_calibration_measure_the_same_redundant_blocks():
+    """Two roads to the same measurement on the committed files: the verdict of `collapse-probe figures`
+    (figures/digits/summary.csv, probing.redundancy) and figures/calibrate.py (reports.calibration, its own
+    interventions and batch size) must name the same redundant blocks for every bundled model."""
+    import csv
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from collapse_probe.probing.spans import blocks_text
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("summarize", root / "checkpoints" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    with open(summarize.CALIBRATION_BLOCKS, newline="") as f:
+        blocks: dict[str, list[int]] = {}
+        for r in csv.DictReader(f):
+            if r["role"] == "trained" and r["redundant"] == "True":
+                blocks.setdefault(r["model"], []).append(int(r["block"]))
+    with open(summarize.FIGURES_SUMMARY, newline="") as f:
+        verdicts = {r["model"]: r["verdict"] for r in csv.DictReader(f) if r["verdict"]}
+    assert set(verdicts) == {r["name"] for r in summarize.rows()}
+    for model, line in verdicts.items():
+        found = sorted(blocks.get(model, []))
+        if found:
+            assert line.startswith(f"VERDICT: {blocks_text(found)} redundant ({len(found)} of "), (model, line)
+        else:
+            assert re.match(r"VERDICT: no redundant block \(0 of \d+\)", line), (model, line)

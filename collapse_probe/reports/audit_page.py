@@ -24,7 +24,7 @@ from .text import _missing, twin_text
 
 # what the verdict decides from, under the names of every CSV; the rest of block_rows goes to per_block.csv
 DECISION_COLUMNS = ("block", "sim_prev", "twin_sim_prev", "similar", "interchangeable", "reuse_changed", "redundant",
-                    "regime")
+                    "skip_changed", "regime")
 CAPTIONS = {"block_measures": "The evidence per block: the paper's cosine beside its floor, centred and row "
                               "similarity, entropy, rank-1 residual and token uniformity (grey dashed: untrained twin)",
             "block_curves": "Similarity with the previous block and cross-head similarity, both map kinds",
@@ -58,7 +58,7 @@ def decision_rows(result: ProbeResult, crit: Criterion, kind: str,
     cols = [k for k in DECISION_COLUMNS if k in ("block", "similar") or any(k in r and not _missing(r[k])
                                                                           for r in rows)]
     yes_no = {True: "yes", False: "no"}  # a decision reads as one, where "" would look like a missing value
-    pct = {"reuse_changed"}  # a share of predictions reads as a percentage
+    pct = {"reuse_changed", "skip_changed"}  # a share of predictions reads as a percentage
     return cols, [[yes_no[r[k]] if isinstance(r.get(k), bool) else
                    (f"{100 * r[k]:.1f}%" if k in pct and not _missing(r.get(k)) else fmt(r.get(k))) for k in cols]
                   for r in rows]
@@ -82,7 +82,9 @@ def model_rows(result: ProbeResult) -> list[tuple[str, str]]:
 def table_note(vd: dict[str, Any]) -> str:
     red = vd.get("redundancy")
     measured = (f"reuse_changed: predictions changed by reusing the previous block's map in the block alone; "
-                f"redundant: {red['rule']}" if red else "reuse_changed, redundant: not measured (--no-intervene)")
+                f"redundant: {red['rule']}; skip_changed: predictions changed by removing the block alone (the "
+                "baseline, measured for redundant blocks)" if red else
+                "reuse_changed, redundant: not measured (--no-intervene)")
     inter = (f"interchangeable: predicted from the maps, {vd['interchangeable_rule']}" if vd.get("interchangeable")
              is not None else "interchangeable: no map rule for this kind")
     return (f"Kind {vd['kind']}: {vd['kind_text']}. Block numbers start at 1. sim_prev: similarity with the previous "
