@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import collapse_probe as cp
-from collapse_probe.errors import BadArgumentError
 import collapse_probe.models  # noqa: F401  (registers vit_micro with timm)
+from collapse_probe.errors import BadArgumentError
 from collapse_probe.probing import run as run_module
 from collapse_probe.probing.monitor import DEFAULT_METRICS, CollapseMonitor
 
