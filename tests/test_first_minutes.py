@@ -186,7 +186,7 @@ def test_report_is_small_has_the_evidence_and_claims_no_batchnorm_it_lacks(tmp_p
     header = html[html.index("<table"):html.index("</tr>")]
     assert [h.split("</th>")[0] for h in header.split("<th>")[1:]] == ["block", "sim_prev", "twin_sim_prev",
                                                                        "similar", "interchangeable", "reuse_changed",
-                                                                       "redundant", "regime"]
+                                                                       "redundant", "skip_changed", "regime"]
     for f in ("report.html", "report.md"):
         assert "BatchNorm" not in (tmp_path / "small" / f).read_text()  # a plain ViT has none
     assert "BatchNorm" not in _cli("similarity", vit4, *FAST)

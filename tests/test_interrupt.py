@@ -111,8 +111,10 @@ def _env() -> dict[str, str]:
 def test_interrupt_leaves_complete_output_or_none(command: str, sig: signal.Signals, tmp_path: Path) -> None:
     spec = COMMANDS[command]
     args, outputs = spec.build(tmp_path)
+    # a suite started in the background (`pytest &`) inherits SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: give the command the default disposition a terminal would
     proc = subprocess.Popen([sys.executable, "-m", "collapse_probe", *args], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
     reader.start()
