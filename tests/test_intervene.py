@@ -20,7 +20,7 @@ import collapse_probe.models  # noqa: F401  (registers our presets)
 from collapse_probe.cli import main
 from collapse_probe.errors import BadArgumentError, UnsupportedModelError
 from collapse_probe.hooks.capture import capture
-from collapse_probe.hooks.intervene import intervene
+from collapse_probe.hooks.intervene import intervene, intervention_blocks
 from collapse_probe.outputs import MANIFEST
 from collapse_probe.probing.intervene import check_flagged, measure
 from collapse_probe.probing.outcome import Z95, Intervention, InterventionReport, from_block, one_block, sweep, wilson
@@ -483,3 +483,42 @@ def test_intervention_figure_follows_the_kinds_rule(name, kind):
     assert len(curves) >= 3 and all(ln.get_label() in texts for ln in curves)  # every curve named, the KL too
     for ax in (change, sim):
         assert_block_ticks(ax, 3)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_prefix_cache_gives_the_numbers_of_full_forwards(name):
+    """measure() runs an intervention from its first touched block on, the earlier blocks' outputs taken from the
+    unmodified forward of the batch; every outcome must equal the one from full forwards, in every family (where the
+    blocks are not whole modules called in order, it falls back to full forwards)."""
+    model, x = make(name), example_input(name, batch=6)
+    depth = len(intervention_blocks(model))
+    ivs = [Intervention("reuse", (b,), b - 1, b) for b in range(2, depth + 1)] + \
+        [Intervention("skip", (b,), None, b) for b in range(1, depth + 1)] + sweep("reuse", depth)
+    runs = {}
+    for cached in (True, False):
+        block = intervention_blocks(model)[0].skip_modules[0]
+        # a weight-holding submodule of block 1: it runs only when block 1 really computes (a replayed block's own
+        # hooks still fire, its children do not)
+        first = next(m for m in block.modules() if m is not block and next(m.parameters(recurse=False), None) is not None)
+        calls = []
+        handle = first.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            runs[cached] = measure(model, x, ivs, batch_size=3, progress=False, keep_going=True, prefix_cache=cached)
+        finally:
+            handle.remove()
+        runs[cached].first_block_calls = len(calls)
+    a, b = runs[True], runs[False]
+    assert a.refused == b.refused and len(a.outcomes) == len(b.outcomes)
+    for oa, ob in zip(a.outcomes, b.outcomes):
+        assert oa.intervention == ob.intervention
+        assert (oa.changed, oa.images) == (ob.changed, ob.images)
+        for key in ("kl", "cosine"):
+            va, vb = getattr(oa, key), getattr(ob, key)
+            same = (va is None and vb is None) or (math.isnan(va) and math.isnan(vb)) or \
+                va == pytest.approx(vb, rel=1e-5, abs=1e-7)
+            assert same, (key, oa.intervention, va, vb)
+    batches, done = 2, len(a.outcomes)
+    assert b.first_block_calls == batches * (1 + done)  # full forwards: block 1 runs every time
+    if name in ("ours", "timm-vit", "hf-vit", "torchvision"):  # whole block modules: block 1 runs only when touched
+        touching = sum(1 for o in a.outcomes if 1 in (*o.intervention.blocks, o.intervention.source or 0))
+        assert a.first_block_calls == batches * (1 + touching) < b.first_block_calls

@@ -14,7 +14,8 @@ without a classifier (e.g. a DINOv2 backbone) gets only the feature cosine.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,72 @@ from ..loading.images import batch_images, image_labels
 from ..loading.info import LoadedModel
 from .outcome import Intervention, InterventionReport, Outcome
 from .run import default_images, image_batches, open_model, probe
+
+
+class _Prefix:
+    """The unmodified forward's block outputs for the current batch, so that an intervention whose first touched
+    block is e re-runs only blocks e..L: blocks before e see the same input on the same switched path (``intervene``
+    without an intervention), so their outputs are the recorded ones. Used only where every block is one whole module
+    called once per forward, in order (timm, ours, transformers, torchvision); otherwise every forward runs in full.
+    Outputs are cloned on record and on replay, so a block that writes into its input cannot change the record."""
+
+    def __init__(self, blocks: Sequence[Any]) -> None:
+        mods = [b.skip_modules[0] if len(b.skip_modules) == 1 and not b.zero_branches else None for b in blocks]
+        ids = {id(m) for m in mods}
+        nested = any(id(sub) in ids for m in mods if m is not None for sub in list(m.modules())[1:])
+        self.modules = [] if None in mods or len(ids) != len(mods) or nested else mods
+        self.outputs: list[Any] = []
+        self.calls: dict[int, int] = {}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        self.outputs, self.calls = [None] * len(self.modules), {}
+
+        def keep(j: int) -> Callable:
+            def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+                self.calls[j] = self.calls.get(j, 0) + 1
+                self.outputs[j] = _clone(out)
+            return hook
+        handles = [m.register_forward_hook(keep(j)) for j, m in enumerate(self.modules)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if any(self.calls.get(j) != 1 for j in range(len(self.modules))):
+            self.modules = []  # a block called twice or never: not a plain stack, so no shortcut from now on
+
+    @contextlib.contextmanager
+    def replaying(self, first: int) -> Iterator[None]:
+        """Blocks 0..first-1 (0-based) return their recorded outputs without computing."""
+        upto = first if self.modules else 0
+        for j in range(upto):
+            self.modules[j].forward = (lambda *_a, _o=self.outputs[j], **_k: _clone(_o))
+        try:
+            yield
+        finally:
+            for j in range(upto):
+                self.modules[j].__dict__.pop("forward", None)
+
+
+def _clone(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return tuple(_clone(o) for o in out)
+    if isinstance(out, list):
+        return [_clone(o) for o in out]
+    return out
+
+
+def _first_touched(iv: Intervention) -> int:
+    """The earliest 0-based block an intervention changes or reads a map from."""
+    spec = iv.spec()
+    touched = [*spec.get("skip", []), *spec.get("uniform", [])]
+    for target, source in spec.get("reuse", {}).items():
+        touched += [target, source]
+    return min(touched) if touched else 0
+
 
 HEAD_NAMES = ("heads", "classifier", "cls_classifier", "mlp_head", "head", "fc")  # torchvision, HF, vit-pytorch, ...
 Output = tuple["torch.Tensor | None", torch.Tensor]  # (logits [B, K] or None, final features [B, D])
@@ -116,6 +183,7 @@ def measure(
     similarity: bool = False,
     probe_options: dict[str, Any] | None = None,
     keep_going: bool = False,
+    prefix_cache: bool = True,
     **load: Any,
 ) -> InterventionReport:
     """Measure each intervention's effect on the outputs over ``images``.
@@ -129,6 +197,8 @@ def measure(
         similarity: also probe the model once (``probe``, with ``probe_options``) for the applied maps' similarity
             of each block with the previous one; needs images that can be read twice (not a one-shot iterator).
         keep_going: record interventions the family refuses in ``report.refused`` instead of raising (exit 5).
+        prefix_cache: run an intervention's forward from its first touched block on, the blocks before it taken from
+            the unmodified forward of the same batch (``_Prefix``; the same numbers, about half the time).
 
     Raises BadArgumentError for impossible interventions (exit 2), UnsupportedModelError for refused ones (exit 5).
     The model is put in eval mode while measuring and restored, like every hook and switch (``hooks.intervene``).
@@ -154,6 +224,7 @@ def measure(
         y = _tensor(model(x))
         return (y, feats[-1]) if head is not None else (None, y)
 
+    prefix = _Prefix(blocks if prefix_cache else [])
     was_training = model.training
     model.eval()
     total = len(batches) * (1 + len(todo)) if hasattr(batches, "__len__") else None
@@ -164,11 +235,11 @@ def measure(
             x = batch_images(batch).to(dev)
             y = _labels_of(batch, labels, seen, x.shape[0])
             seen += x.shape[0]
-            with intervene(model):
+            with intervene(model), prefix.recording():
                 ref = forward(x)
             bar.update()
             for o in outcomes:
-                with intervene(model, **o.intervention.spec()):
+                with intervene(model, **o.intervention.spec()), prefix.replaying(_first_touched(o.intervention)):
                     _add(o, ref, forward(x), y)
                 bar.update()
     finally:
