@@ -69,8 +69,11 @@ def test_hf_timm_wrapper_may_not_name_another_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("edit, code, says", [
     ({"hidden_size": 1_000_000, "intermediate_size": 1_000_000}, 3, "hidden_size=1000000, far larger"),
     ({"num_hidden_layers": 100_000}, 5, "num_hidden_layers=100000 layers but the weights hold 2"),
-    ({"mlp_ratio": 1e9}, 3, "mlp_ratio"), ({"vision_config": {"num_layers": 5000}}, 5, "num_layers=5000")],
-    ids=["width", "depth", "ratio", "nested-depth"])
+    ({"mlp_ratio": 1e9}, 3, "mlp_ratio"), ({"vision_config": {"num_layers": 5000}}, 5, "num_layers=5000"),
+    # sizes of a head the file does not hold (an MAE decoder, a BEiT MIM vocabulary) get a fixed bound, not none
+    ({"decoder_intermediate_size": 1_000_000}, 3, "decoder_intermediate_size=1000000"),
+    ({"vocab_size": 10_000_000}, 3, "vocab_size=10000000")],
+    ids=["width", "depth", "ratio", "nested-depth", "unstored-decoder", "unstored-vocabulary"])
 def test_hf_config_asking_for_a_huge_model_is_refused_before_allocating(edit, code, says, tmp_path: Path,
                                                                         monkeypatch) -> None:
     import transformers
