@@ -92,7 +92,8 @@ def readme_table(folder: Path = HERE, measured: Path = FIGURES_SUMMARY, blocks: 
         lines.append(f"| {'ViT' if r['architecture'] == 'vit_micro' else 'DeepViT'} | {r['depth']} | {r['seed']} | "
                      f"{r['params']:,} | "
                      f"{r['epochs']} | {ev['top1']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) | {m['kind']} | "
-                     f"{redundant[(r['name'], 'trained')]} / {r['depth']} ({redundant[(r['name'], 'twin')]}) | {ci(m)} / "
+                     f"{redundant[(r['name'], 'trained')]} / {r['depth']} ({redundant[(r['name'], 'twin')]}) | "
+                     f"{ci(m)} / "
                      f"{r['depth']} | {ci(t) if t else '-'} | {m['collapsed_beyond_twin'] or 'none'} | "
                      f"{m['regimes'] or 'none'} |")
     return "\n".join(lines)

@@ -499,7 +499,8 @@ def test_prefix_cache_gives_the_numbers_of_full_forwards(name):
         block = intervention_blocks(model)[0].skip_modules[0]
         # a weight-holding submodule of block 1: it runs only when block 1 really computes (a replayed block's own
         # hooks still fire, its children do not)
-        first = next(m for m in block.modules() if m is not block and next(m.parameters(recurse=False), None) is not None)
+        first = next(m for m in block.modules()
+                     if m is not block and next(m.parameters(recurse=False), None) is not None)
         calls = []
         handle = first.register_forward_pre_hook(lambda *_: calls.append(1))
         try:
