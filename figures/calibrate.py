@@ -57,7 +57,7 @@ def table(agree: pd.DataFrame) -> str:
 
 def plot(df: pd.DataFrame, path: Path) -> None:
     from collapse_probe.probing.blocks import JSD_INTERCHANGEABLE
-    from collapse_probe.reports.calibration import MAX_CHANGED
+    from collapse_probe.probing.redundancy import MAX_CHANGED
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
     groups = [("trained ViT (softmax maps)", (df.role == "trained") & (df.kind == "probs"), "C0", "o"),

@@ -21,7 +21,7 @@ from ..errors import CollapseProbeError, printable
 from ..reports.intervene_options import check_request, intervene_options
 from .checks import checkpoint_paths
 from .help import SectionedCommand, without
-from .options import _default_images, _probe_options, _train_command, emit, output_format  # noqa: F401
+from .options import _default_images, _probe_options, _train_command, emit, intervene_flag, output_format  # noqa: F401
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=120, terminal_width=120)
 
@@ -130,10 +130,7 @@ def main() -> None:
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time) and the verdict then says it was not judged.")
-@click.option("--intervene/--no-intervene", default=True, show_default=True,
-              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
-              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
-              "maps alone (one forward pass per block fewer).")
+@intervene_flag
 @_probe_options
 def similarity(checkpoint, fmt, output, **kwargs):
     """Cross-layer attention similarity, similar blocks, cross-head similarity and rank of CHECKPOINT.
@@ -176,10 +173,7 @@ def similarity(checkpoint, fmt, output, **kwargs):
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time).")
-@click.option("--intervene/--no-intervene", default=True, show_default=True,
-              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
-              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
-              "maps alone (one forward pass per block fewer).")
+@intervene_flag
 @_probe_options
 def audit(checkpoint, output, **kwargs):
     """Run every collapse metric on CHECKPOINT and write a self-contained report with a verdict.
@@ -212,10 +206,7 @@ def audit(checkpoint, output, **kwargs):
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time).")
-@click.option("--intervene/--no-intervene", default=True, show_default=True,
-              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
-              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
-              "maps alone (one forward pass per block fewer).")
+@intervene_flag
 @_probe_options
 def compare(checkpoints, output, fmt, **kwargs):
     """Side-by-side collapse table (and overlaid curves with --output) of two or more CHECKPOINTS.
@@ -307,10 +298,7 @@ def train(config_file, preset, model, depth, data_dir, epochs, batch_size, lr, o
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Measure the untrained twin (same architecture, fresh init, same images) and judge collapse beyond "
               "it; --no-baseline skips it (about half the time).")
-@click.option("--intervene/--no-intervene", default=True, show_default=True,
-              help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, then "
-              "the last redundant run sharing one map) and rest the verdict on it; --no-intervene judges from the "
-              "maps alone (one forward pass per block fewer).")
+@intervene_flag
 @_probe_options
 def figures(checkpoints, more, output, per_model, pdf, **kwargs):
     """Regenerate the paper's Fig. 1, 3, 4 and 8 analyses from checkpoints, with the numbers as CSV.

@@ -68,6 +68,14 @@ def _floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from e
 
 
+# similarity, audit, compare and figures: whether the verdict measures redundancy or judges from the maps alone
+intervene_flag = click.option(
+    "--intervene/--no-intervene", default=True, show_default=True,
+    help="Measure each block's redundancy by intervention (reuse the previous block's map in it alone, skip each "
+    "redundant block alone as the baseline, then the last redundant run sharing one map) and rest the verdict on it; "
+    "--no-intervene judges from the maps alone (up to two forward passes per block fewer).")
+
+
 def _probe_options(f):
     """Options shared by ``similarity``, ``audit``, ``compare``, ``figures`` and ``intervene``: how to read checkpoints
     and what to run them on."""

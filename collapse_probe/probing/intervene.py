@@ -4,7 +4,7 @@ no accuracy).
 
     report = measure("checkpoints/vit_micro_d32.safetensors", "builtin:digits", sweep("reuse", 32))
     report.rows()[16]       # reuse block 17's map in blocks 18-32: agreement, KL, feature cosine, accuracy (+ CIs)
-    report = check_flagged(loaded, "builtin:digits", collapsed_blocks=list(range(18, 33)))   # audit's cheap checks
+    report = check_flagged(loaded, "builtin:digits", collapsed_blocks=list(range(18, 33)))   # flagged blocks
 
 Per intervention and image: top-1 agreement with the unmodified model, KL(p_orig || p_intervened) of the softmax
 outputs, cosine of the final features (the classifier's input, "pre-logits") and, where the images carry labels

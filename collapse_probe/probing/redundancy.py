@@ -83,10 +83,8 @@ def measure_redundancy(model_or_path: nn.Module | LoadedModel | str | Path, imag
     report = measure(loaded, images, single_reuse(depth), keep_going=True, **options)
     rows = [_row(o) for o in report.outcomes]
     for r in rows:
-        r["redundant"] = is_redundant(r)
+        r.update(redundant=is_redundant(r), skip_changed=math.nan, skip_kl=math.nan, removable=None)
     blocks = [r["block"] for r in rows if r["redundant"]]
-    for r in rows:
-        r.update(skip_changed=math.nan, skip_kl=math.nan, removable=None)
     removable = None
     if skip and blocks:
         skipped = {o.intervention.block: _row(o) for o in

@@ -14,12 +14,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def passes(red: dict[str, Any], row: dict[str, Any]) -> bool:
+    """Whether a measured row (the sharing check's) meets the summary's own rule: changed and KL under its bounds."""
+    return row["changed"] < red["max_changed"] and row["kl"] < red["max_kl"]
+
+
 def _sharing(red: dict[str, Any], reattn: set[int]) -> str:
     """The sharing check: the last run of redundant blocks all reusing one map, and what it would mean."""
     sh = red["sharing"]
     f, last = sh["blocks"]
     many = last > f
-    ok = sh["changed"] < red["max_changed"] and sh["kl"] < red["max_kl"]
+    ok = passes(red, sh)
     cure = "" if set(range(f, last + 1)) <= reattn else ", or for Re-attention (DeepViT) when retraining"
     gone = red.get("removable")
     removal = "" if gone is not None and not set(range(f, last + 1)) <= set(gone) else \

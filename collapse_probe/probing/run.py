@@ -221,7 +221,7 @@ def probe(
     storage_dtype, storage_name = _storage(storage)
     from_file = isinstance(model_or_path, (str, Path))
     all_reduce = from_file if all_reduce is None else all_reduce
-    loaded, dev, world = open_model(model_or_path, device, model_name=model_name, num_heads=num_heads, mean=mean,
+    loaded, dev, _ = open_model(model_or_path, device, model_name=model_name, num_heads=num_heads, mean=mean,
                                     std=std, key=key, trust_pickle=trust_pickle, prefix=prefix,
                                     model_code=model_code, model_args=model_args)
     model, model_info = loaded.model, loaded.info
@@ -232,7 +232,7 @@ def probe(
         first = next(iter(batches), None)
         model_info = describe(model, batch_images(first).to(dev)) if first is not None else model_info
     all_reduce = all_reduce and distributed.active()
-    # the ranks the numbers were summed over (a LoadedModel from cp.probe's single read reports 1 from open_model)
+    # the ranks the numbers were summed over (not open_model's: a LoadedModel from cp.probe's single read reports 1)
     world = torch.distributed.get_world_size() if all_reduce else 1
     if all_reduce:
         if not isinstance(batches, DataLoader):

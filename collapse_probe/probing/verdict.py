@@ -35,7 +35,7 @@ import numpy as np
 from ..metrics import bootstrap
 from ..metrics.functional import collapse_onset
 from .blocks import JSD_INTERCHANGEABLE, TOKEN_UNIFORM_RESIDUAL, UNIFORM_ENTROPY, BlockView, Criterion, Result
-from .redundancy_text import redundancy_sentences
+from .redundancy_text import passes, redundancy_sentences
 from .spans import blocks_text, runs, spans  # noqa: F401  (re-exported)
 
 SCHEMA = "collapse-probe/summary"
@@ -244,10 +244,9 @@ def _together(red: dict[str, Any]) -> str:
     sh = red.get("sharing")
     if not sh:
         return ""
-    ok = sh["changed"] < red["max_changed"] and sh["kl"] < red["max_kl"]
     f, last = sh["blocks"]
-    return (f"; {'and' if ok else 'not'} together: block {sh['source']}'s map in blocks {f}-{last} at once changes "
-            f"{100 * sh['changed']:.1f}%")
+    return (f"; {'and' if passes(red, sh) else 'not'} together: block {sh['source']}'s map in blocks {f}-{last} "
+            f"at once changes {100 * sh['changed']:.1f}%")
 
 
 def _heads_note(result: Result) -> list[str]:
@@ -281,8 +280,9 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
              + (f" (blocks {spans(s['collapsed_beyond_twin'])})" if s["collapsed_beyond_twin"] else "")
              if base else f"; uniform attention {s['uniform_attention']['count']}; no untrained twin measured, so this "
              "count cannot be told apart from initialisation")
+    reattn = {b + 1 for b in (result.model.reattn_blocks or [])}
     text = [s["verdict"], *_heads_note(result), head + "."]
-    text += redundancy_sentences(s, reattn={b + 1 for b in (result.model.reattn_blocks or [])})
+    text += redundancy_sentences(s, reattn)
     text.append(f"Similar blocks (paper's criterion): {spans(s['similar_blocks'])}. {PAPER_REDUCTION}.")
     if base and base.get("uniform"):
         text.append(f"The untrained twin attends uniformly (softmax entropy >= {TWIN_UNIFORM_ENTROPY} of log N in "
@@ -291,7 +291,6 @@ def _sentences(result: Result, view: BlockView, regimes: list[str], other: Block
         text.append(f"The untrained twin scores {base['count']} on the same images: the paper's count alone does "
                     "not show collapse that training produced.")
     mask = {r: [x == r for x in regimes] for r in ("uniform", "token-uniform", "repeating")}
-    reattn = {b + 1 for b in (result.model.reattn_blocks or [])}
     if s["regimes"]["uniform"]:
         text.append(_uniform_sentence(where, s["regimes"]["uniform"], v, mask["uniform"]))
     if other is not None and other.kind == "probs" and s["kind"] != "probs":

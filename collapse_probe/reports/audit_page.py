@@ -50,10 +50,9 @@ def fmt(v: Any, spec: str = ".3f") -> str:
     return str(v)
 
 
-def decision_rows(result: ProbeResult, crit: Criterion, kind: str,
-                  vd: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]]:
+def decision_rows(result: ProbeResult, crit: Criterion, kind: str) -> tuple[list[str], list[list[str]]]:
     """(headings, cells) of the decision columns for the judged ``kind``; twin columns only when it was measured,
-    the measured redundancy when ``vd`` (the verdict) carries it."""
+    the measured redundancy only when ``result.redundancy`` holds it."""
     rows = [r for r in block_rows(result, crit) if r["kind"] == kind]
     cols = [k for k in DECISION_COLUMNS if k in ("block", "similar") or any(k in r and not _missing(r[k])
                                                                           for r in rows)]
@@ -125,7 +124,7 @@ def render_markdown(result: ProbeResult, vd: dict[str, Any], figures: dict[str, 
                     crit: Criterion | None = None) -> str:
     """report.md: the same order as the page, figures embedded as PNG data URIs, so the file stands alone."""
     crit = crit or Criterion.of(result)
-    head, rows = decision_rows(result, crit, vd["kind"], vd)
+    head, rows = decision_rows(result, crit, vd["kind"])
     parts = [f"# {_title(result)}", "", f"**{vd['verdict']}**", ""]
     parts += [f"- {t}" for t in vd["text"][1:]]
     parts += ["", f"## Per block ({vd['kind_text']})", "", md_table(head, rows), "", table_note(vd), ""]
@@ -143,7 +142,7 @@ def render_html(result: ProbeResult, vd: dict[str, Any], figures: dict[str, byte
                 crit: Criterion | None = None) -> str:
     """report.html: one self-contained page (inline CSS, figures as base64 PNG), about 980 px wide."""
     crit = crit or Criterion.of(result)
-    head, rows = decision_rows(result, crit, vd["kind"], vd)
+    head, rows = decision_rows(result, crit, vd["kind"])
     e = html.escape
     detail = "".join(f"<li>{e(t)}</li>" for t in vd["text"][1:])
     figs = "".join(f"<h3>{e(CAPTIONS.get(n, n))}</h3><img alt='{e(n)}' src='{_uri(p)}'>" for n, p in figures.items())

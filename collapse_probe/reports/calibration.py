@@ -30,7 +30,7 @@ from ..probing.baseline import recalibrate_bn, untrained_twin
 from ..probing.blocks import BlockView, Criterion, _arr
 from ..probing.intervene import measure
 from ..probing.outcome import Intervention
-from ..probing.redundancy import MAX_CHANGED, MAX_KL, single_reuse
+from ..probing.redundancy import is_redundant, single_reuse, single_skip
 from ..probing.run import image_batches, probe
 
 PREDICTORS = ("sim_prev", "ratio_prev", "floor_prev", "excess_prev", "pearson_prev", "row_cosine_prev", "jsd_prev",
@@ -63,7 +63,7 @@ def _label_rows(result: Any, kind: str, crit: Criterion, role: str) -> list[dict
 
 def interventions(depth: int) -> list[Intervention]:
     """Per block, alone: reuse the previous block's map (blocks 2..L), and skip it (blocks 1..L); 1-based blocks."""
-    return single_reuse(depth) + [Intervention("skip", (b,), None, b) for b in range(1, depth + 1)]
+    return single_reuse(depth) + single_skip(list(range(1, depth + 1)))
 
 
 def _outcomes(report: Any) -> dict[tuple[str, int], dict[str, float]]:
@@ -109,10 +109,10 @@ def calibrate(path: str | Path, images: Any = "builtin:digits", *, num_images: i
             o = measured[row["role"]].get((mode, row["block"]))
             for key in ("changed", "changed_ci_low", "changed_ci_high", "kl"):
                 row[f"{mode}_{key}"] = math.nan if o is None else o[key]
-        row["redundant"] = bool(row["reuse_changed"] < MAX_CHANGED and row["reuse_kl"] < MAX_KL) \
-            if math.isfinite(row["reuse_changed"]) else None
-        row["removable"] = bool(row["skip_changed"] < MAX_CHANGED and row["skip_kl"] < MAX_KL) \
-            if math.isfinite(row["skip_changed"]) else None
+        for mode, truth in (("reuse", "redundant"), ("skip", "removable")):  # the verdict's rule; None: not measured
+            changed = row[f"{mode}_changed"]
+            row[truth] = is_redundant({"changed": changed, "kl": row[f"{mode}_kl"]}) if math.isfinite(changed) \
+                else None
     return rows
 
 

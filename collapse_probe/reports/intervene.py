@@ -4,8 +4,9 @@
     write_intervention(report, "figures/intervention/vit_micro_d32")   # intervention.csv, .json, .png + manifest
     intervention_sentences(report)[16]   # "Reusing block 17's map in blocks 18-32 changes 4.7 % of ..."
 
-For ``audit --intervene``: ``check_flagged(model_or_loaded, images, collapsed_blocks)`` (from ``probing.intervene``,
-re-exported here) runs the cheap checks of a verdict and ``intervention_sentences`` turns its report into sentences.
+``check_flagged(model_or_loaded, images, collapsed_blocks)`` (from ``probing.intervene``, re-exported here) runs the
+cheap checks (reuse, skip) of blocks you flag and ``intervention_sentences`` turns its report into sentences; the
+verdict itself measures every block (``probing.redundancy``).
 """
 from __future__ import annotations
 
